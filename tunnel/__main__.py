@@ -1,0 +1,129 @@
+"""``python -m tunnel [OPTIONS] SPEC [SPEC ...]``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from . import __version__
+from .app import DEFAULT_GRACE, Settings, run
+from .bridge import DEFAULT_OPEN_TIMEOUT
+from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
+from .errors import ConfigError
+from .relay import DEFAULT_WINDOW
+from .spec import parse_specs
+
+logger = logging.getLogger("tunnel")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunnel",
+        description="Carry TCP connections over AMQP 1.0 (skupper-proxy compatible).",
+        epilog="SPEC is tcp:[HOST:]PORT=>amqp:ADDRESS or amqp:ADDRESS=>tcp:[HOST:]PORT; "
+        "several may be joined with commas. Without SPEC, $ICPROXY_CONFIG is read.",
+    )
+    parser.add_argument("specs", nargs="*", metavar="SPEC", help="bridge spec(s)")
+    parser.add_argument("--config", metavar="PATH", help="router connection file (connect.json)")
+    parser.add_argument("--listen", metavar="URL",
+                        help="direct mode: accept AMQP on amqp://HOST:PORT or amqps://HOST:PORT")
+    parser.add_argument("--listen-cert", metavar="PEM", help="direct mode TLS certificate")
+    parser.add_argument("--listen-key", metavar="PEM", help="direct mode TLS private key")
+    parser.add_argument("--listen-ca", metavar="PEM",
+                        help="direct mode: require client certificates signed by this CA")
+    parser.add_argument("--site-id", help="site id in link names (default: $SKUPPER_SITE_ID, "
+                        "else the host name)")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        help="default: $LOGLEVEL, else INFO")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help="credit window per link, in deliveries (default %(default)s)")
+    parser.add_argument("--open-timeout", type=float, default=DEFAULT_OPEN_TIMEOUT,
+                        help="seconds an ingress waits for credit before resetting the client "
+                        "(default %(default)s)")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                        help="seconds open tunnels get to finish on SIGTERM (default %(default)s)")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="event loop (default %(default)s)")
+    parser.add_argument("--version", action="version", version=f"tunnel {__version__}")
+    return parser
+
+
+def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """Turn parsed arguments and the environment into settings; raises ConfigError."""
+    specs = parse_specs(args.specs, env)
+    if args.window < 1:
+        raise ConfigError(f"--window {args.window}: must be at least 1")
+    if args.open_timeout <= 0 or args.grace < 0:
+        raise ConfigError("--open-timeout must be positive and --grace not negative")
+    listen = None
+    if args.listen:
+        listen = ListenConfig.parse(args.listen, args.listen_cert, args.listen_key, args.listen_ca)
+    elif args.listen_cert or args.listen_key or args.listen_ca:
+        raise ConfigError("--listen-cert/--listen-key/--listen-ca need --listen")
+    if args.config:
+        path: Path | None = Path(args.config)
+        source = f"--config {args.config}"
+    else:
+        path = find_connection_file(env)
+        source = str(path) if path else ""
+    router = None
+    if path is not None:
+        conn = load_connection_file(path)
+        router = conn.endpoint()
+        _warn_insecure(conn, source)
+    elif listen is None:
+        source = "default: no connection file found"
+        router = ConnectionConfig().endpoint()
+    else:
+        source = "own direct-mode listener"
+    site_id = args.site_id or env.get("SKUPPER_SITE_ID") or socket.gethostname()
+    return Settings(
+        specs=tuple(specs), router=router, router_source=source, listen=listen, site_id=site_id,
+        window=args.window, open_timeout=args.open_timeout, grace=args.grace,
+    )
+
+
+def _warn_insecure(conn: ConnectionConfig, source: str) -> None:
+    if conn.scheme == "amqps" and not conn.verify_peer:
+        logger.warning("%s turns TLS verification off: the router's identity is not checked",
+                       source)
+    if conn.scheme == "amqp" and conn.password:
+        logger.warning("%s sends a SASL PLAIN password without TLS", source)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = args.log_level or os.environ.get("LOGLEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        parser.error(f"$LOGLEVEL {level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = resolve(args, os.environ)
+    except ConfigError as exc:
+        print(f"tunnel: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.loop == "uvloop":
+            import uvloop  # noqa: PLC0415 - optional at import time for plain-asyncio users
+
+            return uvloop.run(run(settings))  # type: ignore[no-any-return]
+        return asyncio.run(run(settings))
+    except OSError as exc:
+        print(f"tunnel: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The AMQP socket: an asyncio Protocol that pumps bytes through an :class:`AmqpEngine`.
+
+After every input it lets the engine's events run, then writes what the
+engine produced. Output from calls made outside a callback (a tunnel
+sending TCP bytes) is coalesced: :meth:`AmqpSocket.flush_soon` schedules one
+flush for the end of the loop iteration, so many tunnels' deliveries leave
+in one ``write``. One timer is kept, re-armed only when the engine's next
+deadline (heartbeat or idle timeout) changes.
+
+Back-pressure: when the socket's write buffer passes its high-water mark,
+``write_paused`` turns on and tunnels stop reading from TCP; on resume the
+handler wakes them. Input is never refused: proton consumes everything, and
+what it can hold is bounded by the credit we granted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol, cast
+
+from .engine import AmqpEngine, ConnectionHandler, dispatch
+
+logger = logging.getLogger(__name__)
+
+WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = 256 * 1024
+
+
+class SocketHandler(ConnectionHandler, Protocol):
+    """A connection handler that also hears about the socket itself."""
+
+    def on_socket_writable(self) -> None: ...
+    def on_socket_lost(self, exc: Exception | None) -> None: ...
+
+
+class AmqpSocket(asyncio.Protocol):
+    """One AMQP connection over one (possibly TLS) stream socket."""
+
+    def __init__(self, engine: AmqpEngine, handler: SocketHandler) -> None:
+        self.engine = engine
+        self.handler = handler
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._write_paused = False
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._backlog = b""
+        self.closed = False
+
+    # -- what tunnels see -----------------------------------------------------
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    def flush_soon(self) -> None:
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    # -- asyncio callbacks ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.process()
+
+    def data_received(self, data: bytes) -> None:
+        if self._backlog:
+            data = self._backlog + data
+        taken = self.engine.receive_bytes(data)
+        self._backlog = data[taken:]
+        self.process()
+
+    def eof_received(self) -> bool:
+        self.engine.eof_in()
+        self.process()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.engine.eof_in()
+        self.engine.eof_out()
+        self._run_events()
+        self.handler.on_socket_lost(exc)
+        self.engine.release()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.handler.on_socket_writable()
+        self.flush()
+
+    # -- pumping --------------------------------------------------------------
+    def process(self) -> None:
+        """Run every pending engine event, then write the engine's output."""
+        self._run_events()
+        self.flush()
+
+    def _run_events(self) -> None:
+        engine, handler = self.engine, self.handler
+        while (event := engine.next_event()) is not None:
+            dispatch(event, handler)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.process()
+
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        engine = self.engine
+        deadline = engine.tick(self._loop.time())
+        # tick() may produce events (a heartbeat timeout closes the connection).
+        self._run_events()
+        # proton hands out its output one buffer at a time: drain it all.
+        while out := engine.bytes_to_send():
+            transport.write(out)
+            engine.bytes_sent(len(out))
+        if self._backlog and engine.transport.capacity() > 0:
+            self._loop.call_soon(self.data_received, b"")
+        if engine.finished:
+            self.closed = True
+            transport.close()
+            return
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = (
+                self._loop.call_at(deadline, self._on_timer) if deadline is not None else None
+            )
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.process()
+
+    def close(self) -> None:
+        """Close the AMQP connection politely, then the socket once the close is written."""
+        connection = self.engine.connection
+        if not connection.state & connection.LOCAL_CLOSED:
+            connection.close()
+        self.process()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,125 @@
+"""Putting it together: bridges, the router connection, direct mode, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from . import __version__
+from .bridge import EgressBridge, IngressBridge
+from .config import ListenConfig, RouterEndpoint
+from .direct import DirectListener
+from .relay import DEFAULT_WINDOW
+from .router import RouterClient
+from .spec import BridgeSpec, EgressSpec, IngressSpec
+
+logger = logging.getLogger("tunnel")
+
+DEFAULT_GRACE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``main`` resolved from the command line and the environment."""
+
+    specs: tuple[BridgeSpec, ...]
+    router: RouterEndpoint | None
+    router_source: str
+    listen: ListenConfig | None
+    site_id: str
+    window: int = DEFAULT_WINDOW
+    open_timeout: float = 15.0
+    grace: float = DEFAULT_GRACE
+
+
+class App:
+    """The running daemon."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.egress = {
+            spec.address: EgressBridge(spec, window=settings.window)
+            for spec in settings.specs
+            if isinstance(spec, EgressSpec)
+        }
+        self.direct = DirectListener(settings.listen, self.egress) if settings.listen else None
+        self.router: RouterClient | None = None
+        self.ingress: list[IngressBridge] = []
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        settings = self.settings
+        if self.direct is not None:
+            await self.direct.start()
+        endpoint = settings.router
+        if endpoint is None and self.direct is not None and settings.listen is not None:
+            if any(isinstance(s, IngressSpec) for s in settings.specs):
+                endpoint = settings.listen.self_endpoint(self.direct.bound_port)
+        if endpoint is not None:
+            # Link routes only where a router will route: not to our own listener.
+            self.router = RouterClient(endpoint, self.egress if settings.router else {})
+            self.router.start()
+        for spec in settings.specs:
+            if isinstance(spec, IngressSpec):
+                assert self.router is not None
+                bridge = IngressBridge(
+                    spec, self.router, settings.site_id,
+                    window=settings.window, open_timeout=settings.open_timeout,
+                )
+                await bridge.start()
+                self.ingress.append(bridge)
+        verify = "n/a"
+        if endpoint is not None and endpoint.ssl is not None:
+            verify = "on" if endpoint.ssl.verify_mode != 0 else "OFF"
+        logger.info(
+            "tunnel %s started: bridges [%s]; router %s (%s, TLS verification %s)",
+            __version__, ", ".join(str(s) for s in settings.specs),
+            endpoint.url if endpoint else "none", settings.router_source, verify,
+        )
+
+    def hosts_busy(self) -> int:
+        count = 0
+        if self.router is not None and self.router.connection is not None:
+            count += len(self.router.connection.tunnels)
+        if self.direct is not None:
+            count += sum(len(peer.tunnels) for peer in self.direct.peers)
+        return count
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let open tunnels finish for the grace period, reset the rest."""
+        for bridge in self.ingress:
+            bridge.stop_accepting()
+        if self.direct is not None:
+            self.direct.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.grace
+        busy = self.hosts_busy()
+        if busy:
+            logger.info("shutting down: waiting up to %gs for %d tunnels", self.settings.grace, busy)
+        while self.hosts_busy() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.hosts_busy()
+        if left:
+            logger.info("shutting down: resetting %d tunnels still open", left)
+        for egress in self.egress.values():
+            await egress.stop()
+        if self.router is not None:
+            await self.router.stop()
+        if self.direct is not None:
+            self.direct.close_all()
+        # Give the close frames and resets a moment to reach the wire.
+        await asyncio.sleep(0.05)
+        logger.info("tunnel stopped")
+
+
+async def run(settings: Settings) -> int:
+    app = App(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.stopping.set)
+    await app.start()
+    await app.stopping.wait()
+    await app.shutdown()
+    return 0

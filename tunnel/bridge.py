@@ -1,0 +1,271 @@
+"""Bridges: the TCP listeners of ingress specs, and the address handlers of egress specs.
+
+An :class:`IngressBridge` accepts TCP connections and gives each an
+:class:`IngressTunnel`, which opens its links on the shared router
+connection (skupper-proxy §1.2 on the wire, but never a new AMQP connection
+per TCP connection).
+
+An :class:`EgressBridge` is handed sender attaches for its address, by a
+link route through a router or by direct mode, and gives each an egress
+tunnel: it mirrors the attach's termini, connects to the backend, and only
+then grants credit, so a client's first bytes always have somewhere to go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from typing import Protocol
+
+from proton import Link, Receiver, Sender
+
+from . import wire
+from .amqp_link import AmqpSocket
+from .engine import add_capability, capabilities
+from .relay import DEFAULT_WINDOW, Tunnel
+from .spec import EgressSpec, IngressSpec
+from .tcp_side import TcpSide
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPEN_TIMEOUT = 15.0
+BACKEND_CONNECT_TIMEOUT = 10.0
+# Bounds what a peer can make us gather for one delivery before we see it.
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+_PROCESS_TAG = os.urandom(3).hex()
+_sequence = itertools.count(1)
+
+
+def link_name(peer: object, site_id: str) -> str:
+    """``<client-ip>:<client-port>@<site-id>@<unique>``, as skupper-proxy names links.
+
+    The node egress keeps the first two ``@`` parts as the connection id; the
+    third makes the name unique even behind NAT or with one site id for many
+    processes (protocols.md §1.6).
+    """
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        who = f"{peer[0]}:{peer[1]}"
+    else:
+        who = "unknown"
+    return f"{who}@{site_id}@{_PROCESS_TAG}-{next(_sequence)}"
+
+
+class TunnelHost(Protocol):
+    """One AMQP connection that tunnels run on: the router client or a direct-mode peer."""
+
+    socket: AmqpSocket
+
+    def add_tunnel(self, tunnel: Tunnel) -> None: ...
+    def forget_tunnel(self, tunnel: Tunnel) -> None: ...
+
+
+class RouterLink(Protocol):
+    """The shared router connection, as the ingress bridges see it."""
+
+    def current(self) -> tuple[TunnelHost, object] | None:
+        """The live connection and its session for tunnel links, or None while down."""
+        ...
+
+
+class IngressTunnel(Tunnel):
+    """A tunnel for one accepted client: opens a dynamic receiver, then a sender to the address."""
+
+    __slots__ = ("bridge", "host", "session")
+
+    def __init__(self, bridge: IngressBridge) -> None:
+        super().__init__("(accepting)", _NoSocket(), routed_is_sender=True, window=bridge.window)
+        self.bridge = bridge
+        self.host: TunnelHost | None = None
+        self.session: object = None
+
+    def on_tcp_connected(self, transport: asyncio.Transport) -> None:
+        bridge = self.bridge
+        self.name = link_name(transport.get_extra_info("peername"), bridge.site_id)
+        self.log.extra = {"tunnel": self.name}  # type: ignore[index]
+        super().on_tcp_connected(transport)
+        live = bridge.router.current()
+        if live is None:
+            self.reset("no router connection")
+            return
+        host, session = live
+        self.host, self.session, self.amqp = host, session, host.socket
+        self.on_finished = host.forget_tunnel
+        host.add_tunnel(self)
+        bridge.opened += 1
+        receiver: Receiver = session.receiver(f"{self.name}/reply")  # type: ignore[attr-defined]
+        receiver.source.dynamic = True
+        receiver.max_message_size = MAX_MESSAGE_SIZE
+        self.attach_links(None, receiver)
+        receiver.open()
+        self.log.debug("accepted; opening links to %r", bridge.spec.address)
+        asyncio.get_running_loop().call_later(
+            bridge.open_timeout, self.on_open_timeout, bridge.open_timeout
+        )
+        self.amqp.flush_soon()
+
+    def on_link_opened(self, link: Link) -> None:
+        if link.is_sender:
+            if link.remote_target is not None and link.remote_target.address is not None:
+                super().on_link_opened(link)
+            return
+        address = link.remote_source.address
+        if not address:
+            self.reset("the router gave no dynamic reply address")
+            return
+        sender: Sender = link.session.sender(self.name)
+        sender.target.address = self.bridge.spec.address
+        sender.source.address = address
+        add_capability(sender.source, wire.HALF_CLOSE)
+        self.prefix = wire.properties_section(address)
+        self.attach_links(sender, None)
+        sender.open()
+        self.on_tcp_write_resumed()  # grants the first credit on the reply link
+
+
+class _NoSocket:
+    """Stands in for the AMQP socket until a tunnel has one."""
+
+    write_paused = True
+
+    def flush_soon(self) -> None:
+        pass
+
+
+class IngressBridge:
+    """``tcp:[HOST:]PORT=>amqp:ADDRESS``."""
+
+    def __init__(
+        self,
+        spec: IngressSpec,
+        router: RouterLink,
+        site_id: str,
+        *,
+        window: int = DEFAULT_WINDOW,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+    ) -> None:
+        self.spec = spec
+        self.router = router
+        self.site_id = site_id
+        self.window = window
+        self.open_timeout = open_timeout
+        self.server: asyncio.Server | None = None
+        self.opened = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: TcpSide(IngressTunnel(self)),
+            host=self.spec.host,
+            port=self.spec.port,
+            reuse_address=True,
+        )
+        logger.info("bridge %s listening on %s", self.spec, _addresses(self.server))
+
+    @property
+    def bound_port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def _addresses(server: asyncio.Server) -> str:
+    names = []
+    for sock in server.sockets:
+        host, port = sock.getsockname()[:2]
+        names.append(f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}")
+    return ", ".join(names)
+
+
+class EgressBridge:
+    """``amqp:ADDRESS=>tcp:HOST:PORT``."""
+
+    def __init__(self, spec: EgressSpec, *, window: int = DEFAULT_WINDOW) -> None:
+        self.spec = spec
+        self.window = window
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.opened = 0
+
+    def on_attach(self, receiver: Receiver, sender: Sender, host: TunnelHost) -> None:
+        """A client's sender reached us (routed or direct): start a tunnel for it.
+
+        ``sender`` is the way back: a new sender targeting the attach's source
+        address through a router, or the ingress's own dynamic receiver link
+        in direct mode.
+        """
+        name = "@".join(receiver.name.split("@")[:2])
+        tunnel = Tunnel(
+            name, host.socket, routed_is_sender=False, window=self.window,
+            on_finished=host.forget_tunnel,
+        )
+        receiver.source.copy(receiver.remote_source)
+        receiver.target.copy(receiver.remote_target)
+        add_capability(receiver.target, wire.HALF_CLOSE)
+        receiver.max_message_size = MAX_MESSAGE_SIZE
+        tunnel.peer_half_close = wire.HALF_CLOSE in capabilities(receiver.remote_source)
+        tunnel.attach_links(sender, receiver)
+        receiver.open()
+        host.add_tunnel(tunnel)
+        self.opened += 1
+        if sender.state & Link.REMOTE_ACTIVE:
+            tunnel.on_sender_ready()
+        tunnel.log.debug("attached; connecting to %s:%d", self.spec.host, self.spec.port)
+        task = asyncio.get_running_loop().create_task(
+            self._connect(tunnel), name=f"connect {tunnel.name}"
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, tunnel: Tunnel) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: TcpSide(tunnel), self.spec.host, self.spec.port),
+                BACKEND_CONNECT_TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+            tunnel.log.info(
+                "backend %s:%d unreachable: %s", self.spec.host, self.spec.port, reason
+            )
+            tunnel.reset(f"backend {self.spec.host}:{self.spec.port} unreachable: {reason}")
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+
+class HostedTunnels:
+    """The tunnels running on one AMQP connection: woken together, reset together."""
+
+    socket: AmqpSocket
+
+    def __init__(self) -> None:
+        self.tunnels: set[Tunnel] = set()
+
+    def add_tunnel(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+
+    def forget_tunnel(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+
+    def on_socket_writable(self) -> None:
+        for tunnel in list(self.tunnels):
+            tunnel.on_amqp_writable()
+
+    def reset_tunnels(self) -> None:
+        for tunnel in list(self.tunnels):
+            tunnel.on_amqp_lost()
+        self.tunnels.clear()

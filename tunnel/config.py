@@ -1,0 +1,287 @@
+"""The router connection file (``connect.json``) and how it is found.
+
+The format is the one rhea and skupper-proxy read::
+
+    {"scheme": "amqps", "host": "router.example", "port": "443", "verify": false,
+     "tls": {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key", "verify": false}}
+
+Differences from rhea, all deliberate:
+
+- ``port`` may be a number or a string, and defaults from the scheme
+  (5672 for ``amqp``, 5671 for ``amqps``) rather than always 5672.
+- Relative certificate paths resolve against the file's own folder first,
+  then the working directory (rhea only tried the working directory).
+- Unknown fields are errors instead of being ignored, so a typo such as
+  ``"verfy": false`` cannot silently leave verification on or off.
+
+Lookup order without ``--config``: ``$MESSAGING_CONNECT_FILE`` (the only path
+tried when set), then ``./connect.json``, ``~/.config/messaging/connect.json``
+and ``/etc/messaging/connect.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+NAMED_PORTS = {"amqp": 5672, "amqps": 5671}
+
+
+class TlsConfig(BaseModel):
+    """The ``tls`` object: PEM files for mutual TLS to the router."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    verify: bool | None = None
+
+
+class ConnectionConfig(BaseModel):
+    """Where and how to reach the router."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: Literal["amqp", "amqps"] = "amqp"
+    host: str = ""
+    port: Port | None = None
+    verify: bool | None = None
+    user: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    tls: TlsConfig | None = None
+    sasl_mechanisms: str | None = None
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _port_from_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text in NAMED_PORTS:
+                return NAMED_PORTS[text]
+            if not text.isdigit():
+                raise ValueError(f"port {value!r} is neither a number nor 'amqp'/'amqps'")
+            return int(text)
+        return value
+
+    @property
+    def effective_host(self) -> str:
+        return self.host or "localhost"
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else NAMED_PORTS[self.scheme]
+
+    @property
+    def verify_peer(self) -> bool:
+        """Verification is on unless either ``verify`` says false."""
+        tls_verify = self.tls.verify if self.tls else None
+        return not (self.verify is False or tls_verify is False)
+
+    @property
+    def url(self) -> str:
+        """The router URL for logs: never carries credentials."""
+        return f"{self.scheme}://{_bracket(self.effective_host)}:{self.effective_port}"
+
+    def endpoint(self) -> RouterEndpoint:
+        ctx = self.ssl_context()
+        return RouterEndpoint(
+            url=self.url, host=self.effective_host, port=self.effective_port, ssl=ctx,
+            server_hostname=self.effective_host if ctx is not None else None,
+            hostname=self.effective_host, user=self.user, password=self.password,
+            has_client_cert=ctx is not None and self.tls is not None and self.tls.cert is not None,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context for ``amqps``, or None for plain AMQP."""
+        if self.scheme != "amqps":
+            return None
+        tls = self.tls or TlsConfig()
+        ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+        if tls.cert:
+            ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+        if not self.verify_peer:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+def _resolve(path: Path | None, base: Path, field: str, source: Path) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [base / path, Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"{source}: tls.{field}: file {str(path)!r} not found (tried {tried})")
+
+
+def load_connection_file(path: Path) -> ConnectionConfig:
+    """Read and validate a connection file; errors name the file and the field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read connection file: {exc.strerror or exc}") from exc
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        config = ConnectionConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from exc
+    if config.tls is not None:
+        base = path.resolve().parent
+        tls = config.tls.model_copy(
+            update={
+                name: _resolve(getattr(config.tls, name), base, name, path)
+                for name in ("ca", "cert", "key")
+            }
+        )
+        if tls.key is not None and tls.cert is None:
+            raise ConfigError(f"{path}: tls.key is set but tls.cert is not")
+        config = config.model_copy(update={"tls": tls})
+    if config.password is not None and config.user is None:
+        raise ConfigError(f"{path}: password is set but user is not")
+    return config
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(file)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def find_connection_file(env: Mapping[str, str], home: Path | None = None) -> Path | None:
+    """The first connection file in the lookup order, or None."""
+    explicit = env.get("MESSAGING_CONNECT_FILE")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"$MESSAGING_CONNECT_FILE names {explicit!r}, which is not a file")
+        return path
+    home = home if home is not None else Path.home()
+    for candidate in (
+        Path.cwd() / "connect.json",
+        home / ".config" / "messaging" / "connect.json",
+        Path("/etc/messaging/connect.json"),
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class ListenConfig(BaseModel):
+    """Direct mode: the AMQP listener this process serves itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: Literal["amqp", "amqps"]
+    host: str
+    port: Annotated[int, Field(ge=0, le=65535)]
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @classmethod
+    def parse(
+        cls, url: str, cert: str | None = None, key: str | None = None, ca: str | None = None
+    ) -> ListenConfig:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"--listen {url!r}: expected amqp://HOST:PORT or amqps://HOST:PORT")
+        host, colon, port_text = rest.rpartition(":")
+        host = host.strip("[]")
+        if not colon or not host or not port_text.isdigit() or int(port_text) > 65535:
+            raise ConfigError(f"--listen {url!r}: expected HOST:PORT after {scheme}://")
+        if scheme == "amqps" and not cert:
+            raise ConfigError(f"--listen {url!r}: amqps needs --listen-cert and --listen-key")
+        if scheme == "amqp" and (cert or ca):
+            raise ConfigError(f"--listen {url!r}: --listen-cert/--listen-ca need amqps://")
+        paths = {}
+        for flag, value in (("--listen-cert", cert), ("--listen-key", key), ("--listen-ca", ca)):
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"{flag}: file {value!r} not found")
+            paths[flag] = Path(value) if value else None
+        return cls(
+            scheme=scheme,  # type: ignore[arg-type]
+            host=host,
+            port=int(port_text),
+            cert=paths["--listen-cert"],
+            key=paths["--listen-key"],
+            ca=paths["--listen-ca"],
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.scheme != "amqps" or self.cert is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+        if self.ca is not None:
+            ctx.load_verify_locations(cafile=str(self.ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def self_endpoint(self, port: int) -> RouterEndpoint:
+        """How this process's own ingress bridges reach its own listener.
+
+        Over TLS the server certificate is pinned: it is trusted as its own
+        anchor, so no CA or hostname is needed for a loopback connection to
+        ourselves, and verification stays on.
+        """
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        ctx = None
+        if self.scheme == "amqps" and self.cert is not None:
+            ctx = ssl.create_default_context(cafile=str(self.cert))
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            ctx.check_hostname = False
+            if self.ca is not None:
+                ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+        return RouterEndpoint(
+            url=f"{self.scheme}://{_bracket(host)}:{port}", host=host, port=port, ssl=ctx,
+            server_hostname=None, hostname=host, user=None, password=None,
+            has_client_cert=ctx is not None and self.ca is not None,
+        )
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(frozen=True, slots=True)
+class RouterEndpoint:
+    """Everything needed to open the AMQP connection to a router."""
+
+    url: str
+    host: str
+    port: int
+    ssl: ssl.SSLContext | None
+    server_hostname: str | None
+    hostname: str
+    user: str | None
+    password: str | None = field(repr=False)
+    has_client_cert: bool

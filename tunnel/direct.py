@@ -1,0 +1,148 @@
+"""Direct mode: this process accepts AMQP connections itself and acts as the router.
+
+Towards a connecting ingress (ours or the node proxy) it behaves as a router
+with a link route for each local egress address would:
+
+- a receiver attach with a dynamic source gets a fresh address;
+- a sender attach whose target is an egress address is handed to that
+  egress bridge, and the way back is the ingress's own dynamic receiver
+  link, found by the address the attach carries as its source;
+- any other attach is refused with ``amqp:not-found``.
+
+Nothing is forwarded between connections, so the dynamic receiver and the
+sender of one tunnel must share a connection, as every ingress does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from proton import Condition, Delivery, Link, Sender
+
+from .amqp_link import AmqpSocket
+from .bridge import EgressBridge, HostedTunnels
+from .config import ListenConfig
+from .engine import AmqpEngine, EngineOptions, set_owner
+from .router import _refuse
+
+logger = logging.getLogger(__name__)
+
+
+class DirectListener:
+    """The ``--listen`` server."""
+
+    def __init__(self, config: ListenConfig, egress: dict[str, EgressBridge]) -> None:
+        self.config = config
+        self.egress = egress
+        self.server: asyncio.Server | None = None
+        self.peers: set[DirectPeer] = set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._accept, self.config.host, self.config.port,
+            ssl=self.config.ssl_context(), reuse_address=True,
+        )
+        logger.info("direct mode: accepting AMQP on %s://%s:%d", self.config.scheme,
+                    self.config.host, self.bound_port)
+
+    @property
+    def bound_port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def _accept(self) -> AmqpSocket:
+        peer = DirectPeer(self)
+        engine = AmqpEngine(EngineOptions(server=True, outer_tls=self.config.scheme == "amqps"))
+        peer.socket = AmqpSocket(engine, peer)
+        self.peers.add(peer)
+        return peer.socket
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def close_all(self) -> None:
+        for peer in list(self.peers):
+            peer.socket.close()
+
+
+class DirectPeer(HostedTunnels):
+    """One accepted AMQP connection in direct mode."""
+
+    def __init__(self, listener: DirectListener) -> None:
+        super().__init__()
+        self.listener = listener
+        self.dynamic: dict[str, Sender] = {}
+
+    def on_connection_opened(self) -> None:
+        logger.debug("direct-mode peer %s opened", self.socket.engine.connection.remote_container)
+
+    def on_connection_closed(self, condition: Condition | None) -> None:
+        if condition is not None:
+            logger.info("direct-mode peer closed with %s: %s", condition.name, condition.description)
+
+    def on_transport_error(self, condition: Condition | None) -> None:
+        if condition is not None:
+            logger.info("direct-mode peer failed: %s: %s", condition.name, condition.description)
+
+    def on_link_attach(self, link: Link) -> None:
+        if link.is_sender:
+            self._attach_reply_link(link)
+            return
+        address = link.remote_target.address
+        bridge = self.listener.egress.get(address) if address else None
+        if bridge is None:
+            _refuse(link, "amqp:not-found", f"no egress bridge for address {address!r}")
+            return
+        reply = self.dynamic.pop(link.remote_source.address or "", None)
+        if reply is None:
+            _refuse(link, "amqp:not-found",
+                    f"reply address {link.remote_source.address!r} is not a dynamic address "
+                    "of this connection")
+            return
+        bridge.on_attach(link, reply, self)
+        self.socket.flush_soon()
+
+    def _attach_reply_link(self, link: Sender) -> None:
+        if not link.remote_source.dynamic:
+            _refuse(link, "amqp:not-found",
+                    f"cannot serve a receiver for {link.remote_source.address!r} in direct mode")
+            return
+        address = f"dynamic/{secrets.token_hex(8)}"
+        link.source.copy(link.remote_source)
+        link.source.address = address
+        link.target.copy(link.remote_target)
+        set_owner(link, _Unclaimed(self.dynamic, address))
+        link.open()
+        self.dynamic[address] = link
+
+    def on_socket_lost(self, exc: Exception | None) -> None:
+        self.reset_tunnels()
+        self.dynamic.clear()
+        self.listener.peers.discard(self)
+
+
+class _Unclaimed:
+    """Owner of a dynamic reply link that no tunnel has claimed yet."""
+
+    __slots__ = ("address", "table")
+
+    def __init__(self, table: dict[str, Sender], address: str) -> None:
+        self.table = table
+        self.address = address
+
+    def on_link_opened(self, link: Link) -> None:
+        pass
+
+    def on_link_flow(self, link: Link) -> None:
+        pass
+
+    def on_delivery(self, link: Link, delivery: Delivery) -> None:
+        pass
+
+    def on_link_closed(self, link: Link) -> None:
+        self.table.pop(self.address, None)

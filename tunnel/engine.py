@@ -1,0 +1,317 @@
+"""A sans-IO AMQP 1.0 connection: proton's engine, with no sockets and no clock.
+
+Theory of operation
+-------------------
+:class:`AmqpEngine` owns one proton ``Connection``, its ``Transport`` and a
+``Collector``. It is driven from three directions, and never does I/O itself:
+
+- bytes from the network go in with :meth:`AmqpEngine.receive_bytes`
+  (and :meth:`AmqpEngine.eof_in` at end of input);
+- bytes for the network come out of :meth:`AmqpEngine.bytes_to_send` and are
+  acknowledged with :meth:`AmqpEngine.bytes_sent`;
+- time goes in through :meth:`AmqpEngine.tick`, which returns the next
+  deadline (heartbeats, idle timeout) for the caller to arm a timer at.
+
+Everything proton reports (a link attached, credit arrived, a delivery
+changed) comes out of :meth:`AmqpEngine.next_event`; :func:`dispatch` routes
+each event either to the connection's handler or, for links that have one,
+to the link's owner (one :class:`LinkOwner` per tunnel), so per-tunnel code
+never sees another tunnel's events.
+
+This module imports no asyncio: the glue in :mod:`tunnel.amqp_link` moves
+the bytes and supplies the time.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proton import (
+    SASL,
+    Collector,
+    Connection,
+    Data,
+    Delivery,
+    Endpoint,
+    Event,
+    Link,
+    Session,
+    Terminus,
+    Transport,
+    symbol,
+)
+
+from . import __version__
+
+logger = logging.getLogger(__name__)
+
+# Large frames cost nothing when unused and let one TCP read travel as one frame.
+DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
+DEFAULT_IDLE_TIMEOUT = 16.0
+OWNER_ATTR = "tunnel_owner"
+_FREED_ATTR = "tunnel_freed"
+PRODUCT = "tunnel"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """How to open the connection.
+
+    ``mechanisms`` is the space-separated SASL mechanisms we allow; as a
+    client proton picks EXTERNAL, then PLAIN (with a password), then
+    ANONYMOUS among those the server offers.
+    """
+
+    server: bool = False
+    container_id: str = ""
+    hostname: str | None = None
+    user: str | None = None
+    password: str | None = None
+    mechanisms: str = "ANONYMOUS"
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    # Set when TLS is done outside proton: proton cannot see it and would
+    # otherwise refuse PLAIN as if it were on a cleartext socket.
+    outer_tls: bool = False
+
+
+class AmqpEngine:
+    """One AMQP connection's protocol state, driven by its caller.
+
+    Drivers: the caller's bytes in, the caller's clock, and the caller's own
+    changes to links (sending, granting credit) made between calls.
+    """
+
+    __slots__ = ("_ended_in", "collector", "connection", "transport")
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.connection = Connection()
+        self.connection.container = options.container_id or f"tunnel-{uuid.uuid4()}"
+        self.connection.properties = {
+            symbol("product"): PRODUCT,
+            symbol("version"): __version__,
+        }
+        self.transport = Transport(Transport.SERVER if options.server else Transport.CLIENT)
+        self.transport.max_frame_size = options.max_frame_size
+        self.transport.idle_timeout = options.idle_timeout
+        sasl = self.transport.sasl()
+        sasl.allowed_mechs(options.mechanisms)
+        # PLAIN over cleartext is refused unless the password was given on
+        # purpose; under our own TLS proton just cannot see the encryption.
+        sasl.allow_insecure_mechs = options.outer_tls or bool(options.password)
+        if options.server:
+            self.transport.require_auth(False)
+        else:
+            if options.hostname:
+                self.connection.hostname = options.hostname
+            if options.user:
+                self.connection.user = options.user
+            if options.password:
+                self.connection.password = options.password
+        self.transport.bind(self.connection)
+        self.collector = Collector()
+        self.connection.collect(self.collector)
+        self._ended_in = False
+
+    # -- bytes in -------------------------------------------------------------
+    def receive_bytes(self, data: bytes | memoryview) -> int:
+        """Feed network input; returns how many bytes proton took (may be fewer)."""
+        taken = 0
+        total = len(data)
+        while taken < total:
+            room = self.transport.capacity()
+            if room <= 0:
+                break
+            chunk = data[taken : taken + room]
+            self.transport.push(bytes(chunk) if isinstance(chunk, memoryview) else chunk)
+            taken += len(chunk)
+        return taken
+
+    def eof_in(self) -> None:
+        """The network input ended."""
+        if not self._ended_in:
+            self._ended_in = True
+            self.transport.close_tail()
+
+    # -- bytes out ------------------------------------------------------------
+    def bytes_to_send(self) -> bytes:
+        pending = self.transport.pending()
+        if pending <= 0:
+            return b""
+        out = self.transport.peek(pending)
+        return out or b""
+
+    def bytes_sent(self, count: int) -> None:
+        self.transport.pop(count)
+
+    def eof_out(self) -> None:
+        """The network can take no more output."""
+        self.transport.close_head()
+
+    # -- time -----------------------------------------------------------------
+    def tick(self, now: float) -> float | None:
+        """Process timers at ``now`` (seconds); returns the next deadline, if any."""
+        deadline = self.transport.tick(now)
+        return float(deadline) if deadline else None
+
+    @property
+    def finished(self) -> bool:
+        """No more input will be taken and no more output will be produced."""
+        return bool(self.transport.closed)
+
+    # -- events ---------------------------------------------------------------
+    def next_event(self) -> Event | None:
+        event = self.collector.peek()
+        if event is None:
+            return None
+        self.collector.pop()
+        return event
+
+    def release(self) -> None:
+        """Free proton's objects now, in the order proton needs, not at garbage collection."""
+        self.collector.release()
+        self.transport.unbind()
+        self.connection.free()
+
+    def sasl_outcome(self) -> int | None:
+        outcome: int | None = self.transport.sasl().outcome
+        return outcome
+
+    def sasl_ok(self) -> bool:
+        return self.sasl_outcome() in (None, SASL.OK)
+
+
+class LinkOwner(Protocol):
+    """What a tunnel implements to hear about its own links."""
+
+    def on_link_opened(self, link: Link) -> None: ...
+    def on_link_flow(self, link: Link) -> None: ...
+    def on_delivery(self, link: Link, delivery: Delivery) -> None: ...
+    def on_link_closed(self, link: Link) -> None: ...
+
+
+class ConnectionHandler(Protocol):
+    """What owns a connection: the router client, or a direct-mode peer."""
+
+    def on_connection_opened(self) -> None: ...
+    def on_connection_closed(self, condition: Any) -> None: ...
+    def on_link_attach(self, link: Link) -> None: ...
+    def on_transport_error(self, condition: Any) -> None: ...
+
+
+def set_owner(link: Link, owner: LinkOwner | None) -> None:
+    setattr(link, OWNER_ATTR, owner)
+
+
+def owner_of(link: Link) -> LinkOwner | None:
+    owner: LinkOwner | None = getattr(link, OWNER_ATTR, None)
+    return owner
+
+
+_LOCAL_CLOSED = Endpoint.LOCAL_CLOSED
+_REMOTE_CLOSED = Endpoint.REMOTE_CLOSED
+_REMOTE_UNINIT = Endpoint.REMOTE_UNINIT
+
+
+def dispatch(event: Event, handler: ConnectionHandler) -> None:
+    """Route one proton event to the link's owner or the connection's handler."""
+    etype = event.type
+    if etype is Event.DELIVERY:
+        delivery = event.delivery
+        link = delivery.link
+        owner = owner_of(link)
+        if owner is not None:
+            owner.on_delivery(link, delivery)
+        elif link.is_receiver:
+            # A delivery on a link nobody owns any more: refuse it, never drop it.
+            delivery.update(Delivery.RELEASED)
+            delivery.settle()
+    elif etype is Event.LINK_FLOW:
+        link = event.link
+        owner = owner_of(link)
+        if owner is not None:
+            owner.on_link_flow(link)
+    elif etype is Event.LINK_REMOTE_OPEN:
+        link = event.link
+        owner = owner_of(link)
+        if owner is not None:
+            owner.on_link_opened(link)
+        elif link.state & Endpoint.LOCAL_UNINIT:
+            handler.on_link_attach(link)
+    elif etype is Event.LINK_REMOTE_CLOSE or etype is Event.LINK_REMOTE_DETACH:
+        link = event.link
+        owner = owner_of(link)
+        if owner is not None:
+            owner.on_link_closed(link)
+        if not link.state & _LOCAL_CLOSED:
+            link.close()
+        _free_if_done(link)
+    elif etype is Event.LINK_LOCAL_CLOSE or etype is Event.LINK_LOCAL_DETACH:
+        _free_if_done(event.link)
+    elif etype is Event.SESSION_REMOTE_OPEN:
+        session: Session = event.session
+        if session.state & Endpoint.LOCAL_UNINIT:
+            session.open()
+    elif etype is Event.SESSION_REMOTE_CLOSE:
+        session = event.session
+        if not session.state & _LOCAL_CLOSED:
+            session.close()
+    elif etype is Event.CONNECTION_REMOTE_OPEN:
+        connection = event.connection
+        if connection.state & Endpoint.LOCAL_UNINIT:
+            connection.open()
+        handler.on_connection_opened()
+    elif etype is Event.CONNECTION_REMOTE_CLOSE:
+        connection = event.connection
+        handler.on_connection_closed(connection.remote_condition)
+        if not connection.state & _LOCAL_CLOSED:
+            connection.close()
+    elif etype is Event.TRANSPORT_ERROR:
+        handler.on_transport_error(event.transport.condition)
+
+
+def _free_if_done(link: Link) -> None:
+    """Free a link closed at both ends, exactly once.
+
+    Both the local and the remote close event reach us, in either order and
+    sometimes both after the link is closed at both ends; freeing twice
+    would corrupt proton's heap, hence the mark.
+    """
+    state = link.state
+    if state & _LOCAL_CLOSED and (state & _REMOTE_CLOSED or state & _REMOTE_UNINIT):
+        if getattr(link, _FREED_ATTR, False):
+            return
+        setattr(link, _FREED_ATTR, True)
+        set_owner(link, None)
+        link.free()
+
+
+# -- terminus helpers --------------------------------------------------------
+def capabilities(terminus: Terminus) -> set[str]:
+    """The symbols in a terminus's capabilities (a single symbol or an array)."""
+    data: Data = terminus.capabilities
+    data.rewind()
+    if data.next() is None:
+        return set()
+    value = data.get_object()
+    if isinstance(value, str):
+        return {str(value)}
+    try:
+        return {str(v) for v in value}
+    except TypeError:
+        return set()
+
+
+def add_capability(terminus: Terminus, name: str) -> None:
+    """Append ``name`` to a terminus's capabilities, keeping what is there."""
+    names = sorted(capabilities(terminus) | {name})
+    data: Data = terminus.capabilities
+    data.clear()
+    data.put_array(False, Data.SYMBOL)
+    data.enter()
+    for item in names:
+        data.put_symbol(symbol(item))
+    data.exit()

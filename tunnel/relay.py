@@ -1,0 +1,522 @@
+"""One tunnel: one TCP connection carried over a pair of AMQP links.
+
+Theory of operation
+-------------------
+A tunnel has an outgoing link (``sender``: TCP bytes to AMQP) and an
+incoming link (``receiver``: AMQP to TCP bytes). One of the two is the
+*routed* link, the one the router ties to the far end: the ingress's
+sender, and the egress's receiver. The other is message-routed to a
+dynamic address.
+
+Flow control, TCP to AMQP
+    One delivery per TCP read, sent only while the sender has credit and
+    the AMQP socket is below its write high-water mark. Otherwise reading
+    from TCP is paused, so at most one read is ever parked here. The far
+    end grants credit as its own TCP socket drains.
+
+Flow control, AMQP to TCP
+    The receiver keeps at most ``window`` deliveries of credit outstanding
+    and tops it up only while the TCP socket is not paused for writing. So
+    what can be buffered for a slow reader is ``window`` deliveries plus the
+    socket's write high-water mark. Credit is granted only once the TCP
+    connection exists, so the first bytes are never lost.
+
+Half-close
+    Each direction ends on its own. A TCP FIN becomes an end-of-stream
+    marker (see :mod:`tunnel.wire`) when the far end offered the extension;
+    towards a node proxy it becomes a clean detach of the routed link once
+    every delivery has been settled, which is what the node proxy
+    understands. An end-of-stream from AMQP becomes ``write_eof()``. The
+    tunnel is finished once both directions have ended and every delivery
+    is settled; the links are then detached without an error.
+
+Failure
+    Anything else (a TCP reset, a delivery that is not accepted, a detach
+    with an error, a far end that stops without an end-of-stream marker
+    although it promised one, the AMQP connection lost) resets the tunnel:
+    the TCP connection is closed with an RST and both links are detached
+    with a ``tunnel:reset`` error, so the far end resets its side too. A
+    clean FIN is only ever passed on when the far side really ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from proton import Condition, Delivery, Link, Receiver, Sender
+
+from . import tcp_side, wire
+from .engine import capabilities, set_owner
+
+logger = logging.getLogger(__name__)
+
+RESET_CONDITION = "tunnel:reset"
+DEFAULT_WINDOW = 8
+# rhea's default when a node proxy detaches after closing its connection.
+ROUTED_LINK_LOST = "qd:routed-link-lost"
+
+
+class AmqpPort(Protocol):
+    """The AMQP connection, as a tunnel sees it."""
+
+    @property
+    def write_paused(self) -> bool: ...
+    def flush_soon(self) -> None: ...
+
+
+class Open(enum.Flag):
+    """Which directions of the stream are still open."""
+
+    NONE = 0
+    #: TCP to AMQP: no FIN from the TCP peer yet.
+    READ = enum.auto()
+    #: AMQP to TCP: no end-of-stream from the far end yet.
+    WRITE = enum.auto()
+    BOTH = READ | WRITE
+
+
+class Phase(enum.Enum):
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class TunnelLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: str, kwargs: object) -> tuple[str, object]:  # type: ignore[override]
+        assert self.extra is not None
+        return f"[{self.extra['tunnel']}] {msg}", kwargs
+
+
+class Tunnel:
+    """One TCP connection and its two AMQP links; see the module docstring."""
+
+    __slots__ = (
+        "_ever_credited",
+        "_parked",
+        "_reading",
+        "_tag",
+        "amqp",
+        "bytes_in",
+        "bytes_out",
+        "eos_pending",
+        "eos_sent",
+        "log",
+        "name",
+        "on_finished",
+        "open",
+        "peer_half_close",
+        "phase",
+        "prefix",
+        "receiver",
+        "routed_is_sender",
+        "sender",
+        "sender_ready",
+        "tcp",
+        "tcp_write_paused",
+        "unsettled",
+        "window",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        amqp: AmqpPort,
+        *,
+        routed_is_sender: bool,
+        window: int = DEFAULT_WINDOW,
+        on_finished: Callable[[Tunnel], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.amqp = amqp
+        self.routed_is_sender = routed_is_sender
+        self.window = window
+        self.on_finished = on_finished
+        self.log = TunnelLog(logger, {"tunnel": name})
+        self.sender: Sender | None = None
+        self.receiver: Receiver | None = None
+        self.sender_ready = False
+        self.peer_half_close = False
+        self.prefix = b""
+        self.tcp: asyncio.Transport | None = None
+        self.tcp_write_paused = False
+        self.open = Open.BOTH
+        self.phase = Phase.OPENING
+        self.eos_pending = False
+        self.eos_sent = False
+        self.unsettled = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._parked: bytes | None = None
+        self._reading = True
+        self._tag = 0
+        self._ever_credited = False
+
+    # -- wiring ---------------------------------------------------------------
+    def attach_links(self, sender: Sender | None, receiver: Receiver | None) -> None:
+        if sender is not None:
+            self.sender = sender
+            set_owner(sender, self)
+        if receiver is not None:
+            self.receiver = receiver
+            set_owner(receiver, self)
+
+    # -- TCP events -----------------------------------------------------------
+    def on_tcp_connected(self, transport: asyncio.Transport) -> None:
+        if self.phase is Phase.CLOSED:
+            tcp_side.reset(transport)
+            return
+        self.tcp = transport
+        self._update_reading()
+        self._top_up()
+
+    def on_tcp_data(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self._parked is None and self._can_send():
+            self._send(data)
+        elif self.sender is None and self.sender_ready:
+            self.reset("TCP data arrived after the far end closed its side")
+            return
+        else:
+            self._parked = data if self._parked is None else self._parked + data
+        self._update_reading()
+
+    def on_tcp_eof(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.log.debug("TCP peer sent FIN")
+        self.open &= ~Open.READ
+        self.eos_pending = True
+        self._pump()
+        self._check_finished()
+
+    def on_tcp_closed(self, exc: Exception | None) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.tcp = None
+        if exc is not None:
+            self.reset(f"TCP connection failed: {exc}")
+        elif self.open or self.eos_pending or self.unsettled:
+            self.reset("TCP connection closed before the stream ended")
+
+    def on_tcp_write_paused(self) -> None:
+        self.tcp_write_paused = True
+
+    def on_tcp_write_resumed(self) -> None:
+        self.tcp_write_paused = False
+        self._top_up()
+
+    # -- AMQP events ----------------------------------------------------------
+    def on_link_opened(self, link: Link) -> None:
+        # proton hands out a fresh wrapper per event, so links are told apart
+        # by direction: a tunnel has one of each.
+        if link.is_sender:
+            self.on_sender_ready()
+
+    def on_sender_ready(self) -> None:
+        """The far end attached our sender (or it was attached already)."""
+        if self.sender is None or self.phase is Phase.CLOSED:
+            return
+        self.sender_ready = True
+        if self.routed_is_sender:
+            self.peer_half_close = wire.HALF_CLOSE in capabilities(self.sender.remote_target)
+        self._pump()
+
+    def on_link_flow(self, link: Link) -> None:
+        if link.is_sender:
+            if link.credit > 0:
+                self._ever_credited = True
+            self._pump()
+
+    def on_amqp_writable(self) -> None:
+        self._pump()
+
+    def on_delivery(self, link: Link, delivery: Delivery) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if link.is_sender:
+            self._on_outcome(delivery)
+        else:
+            self._on_message(link, delivery)
+
+    def on_link_closed(self, link: Link) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        condition = link.remote_condition
+        is_sender = link.is_sender
+        routed = is_sender == self.routed_is_sender
+        if is_sender:
+            self.sender = None
+        else:
+            self.receiver = None
+        set_owner(link, None)
+        # A node proxy's only way to say "finished" is to drop its connection.
+        lost_node = (
+            condition is not None
+            and condition.name == ROUTED_LINK_LOST
+            and not self.peer_half_close
+            and routed
+        )
+        if condition is not None and not lost_node:
+            self.reset(f"far end detached: {condition.name}: {condition.description or ''}")
+        elif is_sender:
+            self._on_sender_gone(routed)
+        else:
+            self._on_receiver_gone(routed)
+
+    def on_open_timeout(self, seconds: float) -> None:
+        """Nothing granted credit in time: nothing serves the address (§8.1)."""
+        if self.phase is Phase.OPENING and not self._ever_credited:
+            self.reset(f"no credit within {seconds:g} s: nothing serves the address")
+
+    def on_amqp_lost(self) -> None:
+        """The AMQP connection is gone; the links with it."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.sender = self.receiver = None
+        self.reset("AMQP connection lost")
+
+    # -- sending --------------------------------------------------------------
+    def _can_send(self) -> bool:
+        sender = self.sender
+        return (
+            sender is not None
+            and self.sender_ready
+            and not self.eos_sent
+            and sender.credit > 0
+            and not self.amqp.write_paused
+        )
+
+    def _send(self, data: bytes) -> None:
+        sender = self.sender
+        assert sender is not None
+        self._tag += 1
+        sender.delivery(b"%x" % self._tag)
+        header = wire.body_header(len(data))
+        sender.stream(self.prefix + header if self.prefix else header)
+        sender.stream(data)
+        sender.advance()
+        self.unsettled += 1
+        self.bytes_out += len(data)
+        self.amqp.flush_soon()
+
+    def _pump(self) -> None:
+        """Move whatever can move now: parked bytes, then the end-of-stream."""
+        if self.phase is Phase.CLOSED:
+            return
+        if self.phase is Phase.OPENING and self._ever_credited:
+            self.phase = Phase.OPEN
+        if self._parked is not None and self._can_send():
+            data, self._parked = self._parked, None
+            self._send(data)
+        if self.eos_pending and self._parked is None:
+            self._send_eos()
+        self._update_reading()
+
+    def _send_eos(self) -> None:
+        sender = self.sender
+        if sender is None or not self.sender_ready:
+            return
+        if self.peer_half_close:
+            if not self._can_send():
+                return
+            self._tag += 1
+            sender.delivery(b"%x" % self._tag)
+            sender.stream(wire.eos_message(self.prefix))
+            sender.advance()
+            self.unsettled += 1
+        elif self.unsettled:
+            return  # the fallback detach must wait until the far end has everything
+        else:
+            self._end_without_marker()
+        self.eos_pending = False
+        self.eos_sent = True
+        self.log.debug("end of stream sent (%s)", "marker" if self.peer_half_close else "detach")
+        self.amqp.flush_soon()
+        self._check_finished()
+
+    def _end_without_marker(self) -> None:
+        """Signal our FIN to a node proxy: it knows only a detach of the routed link."""
+        if self.routed_is_sender:
+            assert self.sender is not None
+            self._close_link(self.sender, None)
+            self.sender = None
+        else:
+            # The node ingress treats any end of the routed link as the end of
+            # the whole tunnel, so nothing more will arrive either.
+            self.open &= ~Open.WRITE
+            self._close_links(None)
+            if self.tcp is not None:
+                self.tcp.close()
+
+    def _on_outcome(self, delivery: Delivery) -> None:
+        state = delivery.remote_state
+        if not delivery.settled and state != Delivery.ACCEPTED:
+            return  # a non-terminal state such as received: wait for the outcome
+        delivery.settle()
+        self.unsettled -= 1
+        if state not in (Delivery.ACCEPTED, 0, None):
+            self.reset(f"far end did not accept a delivery ({_outcome_name(state)})")
+            return
+        self._pump()
+        self._check_finished()
+
+    # -- receiving ------------------------------------------------------------
+    def _on_message(self, link: Link, delivery: Delivery) -> None:
+        if delivery.partial:
+            return  # proton gathers the rest, bounded by our max-message-size
+        data = link.recv(delivery.pending) or b""
+        try:
+            body, eos = wire.decode(data)
+        except wire.WireError as exc:
+            delivery.local.condition = Condition("amqp:decode-error", str(exc))
+            delivery.update(Delivery.REJECTED)
+            delivery.settle()
+            self.reset(f"undecodable message: {exc}")
+            return
+        delivery.update(Delivery.ACCEPTED)
+        delivery.settle()
+        tcp = self.tcp
+        if tcp is None or not self.open & Open.WRITE:
+            self.reset("data arrived after the end of the stream")
+            return
+        if body:
+            tcp.write(body)
+            self.bytes_in += len(body)
+        if eos:
+            self._end_write("end-of-stream marker")
+        else:
+            self._top_up()
+        self.amqp.flush_soon()
+
+    def _top_up(self) -> None:
+        receiver = self.receiver
+        if (
+            receiver is None
+            or self.tcp is None
+            or self.tcp_write_paused
+            or not self.open & Open.WRITE
+            or self.phase is Phase.CLOSED
+        ):
+            return
+        credit = receiver.credit
+        if credit <= self.window // 2:
+            receiver.flow(self.window - credit)
+            self.amqp.flush_soon()
+
+    def _end_write(self, why: str) -> None:
+        self.log.debug("AMQP to TCP direction ended: %s", why)
+        self.open &= ~Open.WRITE
+        if self.tcp is not None and not self.tcp.is_closing():
+            self.tcp.write_eof()
+        self._check_finished()
+
+    def _on_receiver_gone(self, routed: bool) -> None:
+        if not self.open & Open.WRITE:
+            self._check_finished()
+            return
+        if self.peer_half_close:
+            self.reset("far end closed without an end-of-stream marker")
+        elif routed:
+            # A node ingress ends the tunnel as a whole (see _end_without_marker).
+            self.open &= ~Open.WRITE
+            self._close_links(None)
+            if self.tcp is not None:
+                self.tcp.close()
+            self._finish("far end closed")
+        else:
+            self._end_write("far end detached")
+
+    def _on_sender_gone(self, routed: bool) -> None:
+        if self.eos_sent and not self.unsettled:
+            self._check_finished()
+            return
+        if self.peer_half_close or not routed:
+            self.reset("far end closed before our stream ended")
+            return
+        # The node egress closes its links when its backend closes: that is
+        # its end-of-stream. Our own client's later bytes cannot be carried.
+        self.eos_sent = True
+        self.eos_pending = False
+        self.unsettled = 0
+        if self._parked is not None:
+            self.reset("far end closed with client bytes still to carry")
+            return
+        self._end_write("far end closed its routed link")
+
+    # -- ending ---------------------------------------------------------------
+    def _update_reading(self) -> None:
+        tcp = self.tcp
+        if tcp is None or tcp.is_closing():
+            return
+        want = (
+            self._parked is None
+            and bool(self.open & Open.READ)
+            and self.phase is not Phase.CLOSED
+            and self._can_send()
+        )
+        if want != self._reading:
+            self._reading = want
+            if want:
+                tcp.resume_reading()
+            else:
+                tcp.pause_reading()
+
+    def _check_finished(self) -> None:
+        if self.phase is Phase.CLOSED or self.open or not self.eos_sent or self.unsettled:
+            return
+        self._close_links(None)
+        if self.tcp is not None:
+            self.tcp.close()
+        self._finish("finished")
+
+    def _finish(self, why: str) -> None:
+        self.phase = Phase.CLOSED
+        self.log.info("closed (%s): %d bytes in, %d bytes out", why, self.bytes_in, self.bytes_out)
+        self.amqp.flush_soon()
+        if self.on_finished is not None:
+            self.on_finished(self)
+
+    def reset(self, reason: str) -> None:
+        """Tear down both sides as a failure: RST on TCP, detach with an error on AMQP."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.log.debug("reset: %s", reason)
+        tcp, self.tcp = self.tcp, None
+        if tcp is not None:
+            tcp_side.reset(tcp)
+        self._parked = None
+        self._close_links(Condition(RESET_CONDITION, reason))
+        self.phase = Phase.CLOSED
+        self.log.info(
+            "reset (%s): %d bytes in, %d bytes out", reason, self.bytes_in, self.bytes_out
+        )
+        self.amqp.flush_soon()
+        if self.on_finished is not None:
+            self.on_finished(self)
+
+    def _close_links(self, condition: Condition | None) -> None:
+        for link in (self.sender, self.receiver):
+            if link is not None:
+                self._close_link(link, condition)
+        self.sender = self.receiver = None
+
+    def _close_link(self, link: Link, condition: Condition | None) -> None:
+        set_owner(link, None)
+        if not link.state & Link.LOCAL_CLOSED:
+            if condition is not None:
+                link.condition = condition
+            link.close()
+
+
+def _outcome_name(state: object) -> str:
+    names = {
+        Delivery.RELEASED: "released",
+        Delivery.REJECTED: "rejected",
+        Delivery.MODIFIED: "modified",
+    }
+    return names.get(state, str(state))  # type: ignore[call-overload]

@@ -1,0 +1,303 @@
+"""The one AMQP connection to the router, shared by every bridge and tunnel.
+
+:class:`RouterClient` connects (TLS and SASL as the connection file says),
+keeps the connection, and reconnects with capped exponential backoff and
+jitter when it is lost, logging the loss once rather than once per retry.
+Every tunnel that used a lost connection is reset.
+
+After every (re)connect it asks the router, over ``$management``, for a
+connection-scoped link route per egress address (skupper-proxy's contract,
+protocols.md §1.1): sender attaches for that address anywhere in the
+network are then routed to this connection and handed to the egress bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+
+from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
+
+from .amqp_link import AmqpSocket
+from .bridge import EgressBridge, HostedTunnels, TunnelHost
+from .config import RouterEndpoint
+from .engine import AmqpEngine, EngineOptions, set_owner
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 10.0
+LINK_ROUTE_TYPE = "org.apache.qpid.dispatch.router.connection.linkRoute"
+
+
+class RouterClient:
+    """Keeps one live AMQP connection to the router; see the module docstring."""
+
+    def __init__(
+        self,
+        endpoint: RouterEndpoint,
+        egress: dict[str, EgressBridge],
+        *,
+        container_id: str | None = None,
+        link_routes: bool = True,
+    ) -> None:
+        self.endpoint = endpoint
+        self.egress = egress
+        self.container_id = container_id or f"{socket.gethostname()}-tunnel-{random.getrandbits(32):08x}"
+        self.link_routes = link_routes
+        self.connection: RouterConnection | None = None
+        self.connects = 0
+        self.disconnects = 0
+        self.routes_active: set[str] = set()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.up = asyncio.Event()
+
+    def current(self) -> tuple[TunnelHost, object] | None:
+        conn = self.connection
+        if conn is None or not conn.opened or conn.session is None:
+            return None
+        return conn, conn.session
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="router client")
+
+    async def _run(self) -> None:
+        delay = BACKOFF_FIRST
+        was_up = True
+        while not self._stopping:
+            lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+            conn = RouterConnection(self, lost)
+            try:
+                await self._connect(conn)
+            except (OSError, TimeoutError) as exc:
+                if was_up:
+                    logger.warning("router %s unreachable: %s; retrying", self.endpoint.url, exc)
+                    was_up = False
+            else:
+                exc = await lost
+                if conn.opened:
+                    delay = BACKOFF_FIRST
+                    was_up = True
+                    self.disconnects += 1
+                    logger.warning(
+                        "router %s connection lost%s; reconnecting",
+                        self.endpoint.url, f": {exc}" if exc else "",
+                    )
+                elif was_up:
+                    logger.warning("router %s refused the connection: %s", self.endpoint.url,
+                                   conn.failure or exc or "closed")
+                    was_up = False
+            if self._stopping:
+                break
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    async def _connect(self, conn: RouterConnection) -> None:
+        ep = self.endpoint
+        engine = AmqpEngine(
+            EngineOptions(
+                container_id=self.container_id,
+                hostname=ep.hostname,
+                user=ep.user,
+                password=ep.password,
+                mechanisms=_mechanisms(ep),
+                outer_tls=ep.ssl is not None,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(
+            loop.create_connection(
+                lambda: conn.make_socket(engine), ep.host, ep.port,
+                ssl=ep.ssl, server_hostname=ep.server_hostname,
+            ),
+            timeout=10.0,
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self.connection is not None:
+            self.connection.socket.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+def _mechanisms(ep: RouterEndpoint) -> str:
+    mechs = []
+    if ep.has_client_cert:
+        mechs.append("EXTERNAL")
+    if ep.password:
+        mechs.append("PLAIN")
+    mechs.append("ANONYMOUS")
+    return " ".join(mechs)
+
+
+class RouterConnection(HostedTunnels):
+    """One connection attempt and, once open, the live connection."""
+
+    def __init__(self, client: RouterClient, lost: asyncio.Future[Exception | None]) -> None:
+        super().__init__()
+        self.client = client
+        self.lost = lost
+        self.opened = False
+        self.session: Session | None = None
+        self.failure: str | None = None
+        self.management: ManagementClient | None = None
+
+    def make_socket(self, engine: AmqpEngine) -> AmqpSocket:
+        self.socket = AmqpSocket(engine, self)
+        engine.connection.open()
+        return self.socket
+
+    # -- ConnectionHandler ------------------------------------------------------
+    def on_connection_opened(self) -> None:
+        client = self.client
+        self.opened = True
+        client.connection = self
+        client.connects += 1
+        client.up.set()
+        props = self.socket.engine.connection.remote_properties or {}
+        logger.info(
+            "router %s connected (%s %s)", client.endpoint.url,
+            props.get("product", "unknown product"), props.get("version", "?"),
+        )
+        self.session = self.socket.engine.connection.session()
+        self.session.open()
+        if client.egress and client.link_routes:
+            self.management = ManagementClient(self)
+            self.management.start(self.session)
+
+    def on_connection_closed(self, condition: Condition | None) -> None:
+        if condition is not None:
+            self.failure = f"{condition.name}: {condition.description}"
+            logger.warning("router closed the connection: %s", self.failure)
+
+    def on_transport_error(self, condition: Condition | None) -> None:
+        if condition is not None:
+            self.failure = f"{condition.name}: {condition.description}"
+            logger.debug("transport error: %s", self.failure)
+
+    def on_link_attach(self, link: Link) -> None:
+        address = link.remote_target.address if link.is_receiver else None
+        bridge = self.client.egress.get(address) if address else None
+        if bridge is None:
+            _refuse(link, "amqp:not-found", f"no egress bridge for address {address!r}")
+            return
+        reply_to = link.remote_source.address
+        if not reply_to:
+            _refuse(link, "amqp:invalid-field", "routed attach has no source address to reply to")
+            return
+        sender = link.session.sender(f"{link.name}/reply")
+        sender.target.address = reply_to
+        sender.open()
+        bridge.on_attach(link, sender, self)
+
+    # -- SocketHandler ----------------------------------------------------------
+    def on_socket_lost(self, exc: Exception | None) -> None:
+        client = self.client
+        if client.connection is self:
+            client.connection = None
+            client.up.clear()
+            client.routes_active.clear()
+        self.reset_tunnels()
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+def _refuse(link: Link, name: str, description: str) -> None:
+    """Attach and immediately detach with an error: how AMQP says no to a link."""
+    link.source.copy(link.remote_source)
+    link.target.copy(link.remote_target)
+    link.open()
+    link.condition = Condition(name, description)
+    link.close()
+
+
+class ManagementClient:
+    """Creates the connection-scoped link routes with ``$management`` requests."""
+
+    def __init__(self, conn: RouterConnection) -> None:
+        self.conn = conn
+        self.sender: Sender | None = None
+        self.reply_to: str | None = None
+        self.pending: dict[int, str] = {}
+        self.sent = False
+
+    def start(self, session: Session) -> None:
+        self.sender = session.sender("tunnel-management")
+        self.sender.target.address = "$management"
+        set_owner(self.sender, self)
+        self.sender.open()
+        receiver: Receiver = session.receiver("tunnel-management-replies")
+        receiver.source.dynamic = True
+        set_owner(receiver, self)
+        receiver.open()
+        receiver.flow(len(self.conn.client.egress) + 4)
+
+    def on_link_opened(self, link: Link) -> None:
+        if link.is_receiver:
+            self.reply_to = link.remote_source.address
+        self._send()
+
+    def on_link_flow(self, link: Link) -> None:
+        self._send()
+
+    def _send(self) -> None:
+        sender = self.sender
+        if self.sent or sender is None or self.reply_to is None or sender.credit <= 0:
+            return
+        self.sent = True
+        for correlation, address in enumerate(self.conn.client.egress, start=1):
+            request = Message(
+                properties={
+                    "operation": "CREATE",
+                    "type": LINK_ROUTE_TYPE,
+                    "name": address,
+                },
+                body={"pattern": address, "direction": "in"},
+                reply_to=self.reply_to,
+                correlation_id=correlation,
+            )
+            self.pending[correlation] = address
+            delivery = sender.delivery(b"%d" % correlation)
+            sender.stream(request.encode())
+            sender.advance()
+        self.conn.socket.flush_soon()
+
+    def on_delivery(self, link: Link, delivery: Delivery) -> None:
+        if link.is_sender:
+            if delivery.settled:
+                delivery.settle()
+            return
+        if delivery.partial:
+            return
+        message = Message()
+        message.decode(link.recv(delivery.pending) or b"")
+        delivery.update(Delivery.ACCEPTED)
+        delivery.settle()
+        address = self.pending.pop(message.correlation_id, None)
+        props = message.properties or {}
+        status = props.get("statusCode")
+        if address is None:
+            return
+        if isinstance(status, int) and 200 <= status < 300:
+            self.conn.client.routes_active.add(address)
+            logger.info("link route for %r active (%s)", address, status)
+        else:
+            logger.error(
+                "router refused the link route for %r: %s %s",
+                address, status, props.get("statusDescription", ""),
+            )
+
+    def on_link_closed(self, link: Link) -> None:
+        condition = link.remote_condition
+        if condition is not None:
+            logger.error("management link closed by the router: %s: %s",
+                         condition.name, condition.description)
+

@@ -1,0 +1,176 @@
+"""Bridge specs: ``SOURCE=>TARGET``, the syntax skupper-proxy's ``simple.js`` accepts.
+
+Grammar (one spec; several may be joined with ``,`` in one argument)::
+
+    spec     := ingress | egress
+    ingress  := "tcp:" [host ":"] port "=>" "amqp:" address
+    egress   := "amqp:" address "=>" "tcp:" [host ":"] port
+
+Examples: ``tcp:2000=>amqp:echo`` listens on every interface, port 2000, and
+carries each connection to whoever serves ``echo``; ``amqp:echo=>tcp:2000``
+serves ``echo`` by connecting to ``$ICPROXY_BRIDGE_HOST`` (else ``localhost``)
+port 2000. IPv6 hosts are written in brackets: ``tcp:[::1]:2000``.
+
+Unlike ``simple.js``, which silently drops what it cannot parse, every
+malformed spec raises :class:`~tunnel.errors.ConfigError` naming the bad part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ConfigError
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+DEFAULT_BRIDGE_HOST = "localhost"
+
+
+class IngressSpec(BaseModel):
+    """``tcp:[HOST:]PORT=>amqp:ADDRESS``: accept TCP, carry it to ``address``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["ingress"] = "ingress"
+    host: str | None = Field(default=None, description="Bind address; None binds every interface.")
+    port: Annotated[int, Field(ge=0, le=65535, description="0 lets the OS choose (logged).")]
+    address: str = Field(min_length=1)
+
+    def __str__(self) -> str:
+        return f"tcp:{_join_host(self.host, self.port)}=>amqp:{self.address}"
+
+
+class EgressSpec(BaseModel):
+    """``amqp:ADDRESS=>tcp:[HOST:]PORT``: serve ``address`` by connecting to a backend."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["egress"] = "egress"
+    address: str = Field(min_length=1)
+    host: str = Field(min_length=1)
+    port: Port
+
+    def __str__(self) -> str:
+        return f"amqp:{self.address}=>tcp:{_join_host(self.host, self.port)}"
+
+
+BridgeSpec = IngressSpec | EgressSpec
+
+
+def _join_host(host: str | None, port: int) -> str:
+    if host is None:
+        return str(port)
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def _parse_endpoint(text: str, spec: str, *, listener: bool) -> tuple[str | None, int]:
+    """Parse ``[HOST:]PORT`` (``[v6]:PORT`` for IPv6)."""
+    host: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ConfigError(f"bad tcp endpoint {text!r} in spec {spec!r}: expected [IPV6]:PORT")
+        host, port_text = text[1:end], text[end + 2 :]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise ConfigError(
+                f"bad tcp endpoint {text!r} in spec {spec!r}: write IPv6 hosts as [HOST]:PORT"
+            )
+    else:
+        host, port_text = None, text
+    if host is not None and not host:
+        raise ConfigError(f"empty host in tcp endpoint {text!r} of spec {spec!r}")
+    lowest = 0 if listener else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise ConfigError(f"bad port {port_text!r} in spec {spec!r}: expected {lowest}-65535")
+    return host, int(port_text)
+
+
+def _split_side(side: str, spec: str) -> tuple[str, str]:
+    scheme, sep, rest = side.partition(":")
+    if not sep:
+        raise ConfigError(f"{side!r} in spec {spec!r} has no scheme: expected tcp:... or amqp:...")
+    if scheme not in ("tcp", "amqp"):
+        raise ConfigError(
+            f"unsupported scheme {scheme!r} in spec {spec!r}: expected 'tcp' or 'amqp'"
+        )
+    if not rest:
+        raise ConfigError(f"{side!r} in spec {spec!r} is empty after {scheme!r}:")
+    return scheme, rest
+
+
+def parse_spec(spec: str, bridge_host: str = DEFAULT_BRIDGE_HOST) -> BridgeSpec:
+    """Parse one ``SOURCE=>TARGET`` spec."""
+    text = spec.strip()
+    if text.count("=>") != 1:
+        raise ConfigError(f"spec {spec!r} must have exactly one '=>' between source and target")
+    source, target = (part.strip() for part in text.split("=>"))
+    if not source or not target:
+        raise ConfigError(f"spec {spec!r} is missing its {'source' if not source else 'target'}")
+    src_scheme, src = _split_side(source, spec)
+    dst_scheme, dst = _split_side(target, spec)
+    if (src_scheme, dst_scheme) == ("tcp", "amqp"):
+        host, port = _parse_endpoint(src, spec, listener=True)
+        return IngressSpec(host=host, port=port, address=_check_address(dst, spec))
+    if (src_scheme, dst_scheme) == ("amqp", "tcp"):
+        egress_host, port = _parse_endpoint(dst, spec, listener=False)
+        return EgressSpec(
+            address=_check_address(src, spec), host=egress_host or bridge_host, port=port
+        )
+    raise ConfigError(
+        f"spec {spec!r} bridges {src_scheme!r} to {dst_scheme!r}: "
+        "expected tcp:...=>amqp:... or amqp:...=>tcp:..."
+    )
+
+
+def _check_address(address: str, spec: str) -> str:
+    if any(ch.isspace() for ch in address):
+        raise ConfigError(f"AMQP address {address!r} in spec {spec!r} contains whitespace")
+    return address
+
+
+def parse_specs(args: Iterable[str], env: Mapping[str, str]) -> list[BridgeSpec]:
+    """Parse every spec in ``args`` (comma-separated or separate), else ``$ICPROXY_CONFIG``.
+
+    Duplicate listeners or duplicate egress addresses are errors: the second
+    one could never work, and dropping it silently is what we promise not to do.
+    """
+    items = list(args)
+    origin = "argument"
+    if not items and env.get("ICPROXY_CONFIG", "").strip():
+        items, origin = [env["ICPROXY_CONFIG"]], "$ICPROXY_CONFIG"
+    bridge_host = env.get("ICPROXY_BRIDGE_HOST") or DEFAULT_BRIDGE_HOST
+    specs: list[BridgeSpec] = []
+    for item in items:
+        parts = item.split(",")
+        for part in parts:
+            if not part.strip():
+                raise ConfigError(f"empty spec in {origin} {item!r} (stray comma?)")
+            specs.append(parse_spec(part, bridge_host))
+    if not specs:
+        raise ConfigError("no bridge spec given: pass SOURCE=>TARGET or set $ICPROXY_CONFIG")
+    _check_unique(specs)
+    return specs
+
+
+def _check_unique(specs: list[BridgeSpec]) -> None:
+    listeners: dict[tuple[str | None, int], BridgeSpec] = {}
+    addresses: dict[str, BridgeSpec] = {}
+    for spec in specs:
+        if isinstance(spec, IngressSpec):
+            key = (spec.host, spec.port)
+            if key in listeners and spec.port != 0:
+                raise ConfigError(f"spec {str(spec)!r} listens on the same port as {str(listeners[key])!r}")
+            listeners[key] = spec
+        else:
+            if spec.address in addresses:
+                raise ConfigError(
+                    f"spec {str(spec)!r} serves the same address as {str(addresses[spec.address])!r}"
+                )
+            addresses[spec.address] = spec

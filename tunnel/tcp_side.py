@@ -1,0 +1,73 @@
+"""The TCP side of a tunnel: an asyncio Protocol that only moves bytes.
+
+Every callback is forwarded to the tunnel's ``on_tcp_*`` method; this module
+holds no policy. ``eof_received`` returns True so that a FIN from the peer
+closes only its direction (half-close) and the other keeps flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Protocol, cast
+
+# Explicit limits: uvloop's default low-water mark is 16 bytes, which would
+# resume a paused writer almost never; these bound what one socket buffers.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class TcpEvents(Protocol):
+    """What a tunnel implements to hear from its TCP connection."""
+
+    def on_tcp_connected(self, transport: asyncio.Transport) -> None: ...
+    def on_tcp_data(self, data: bytes) -> None: ...
+    def on_tcp_eof(self) -> None: ...
+    def on_tcp_closed(self, exc: Exception | None) -> None: ...
+    def on_tcp_write_paused(self) -> None: ...
+    def on_tcp_write_resumed(self) -> None: ...
+
+
+class TcpSide(asyncio.Protocol):
+    """One TCP connection, feeding one tunnel."""
+
+    __slots__ = ("events",)
+
+    def __init__(self, events: TcpEvents) -> None:
+        self.events = events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.events.on_tcp_connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.events.on_tcp_data(data)
+
+    def eof_received(self) -> bool:
+        self.events.on_tcp_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.on_tcp_closed(exc)
+
+    def pause_writing(self) -> None:
+        self.events.on_tcp_write_paused()
+
+    def resume_writing(self) -> None:
+        self.events.on_tcp_write_resumed()
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close with an RST, not a FIN, so the peer cannot mistake a failure for a clean end."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # already closed by the peer: abort() below is all that is left
+    transport.abort()
