@@ -87,7 +87,7 @@ async def tunnel_pair(tmp: Path, mode: str, loop: str) -> AsyncIterator[Pair]:
 
 
 @pytest.fixture(params=[("plain", "uvloop"), ("tls", "uvloop"), ("plain", "asyncio")],
-                ids=lambda p: "-".join(p))
+                ids="-".join)
 async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pair]:
     mode, loop = request.param
     async with tunnel_pair(tmp_path, mode, loop) as value:

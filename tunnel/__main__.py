@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.loop == "uvloop":
             import uvloop  # noqa: PLC0415 - optional at import time for plain-asyncio users
 
-            return uvloop.run(run(settings))  # type: ignore[no-any-return]
+            return uvloop.run(run(settings))
         return asyncio.run(run(settings))
     except OSError as exc:
         print(f"tunnel: error: {exc}", file=sys.stderr)

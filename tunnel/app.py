@@ -54,9 +54,9 @@ class App:
         if self.direct is not None:
             await self.direct.start()
         endpoint = settings.router
-        if endpoint is None and self.direct is not None and settings.listen is not None:
-            if any(isinstance(s, IngressSpec) for s in settings.specs):
-                endpoint = settings.listen.self_endpoint(self.direct.bound_port)
+        wants_router = any(isinstance(s, IngressSpec) for s in settings.specs)
+        if endpoint is None and self.direct is not None and settings.listen and wants_router:
+            endpoint = settings.listen.self_endpoint(self.direct.bound_port)
         if endpoint is not None:
             # Link routes only where a router will route: not to our own listener.
             self.router = RouterClient(endpoint, self.egress if settings.router else {})
@@ -97,7 +97,8 @@ class App:
         deadline = loop.time() + self.settings.grace
         busy = self.hosts_busy()
         if busy:
-            logger.info("shutting down: waiting up to %gs for %d tunnels", self.settings.grace, busy)
+            logger.info("shutting down: waiting up to %gs for %d tunnels",
+                        self.settings.grace, busy)
         while self.hosts_busy() and loop.time() < deadline:
             await asyncio.sleep(0.05)
         left = self.hosts_busy()

@@ -14,6 +14,7 @@ then grants credit, so a client's first bytes always have somewhere to go.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -47,10 +48,7 @@ def link_name(peer: object, site_id: str) -> str:
     third makes the name unique even behind NAT or with one site id for many
     processes (protocols.md §1.6).
     """
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        who = f"{peer[0]}:{peer[1]}"
-    else:
-        who = "unknown"
+    who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "unknown"
     return f"{who}@{site_id}@{_PROCESS_TAG}-{next(_sequence)}"
 
 
@@ -85,7 +83,7 @@ class IngressTunnel(Tunnel):
     def on_tcp_connected(self, transport: asyncio.Transport) -> None:
         bridge = self.bridge
         self.name = link_name(transport.get_extra_info("peername"), bridge.site_id)
-        self.log.extra = {"tunnel": self.name}  # type: ignore[index]
+        self.log.extra = {"tunnel": self.name}
         super().on_tcp_connected(transport)
         live = bridge.router.current()
         if live is None:
@@ -193,7 +191,7 @@ class EgressBridge:
         self.tasks: set[asyncio.Task[None]] = set()
         self.opened = 0
 
-    def on_attach(self, receiver: Receiver, sender: Sender, host: TunnelHost) -> None:
+    def on_attach(self, receiver: Link, sender: Link, host: TunnelHost) -> None:
         """A client's sender reached us (routed or direct): start a tunnel for it.
 
         ``sender`` is the way back: a new sender targeting the attach's source
@@ -241,10 +239,8 @@ class EgressBridge:
         for task in list(self.tasks):
             task.cancel()
         for task in list(self.tasks):
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
 
 class HostedTunnels:

@@ -122,10 +122,7 @@ def _resolve(path: Path | None, base: Path, field: str, source: Path) -> Path | 
     if path is None:
         return None
     path = path.expanduser()
-    if path.is_absolute():
-        candidates = [path]
-    else:
-        candidates = [base / path, Path.cwd() / path]
+    candidates = [path] if path.is_absolute() else [base / path, Path.cwd() / path]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -253,7 +250,7 @@ class ListenConfig(BaseModel):
         anchor, so no CA or hostname is needed for a loopback connection to
         ourselves, and verification stays on.
         """
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # noqa: S104
         ctx = None
         if self.scheme == "amqps" and self.cert is not None:
             ctx = ssl.create_default_context(cafile=str(self.cert))

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import secrets
 
-from proton import Condition, Delivery, Link, Sender
+from proton import Condition, Delivery, Link
 
 from .amqp_link import AmqpSocket
 from .bridge import EgressBridge, HostedTunnels
@@ -76,14 +76,15 @@ class DirectPeer(HostedTunnels):
     def __init__(self, listener: DirectListener) -> None:
         super().__init__()
         self.listener = listener
-        self.dynamic: dict[str, Sender] = {}
+        self.dynamic: dict[str, Link] = {}
 
     def on_connection_opened(self) -> None:
         logger.debug("direct-mode peer %s opened", self.socket.engine.connection.remote_container)
 
     def on_connection_closed(self, condition: Condition | None) -> None:
         if condition is not None:
-            logger.info("direct-mode peer closed with %s: %s", condition.name, condition.description)
+            logger.info("direct-mode peer closed with %s: %s",
+                        condition.name, condition.description)
 
     def on_transport_error(self, condition: Condition | None) -> None:
         if condition is not None:
@@ -107,7 +108,7 @@ class DirectPeer(HostedTunnels):
         bridge.on_attach(link, reply, self)
         self.socket.flush_soon()
 
-    def _attach_reply_link(self, link: Sender) -> None:
+    def _attach_reply_link(self, link: Link) -> None:
         if not link.remote_source.dynamic:
             _refuse(link, "amqp:not-found",
                     f"cannot serve a receiver for {link.remote_source.address!r} in direct mode")
@@ -131,7 +132,7 @@ class _Unclaimed:
 
     __slots__ = ("address", "table")
 
-    def __init__(self, table: dict[str, Sender], address: str) -> None:
+    def __init__(self, table: dict[str, Link], address: str) -> None:
         self.table = table
         self.address = address
 

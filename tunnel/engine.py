@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from proton import (
     SASL,
@@ -216,61 +217,101 @@ _REMOTE_CLOSED = Endpoint.REMOTE_CLOSED
 _REMOTE_UNINIT = Endpoint.REMOTE_UNINIT
 
 
+def _on_delivery(event: Event, handler: ConnectionHandler) -> None:
+    delivery = cast(Delivery, event.delivery)
+    link: Link = delivery.link
+    owner = owner_of(link)
+    if owner is not None:
+        owner.on_delivery(link, delivery)
+    elif link.is_receiver:
+        # A delivery on a link nobody owns any more: refuse it, never drop it.
+        delivery.update(Delivery.RELEASED)
+        delivery.settle()
+
+
+def _on_link_flow(event: Event, handler: ConnectionHandler) -> None:
+    link = cast(Link, event.link)
+    owner = owner_of(link)
+    if owner is not None:
+        owner.on_link_flow(link)
+
+
+def _on_link_remote_open(event: Event, handler: ConnectionHandler) -> None:
+    link = cast(Link, event.link)
+    owner = owner_of(link)
+    if owner is not None:
+        owner.on_link_opened(link)
+    elif link.state & Endpoint.LOCAL_UNINIT:
+        handler.on_link_attach(link)
+
+
+def _on_link_remote_close(event: Event, handler: ConnectionHandler) -> None:
+    link = cast(Link, event.link)
+    owner = owner_of(link)
+    if owner is not None:
+        owner.on_link_closed(link)
+    if not link.state & _LOCAL_CLOSED:
+        link.close()
+    _free_if_done(link)
+
+
+def _on_link_local_close(event: Event, handler: ConnectionHandler) -> None:
+    _free_if_done(cast(Link, event.link))
+
+
+def _on_session_remote_open(event: Event, handler: ConnectionHandler) -> None:
+    session = cast(Session, event.session)
+    if session.state & Endpoint.LOCAL_UNINIT:
+        session.open()
+
+
+def _on_session_remote_close(event: Event, handler: ConnectionHandler) -> None:
+    session = cast(Session, event.session)
+    if not session.state & _LOCAL_CLOSED:
+        session.close()
+
+
+def _on_connection_remote_open(event: Event, handler: ConnectionHandler) -> None:
+    connection = cast(Connection, event.connection)
+    if connection.state & Endpoint.LOCAL_UNINIT:
+        connection.open()
+    handler.on_connection_opened()
+
+
+def _on_connection_remote_close(event: Event, handler: ConnectionHandler) -> None:
+    connection = cast(Connection, event.connection)
+    handler.on_connection_closed(connection.remote_condition)
+    if not connection.state & _LOCAL_CLOSED:
+        connection.close()
+
+
+def _on_transport_error(event: Event, handler: ConnectionHandler) -> None:
+    handler.on_transport_error(cast(Transport, event.transport).condition)
+
+
+# Each handler may rely on its event's context object (a link event has a
+# link), hence the casts. Events not listed need nothing from us.
+_DISPATCH = {
+    Event.DELIVERY: _on_delivery,
+    Event.LINK_FLOW: _on_link_flow,
+    Event.LINK_REMOTE_OPEN: _on_link_remote_open,
+    Event.LINK_REMOTE_CLOSE: _on_link_remote_close,
+    Event.LINK_REMOTE_DETACH: _on_link_remote_close,
+    Event.LINK_LOCAL_CLOSE: _on_link_local_close,
+    Event.LINK_LOCAL_DETACH: _on_link_local_close,
+    Event.SESSION_REMOTE_OPEN: _on_session_remote_open,
+    Event.SESSION_REMOTE_CLOSE: _on_session_remote_close,
+    Event.CONNECTION_REMOTE_OPEN: _on_connection_remote_open,
+    Event.CONNECTION_REMOTE_CLOSE: _on_connection_remote_close,
+    Event.TRANSPORT_ERROR: _on_transport_error,
+}
+
+
 def dispatch(event: Event, handler: ConnectionHandler) -> None:
     """Route one proton event to the link's owner or the connection's handler."""
-    etype = event.type
-    if etype is Event.DELIVERY:
-        delivery = event.delivery
-        link = delivery.link
-        owner = owner_of(link)
-        if owner is not None:
-            owner.on_delivery(link, delivery)
-        elif link.is_receiver:
-            # A delivery on a link nobody owns any more: refuse it, never drop it.
-            delivery.update(Delivery.RELEASED)
-            delivery.settle()
-    elif etype is Event.LINK_FLOW:
-        link = event.link
-        owner = owner_of(link)
-        if owner is not None:
-            owner.on_link_flow(link)
-    elif etype is Event.LINK_REMOTE_OPEN:
-        link = event.link
-        owner = owner_of(link)
-        if owner is not None:
-            owner.on_link_opened(link)
-        elif link.state & Endpoint.LOCAL_UNINIT:
-            handler.on_link_attach(link)
-    elif etype is Event.LINK_REMOTE_CLOSE or etype is Event.LINK_REMOTE_DETACH:
-        link = event.link
-        owner = owner_of(link)
-        if owner is not None:
-            owner.on_link_closed(link)
-        if not link.state & _LOCAL_CLOSED:
-            link.close()
-        _free_if_done(link)
-    elif etype is Event.LINK_LOCAL_CLOSE or etype is Event.LINK_LOCAL_DETACH:
-        _free_if_done(event.link)
-    elif etype is Event.SESSION_REMOTE_OPEN:
-        session: Session = event.session
-        if session.state & Endpoint.LOCAL_UNINIT:
-            session.open()
-    elif etype is Event.SESSION_REMOTE_CLOSE:
-        session = event.session
-        if not session.state & _LOCAL_CLOSED:
-            session.close()
-    elif etype is Event.CONNECTION_REMOTE_OPEN:
-        connection = event.connection
-        if connection.state & Endpoint.LOCAL_UNINIT:
-            connection.open()
-        handler.on_connection_opened()
-    elif etype is Event.CONNECTION_REMOTE_CLOSE:
-        connection = event.connection
-        handler.on_connection_closed(connection.remote_condition)
-        if not connection.state & _LOCAL_CLOSED:
-            connection.close()
-    elif etype is Event.TRANSPORT_ERROR:
-        handler.on_transport_error(event.transport.condition)
+    action = _DISPATCH.get(event.type)
+    if action is not None:
+        action(event, handler)
 
 
 def _free_if_done(link: Link) -> None:
@@ -299,10 +340,9 @@ def capabilities(terminus: Terminus) -> set[str]:
     value = data.get_object()
     if isinstance(value, str):
         return {str(value)}
-    try:
+    if isinstance(value, Iterable):
         return {str(v) for v in value}
-    except TypeError:
-        return set()
+    return set()
 
 
 def add_capability(terminus: Terminus, name: str) -> None:

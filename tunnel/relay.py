@@ -47,7 +47,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from proton import Condition, Delivery, Link, Receiver, Sender
+from proton import Condition, Delivery, Link
 
 from . import tcp_side, wire
 from .engine import capabilities, set_owner
@@ -136,8 +136,8 @@ class Tunnel:
         self.window = window
         self.on_finished = on_finished
         self.log = TunnelLog(logger, {"tunnel": name})
-        self.sender: Sender | None = None
-        self.receiver: Receiver | None = None
+        self.sender: Link | None = None
+        self.receiver: Link | None = None
         self.sender_ready = False
         self.peer_half_close = False
         self.prefix = b""
@@ -156,7 +156,7 @@ class Tunnel:
         self._ever_credited = False
 
     # -- wiring ---------------------------------------------------------------
-    def attach_links(self, sender: Sender | None, receiver: Receiver | None) -> None:
+    def attach_links(self, sender: Link | None, receiver: Link | None) -> None:
         if sender is not None:
             self.sender = sender
             set_owner(sender, self)
@@ -295,7 +295,7 @@ class Tunnel:
         sender = self.sender
         assert sender is not None
         self._tag += 1
-        sender.delivery(b"%x" % self._tag)
+        sender.delivery(f"{self._tag:x}")
         header = wire.body_header(len(data))
         sender.stream(self.prefix + header if self.prefix else header)
         sender.stream(data)
@@ -325,7 +325,7 @@ class Tunnel:
             if not self._can_send():
                 return
             self._tag += 1
-            sender.delivery(b"%x" % self._tag)
+            sender.delivery(f"{self._tag:x}")
             sender.stream(wire.eos_message(self.prefix))
             sender.advance()
             self.unsettled += 1
@@ -513,10 +513,13 @@ class Tunnel:
             link.close()
 
 
+_OUTCOME_NAMES = {
+    Delivery.RELEASED: "released",
+    Delivery.REJECTED: "rejected",
+    Delivery.MODIFIED: "modified",
+}
+
+
 def _outcome_name(state: object) -> str:
-    names = {
-        Delivery.RELEASED: "released",
-        Delivery.REJECTED: "rejected",
-        Delivery.MODIFIED: "modified",
-    }
-    return names.get(state, str(state))  # type: ignore[call-overload]
+    name: str = _OUTCOME_NAMES.get(state, str(state))  # type: ignore[call-overload]
+    return name

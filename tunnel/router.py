@@ -14,8 +14,10 @@ network are then routed to this connection and handed to the egress bridge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import secrets
 import socket
 
 from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
@@ -45,7 +47,7 @@ class RouterClient:
     ) -> None:
         self.endpoint = endpoint
         self.egress = egress
-        self.container_id = container_id or f"{socket.gethostname()}-tunnel-{random.getrandbits(32):08x}"
+        self.container_id = container_id or f"{socket.gethostname()}-tunnel-{secrets.token_hex(4)}"
         self.link_routes = link_routes
         self.connection: RouterConnection | None = None
         self.connects = 0
@@ -72,9 +74,9 @@ class RouterClient:
             conn = RouterConnection(self, lost)
             try:
                 await self._connect(conn)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as error:
                 if was_up:
-                    logger.warning("router %s unreachable: %s; retrying", self.endpoint.url, exc)
+                    logger.warning("router %s unreachable: %s; retrying", self.endpoint.url, error)
                     was_up = False
             else:
                 exc = await lost
@@ -92,7 +94,8 @@ class RouterClient:
                     was_up = False
             if self._stopping:
                 break
-            await asyncio.sleep(delay * (0.5 + random.random()))
+            # Jitter only spreads reconnects out; it needs no cryptographic strength.
+            await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311
             delay = min(delay * 2, BACKOFF_CAP)
 
     async def _connect(self, conn: RouterConnection) -> None:
@@ -122,10 +125,8 @@ class RouterClient:
             self.connection.socket.close()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
 
 def _mechanisms(ep: RouterEndpoint) -> str:
@@ -265,7 +266,7 @@ class ManagementClient:
                 correlation_id=correlation,
             )
             self.pending[correlation] = address
-            delivery = sender.delivery(b"%d" % correlation)
+            sender.delivery(str(correlation))
             sender.stream(request.encode())
             sender.advance()
         self.conn.socket.flush_soon()
@@ -281,8 +282,9 @@ class ManagementClient:
         message.decode(link.recv(delivery.pending) or b"")
         delivery.update(Delivery.ACCEPTED)
         delivery.settle()
-        address = self.pending.pop(message.correlation_id, None)
-        props = message.properties or {}
+        correlation = message.correlation_id
+        address = self.pending.pop(correlation, None) if isinstance(correlation, int) else None
+        props: dict[str, object] = message.properties or {}
         status = props.get("statusCode")
         if address is None:
             return

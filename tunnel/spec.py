@@ -166,11 +166,12 @@ def _check_unique(specs: list[BridgeSpec]) -> None:
         if isinstance(spec, IngressSpec):
             key = (spec.host, spec.port)
             if key in listeners and spec.port != 0:
-                raise ConfigError(f"spec {str(spec)!r} listens on the same port as {str(listeners[key])!r}")
+                raise ConfigError(
+                    f"spec {str(spec)!r} listens on the same port as {str(listeners[key])!r}"
+                )
             listeners[key] = spec
         else:
             if spec.address in addresses:
-                raise ConfigError(
-                    f"spec {str(spec)!r} serves the same address as {str(addresses[spec.address])!r}"
-                )
+                first = addresses[spec.address]
+                raise ConfigError(f"spec {str(spec)!r} serves the same address as {str(first)!r}")
             addresses[spec.address] = spec

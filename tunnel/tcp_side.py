@@ -8,6 +8,7 @@ closes only its direction (half-close) and the other keeps flowing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from typing import Protocol, cast
@@ -62,12 +63,11 @@ class TcpSide(asyncio.Protocol):
         self.events.on_tcp_write_resumed()
 
 
-def reset(transport: asyncio.BaseTransport) -> None:
+def reset(transport: asyncio.Transport) -> None:
     """Close with an RST, not a FIN, so the peer cannot mistake a failure for a clean end."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
+        # Already closed by the peer: abort() below is all that is left to do.
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass  # already closed by the peer: abort() below is all that is left
     transport.abort()

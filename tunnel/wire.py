@@ -108,7 +108,7 @@ def _skip(buf: memoryview, pos: int) -> int:
     if category in (0xA, 0xC, 0xE):
         return pos + 1 + buf[pos]
     if category in (0xB, 0xD, 0xF):
-        (size,) = _U32.unpack_from(buf, pos)
+        size: int = _U32.unpack_from(buf, pos)[0]
         return pos + 4 + size
     raise WireError(f"unknown AMQP format code 0x{code:02x} at offset {pos - 1}")
 
