@@ -131,11 +131,14 @@ def _section_code(buf: memoryview, pos: int) -> tuple[int, int]:
 def _binary(buf: memoryview, pos: int) -> memoryview:
     code = buf[pos]
     if code == 0xA0:
-        return buf[pos + 2 : pos + 2 + buf[pos + 1]]
-    if code == 0xB0:
-        (size,) = _U32.unpack_from(buf, pos + 1)
-        return buf[pos + 5 : pos + 5 + size]
-    raise WireError(f"expected binary, found format code 0x{code:02x}")
+        start, size = pos + 2, buf[pos + 1]
+    elif code == 0xB0:
+        start, size = pos + 5, _U32.unpack_from(buf, pos + 1)[0]
+    else:
+        raise WireError(f"expected binary, found format code 0x{code:02x}")
+    if start + size > len(buf):
+        raise WireError(f"binary of {size} bytes overruns the message")
+    return buf[start : start + size]
 
 
 def _map_has_true(buf: memoryview, pos: int, key: bytes) -> bool:
@@ -165,9 +168,16 @@ def decode(message: bytes) -> tuple[memoryview, bool]:
     """Split a received message into (stream bytes, is end-of-stream marker).
 
     Raises :class:`WireError` for a body that is not bytes (an
-    amqp-sequence, or an amqp-value holding something other than binary).
+    amqp-sequence, or an amqp-value holding something other than binary),
+    and for a message that is truncated or not AMQP at all.
     """
-    buf = memoryview(message)
+    try:
+        return _decode(memoryview(message))
+    except (IndexError, struct.error) as exc:
+        raise WireError(f"truncated or malformed message ({len(message)} bytes)") from exc
+
+
+def _decode(buf: memoryview) -> tuple[memoryview, bool]:
     end = len(buf)
     pos = 0
     eos = False
@@ -184,6 +194,8 @@ def decode(message: bytes) -> tuple[memoryview, bool]:
         elif code == _AMQP_SEQUENCE:
             raise WireError("amqp-sequence bodies cannot carry stream bytes")
         pos = _skip(buf, value_at)
+    if pos != end:
+        raise WireError("the last section overruns the message")
     if len(chunks) == 1:
         return chunks[0], eos
     if not chunks:

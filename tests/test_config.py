@@ -1,0 +1,188 @@
+"""The connection file: formats accepted, lookup order, and errors that name file and field."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import make_certs
+
+from tunnel.config import (
+    ConnectionConfig,
+    ListenConfig,
+    find_connection_file,
+    load_connection_file,
+)
+from tunnel.errors import ConfigError
+
+
+def _write(folder: Path, content: object, name: str = "connect.json") -> Path:
+    path = folder / name
+    path.write_text(json.dumps(content) if not isinstance(content, str) else content)
+    return path
+
+
+def test_seed_format(tmp_path: Path) -> None:
+    """The seed's file loads: string port, verify at both levels, relative certificate paths."""
+    certs = make_certs(tmp_path)
+    path = _write(tmp_path, {
+        "scheme": "amqps", "host": "", "port": "443", "verify": False,
+        "tls": {"ca": "test-ca.crt", "cert": "client.crt", "key": "client.key", "verify": False},
+    })
+    config = load_connection_file(path)
+    assert config.effective_port == 443
+    assert config.effective_host == "localhost"
+    assert not config.verify_peer
+    assert config.tls is not None
+    assert config.tls.cert == certs.client_cert
+    endpoint = config.endpoint()
+    assert endpoint.ssl is not None and endpoint.ssl.verify_mode == ssl.CERT_NONE
+    assert endpoint.server_hostname == "localhost"
+    assert endpoint.has_client_cert
+
+
+@pytest.mark.parametrize(
+    ("content", "port", "verify"),
+    [
+        ({"scheme": "amqps", "host": "r"}, 5671, True),
+        ({"scheme": "amqp", "host": "r"}, 5672, True),
+        ({}, 5672, True),
+        ({"port": 1234}, 1234, True),
+        ({"port": "amqps"}, 5671, True),
+        ({"scheme": "amqps", "tls": {"verify": False}}, 5671, False),
+        ({"scheme": "amqps", "verify": False}, 5671, False),
+        ({"scheme": "amqps", "verify": True, "tls": {"verify": True}}, 5671, True),
+    ],
+)
+def test_port_defaults_and_verify(
+    tmp_path: Path, content: dict[str, object], port: int, verify: bool
+) -> None:
+    """The port defaults from the scheme; verification is on unless a verify says false."""
+    config = load_connection_file(_write(tmp_path, content))
+    assert config.effective_port == port
+    assert config.verify_peer is verify
+
+
+def test_certificate_path_falls_back_to_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative path missing beside the file is looked for in the working directory."""
+    certs = make_certs(tmp_path / "certs")
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    monkeypatch.chdir(tmp_path / "certs")
+    path = _write(conf_dir, {"scheme": "amqps", "tls": {"ca": "test-ca.crt"}})
+    config = load_connection_file(path)
+    assert config.tls is not None
+    assert config.tls.ca is not None and config.tls.ca.samefile(certs.ca)
+
+
+BAD = [
+    ("{not json", "not valid JSON"),
+    ("[]", "expected a JSON object"),
+    ({"scheme": "http"}, "scheme"),
+    ({"port": "eighty"}, "port"),
+    ({"port": 0}, "port"),
+    ({"port": 70000}, "port"),
+    ({"verfy": False}, "verfy: unknown field"),
+    ({"tls": {"ca": "missing.crt"}}, "tls.ca: file 'missing.crt' not found"),
+    ({"tls": {"cert": 5}}, "tls.cert"),
+    ({"tls": {"certificate": "x"}}, "tls.certificate: unknown field"),
+    ({"password": "p"}, "password is set but user is not"),
+    ({"verify": "maybe"}, "verify"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD)
+def test_bad_files(tmp_path: Path, content: object, message: str) -> None:
+    """An invalid file is refused with its path and the offending field."""
+    path = _write(tmp_path, content)
+    with pytest.raises(ConfigError) as info:
+        load_connection_file(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$MESSAGING_CONNECT_FILE wins, then ./connect.json, then ~/.config/messaging/."""
+    home = tmp_path / "home"
+    (home / ".config" / "messaging").mkdir(parents=True)
+    in_home = _write(home / ".config" / "messaging", {})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert find_connection_file({}, home=home) == in_home
+    in_cwd = _write(work, {})
+    assert find_connection_file({}, home=home) == work / "connect.json"
+    assert in_cwd.exists()
+    named = _write(tmp_path, {}, "other.json")
+    assert find_connection_file({"MESSAGING_CONNECT_FILE": str(named)}, home=home) == named
+    with pytest.raises(ConfigError, match="not a file"):
+        find_connection_file({"MESSAGING_CONNECT_FILE": str(tmp_path / "nope")}, home=home)
+
+
+def test_url_never_shows_the_password() -> None:
+    """The URL logged at startup carries no credentials."""
+    config = ConnectionConfig(host="r", user="u", password="secret")  # noqa: S106
+    assert "secret" not in config.url
+    assert "secret" not in repr(config)
+    assert "secret" not in repr(config.endpoint())
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("tcp://127.0.0.1:1", "expected amqp://HOST:PORT"),
+        ("amqp://127.0.0.1", "expected HOST:PORT"),
+        ("amqp://:5672", "expected HOST:PORT"),
+        ("amqps://127.0.0.1:5671", "amqps needs --listen-cert"),
+    ],
+)
+def test_bad_listen_urls(url: str, message: str) -> None:
+    """A bad --listen URL is refused with what was expected."""
+    with pytest.raises(ConfigError) as info:
+        ListenConfig.parse(url)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tcp:1=>amqp:a", "udp:2=>amqp:b"], "unsupported scheme 'udp'"),
+        (["--config", "/nonexistent/connect.json", "tcp:1=>amqp:a"], "/nonexistent/connect.json"),
+        (["--listen", "amqp://x", "tcp:1=>amqp:a"], "--listen"),
+        (["--listen-ca", "ca.pem", "tcp:1=>amqp:a"], "need --listen"),
+        (["--window", "0", "tcp:1=>amqp:a"], "--window"),
+    ],
+)
+def test_cli_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    """The command exits with status 2 and names what was wrong."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnel", *args], capture_output=True, text=True,
+        cwd=tmp_path, timeout=30, check=False, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_cli_bad_connection_file_names_file_and_field(tmp_path: Path) -> None:
+    """An invalid connection file stops startup with exit 2, naming the file and the field."""
+    path = _write(tmp_path, {"scheme": "amqps", "port": "many"})
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnel", "--config", str(path), "tcp:1=>amqp:a"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "port" in result.stderr
+
+
+def test_version() -> None:
+    """--version prints the version."""
+    result = subprocess.run([sys.executable, "-m", "tunnel", "--version"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0
+    assert result.stdout.startswith("tunnel ")
