@@ -26,7 +26,7 @@ from proton import Link, Receiver, Sender
 from . import wire
 from .amqp_link import AmqpSocket
 from .engine import add_capability, capabilities
-from .relay import DEFAULT_WINDOW, Tunnel
+from .relay import DEFAULT_WINDOW, Phase, Tunnel
 from .spec import EgressSpec, IngressSpec
 from .tcp_side import TcpSide
 
@@ -72,13 +72,14 @@ class RouterLink(Protocol):
 class IngressTunnel(Tunnel):
     """A tunnel for one accepted client: opens a dynamic receiver, then a sender to the address."""
 
-    __slots__ = ("bridge", "host", "session")
+    __slots__ = ("bridge", "host", "open_timer", "session")
 
     def __init__(self, bridge: IngressBridge) -> None:
         super().__init__("(accepting)", _NoSocket(), routed_is_sender=True, window=bridge.window)
         self.bridge = bridge
         self.host: TunnelHost | None = None
         self.session: object = None
+        self.open_timer: asyncio.TimerHandle | None = None
 
     def on_tcp_connected(self, transport: asyncio.Transport) -> None:
         bridge = self.bridge
@@ -91,7 +92,7 @@ class IngressTunnel(Tunnel):
             return
         host, session = live
         self.host, self.session, self.amqp = host, session, host.socket
-        self.on_finished = host.forget_tunnel
+        self.on_finished = self._on_finished
         host.add_tunnel(self)
         bridge.opened += 1
         receiver: Receiver = session.receiver(f"{self.name}/reply")  # type: ignore[attr-defined]
@@ -100,10 +101,23 @@ class IngressTunnel(Tunnel):
         self.attach_links(None, receiver)
         receiver.open()
         self.log.debug("accepted; opening links to %r", bridge.spec.address)
-        asyncio.get_running_loop().call_later(
+        self.open_timer = asyncio.get_running_loop().call_later(
             bridge.open_timeout, self.on_open_timeout, bridge.open_timeout
         )
         self.amqp.flush_soon()
+
+    def on_link_flow(self, link: Link) -> None:
+        super().on_link_flow(link)
+        if self.open_timer is not None and self.phase is not Phase.OPENING:
+            self.open_timer.cancel()
+            self.open_timer = None
+
+    def _on_finished(self, tunnel: Tunnel) -> None:
+        if self.open_timer is not None:
+            self.open_timer.cancel()
+            self.open_timer = None
+        if self.host is not None:
+            self.host.forget_tunnel(self)
 
     def on_link_opened(self, link: Link) -> None:
         if link.is_sender:
