@@ -336,3 +336,65 @@ async def test_closed_tunnels_release_memory(tmp_path: Path) -> None:
         growth = [(a - w) / 1024 for a, w in zip(after, warm, strict=True)]
         assert max(growth) < 6, f"RSS grew by {growth} MiB over 1500 closed tunnels"
         assert "closed (finished)" in pair.ingress.log()
+
+
+@pytest.mark.parametrize(
+    ("tls", "expect"),
+    [
+        # The server's CA is not trusted: verification is on by default.
+        ({"cert": "client.crt", "key": "client.key"}, "CERTIFICATE_VERIFY_FAILED"),
+        # A client certificate from another CA: the direct-mode listener refuses it.
+        ({"ca": "test-ca.crt", "cert": "intruder.crt", "key": "intruder.key"},
+         "refused the connection"),
+        # No client certificate at all, though --listen-ca requires one.
+        ({"ca": "test-ca.crt"}, "refused the connection"),
+    ],
+)
+async def test_tls_refusals(tmp_path: Path, tls: dict[str, str], expect: str) -> None:
+    """Mutual TLS is enforced both ways; a refused ingress resets its clients."""
+    certs = make_certs(tmp_path / "certs")
+    async with echo_server() as backend:
+        egress = TunnelProcess(_egress_args(certs, backend.port), tmp_path / "egress.log")
+        try:
+            amqp_port = await egress.amqp_port()
+            config = write_connect_json(tmp_path / "certs" / "bad.json", {
+                "scheme": "amqps", "host": "localhost", "port": amqp_port, "tls": tls,
+            })
+            ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
+                                    tmp_path / "ingress.log")
+            try:
+                port = await ingress.listen_port()
+                await ingress.wait_for(expect)
+                await _expect_reset(port)
+                assert ingress.stop() == 0
+            finally:
+                ingress.kill()
+            assert egress.stop() == 0
+        finally:
+            egress.kill()
+        assert backend.accepted == 0
+
+
+async def test_verify_false_connects_with_a_warning(tmp_path: Path) -> None:
+    """verify:false turns verification off, and says so in the log."""
+    certs = make_certs(tmp_path / "certs")
+    async with echo_server() as backend:
+        egress = TunnelProcess(_egress_args(certs, backend.port), tmp_path / "egress.log")
+        try:
+            config = write_connect_json(tmp_path / "certs" / "insecure.json", {
+                "scheme": "amqps", "host": "localhost", "port": await egress.amqp_port(),
+                "verify": False, "tls": {"cert": "client.crt", "key": "client.key"},
+            })
+            ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
+                                    tmp_path / "ingress.log")
+            try:
+                port = await ingress.listen_port()
+                await ingress.wait_for("connected")
+                assert "TLS verification off" in ingress.log()
+                assert await round_trip(port, b"insecure but working") == b"insecure but working"
+                assert ingress.stop() == 0
+            finally:
+                ingress.kill()
+            assert egress.stop() == 0
+        finally:
+            egress.kill()

@@ -89,8 +89,10 @@ class RouterClient:
                         self.endpoint.url, f": {exc}" if exc else "",
                     )
                 elif was_up:
+                    # The socket's error (a TLS alert, say) explains more than
+                    # proton's complaint about the missing protocol header.
                     logger.warning("router %s refused the connection: %s", self.endpoint.url,
-                                   conn.failure or exc or "closed")
+                                   exc or conn.failure or "closed")
                     was_up = False
             if self._stopping:
                 break
