@@ -149,7 +149,3 @@ class AmqpSocket(asyncio.Protocol):
         if not connection.state & connection.LOCAL_CLOSED:
             connection.close()
         self.process()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()

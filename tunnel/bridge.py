@@ -94,7 +94,6 @@ class IngressTunnel(Tunnel):
         self.host, self.session, self.amqp = host, session, host.socket
         self.on_finished = self._on_finished
         host.add_tunnel(self)
-        bridge.opened += 1
         receiver: Receiver = session.receiver(f"{self.name}/reply")  # type: ignore[attr-defined]
         receiver.source.dynamic = True
         receiver.max_message_size = MAX_MESSAGE_SIZE
@@ -165,7 +164,6 @@ class IngressBridge:
         self.window = window
         self.open_timeout = open_timeout
         self.server: asyncio.Server | None = None
-        self.opened = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -176,12 +174,6 @@ class IngressBridge:
             reuse_address=True,
         )
         logger.info("bridge %s listening on %s", self.spec, _addresses(self.server))
-
-    @property
-    def bound_port(self) -> int:
-        assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
 
     def stop_accepting(self) -> None:
         if self.server is not None:
@@ -203,7 +195,6 @@ class EgressBridge:
         self.spec = spec
         self.window = window
         self.tasks: set[asyncio.Task[None]] = set()
-        self.opened = 0
 
     def on_attach(self, receiver: Link, sender: Link, host: TunnelHost) -> None:
         """A client's sender reached us (routed or direct): start a tunnel for it.
@@ -225,7 +216,6 @@ class EgressBridge:
         tunnel.attach_links(sender, receiver)
         receiver.open()
         host.add_tunnel(tunnel)
-        self.opened += 1
         if sender.state & Link.REMOTE_ACTIVE:
             tunnel.on_sender_ready()
         tunnel.log.debug("attached; connecting to %s:%d", self.spec.host, self.spec.port)

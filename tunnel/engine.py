@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from proton import (
-    SASL,
     Collector,
     Connection,
     Data,
@@ -177,12 +176,6 @@ class AmqpEngine:
         self.transport.unbind()
         self.connection.free()
 
-    def sasl_outcome(self) -> int | None:
-        outcome: int | None = self.transport.sasl().outcome
-        return outcome
-
-    def sasl_ok(self) -> bool:
-        return self.sasl_outcome() in (None, SASL.OK)
 
 
 class LinkOwner(Protocol):
