@@ -8,8 +8,8 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,12 +29,11 @@ MIB = 1024 * 1024
 @dataclass
 class Pair:
     egress: TunnelProcess
-    ingress: TunnelProcess
-    port: int
-    backend: EchoServer
-    amqp_port: int
-    mode: str
     tmp: Path
+    ingress: TunnelProcess = None  # type: ignore[assignment]  # set once the egress is up
+    port: int = 0
+    amqp_port: int = 0
+    backend: EchoServer = field(default_factory=EchoServer)
 
 
 def _egress_args(certs: Certs | None, backend_port: int, amqp_port: int = 0) -> list[str]:
@@ -61,29 +60,43 @@ def _connect_json(mode: str, tmp: Path, amqp_port: int) -> Path:
 
 
 @contextlib.asynccontextmanager
+async def processes(
+    tmp: Path, egress_args: list[str], *, config: Callable[[int], Path] | None = None,
+    address: str = "echo", loop: str = "uvloop",
+) -> AsyncIterator[Pair]:
+    """An egress process in direct mode and an ingress process connected to it.
+
+    Both must exit 0 on SIGTERM at the end; whatever is left is killed.
+    """
+    pair = Pair(TunnelProcess(["--loop", loop, *egress_args], tmp / "egress.log"), tmp)
+    try:
+        pair.amqp_port = await pair.egress.amqp_port()
+        config_path = (config or (lambda port: _connect_json("plain", tmp, port)))(pair.amqp_port)
+        pair.ingress = TunnelProcess(
+            ["--loop", loop, "--config", str(config_path), f"tcp:{LOOPBACK}:0=>amqp:{address}"],
+            tmp / "ingress.log",
+        )
+        pair.port = await pair.ingress.listen_port()
+        yield pair
+        assert pair.ingress.stop() == 0, pair.ingress.log()
+        assert pair.egress.stop() == 0, pair.egress.log()
+    finally:
+        if pair.ingress is not None:
+            pair.ingress.kill()
+        pair.egress.kill()
+
+
+@contextlib.asynccontextmanager
 async def tunnel_pair(tmp: Path, mode: str, loop: str) -> AsyncIterator[Pair]:
+    """A pair in front of an echo backend, connected, over plain AMQP or mutual TLS."""
     certs = make_certs(tmp / "certs") if mode == "tls" else None
-    async with echo_server() as backend:
-        egress = TunnelProcess(["--loop", loop, *_egress_args(certs, backend.port)],
-                               tmp / "egress.log")
-        ingress: TunnelProcess | None = None
-        try:
-            amqp_port = await egress.amqp_port()
-            config = _connect_json(mode, tmp, amqp_port)
-            ingress = TunnelProcess(
-                ["--loop", loop, "--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
-                tmp / "ingress.log",
-            )
-            port = await ingress.listen_port()
-            await ingress.wait_for(r"router amqps?://\S+ connected")
-            pair = Pair(egress, ingress, port, backend, amqp_port, mode, tmp)
-            yield pair
-            assert pair.ingress.stop() == 0, pair.ingress.log()
-            assert pair.egress.stop() == 0, pair.egress.log()
-        finally:
-            if ingress is not None:
-                ingress.kill()
-            egress.kill()
+    async with echo_server() as backend, processes(
+        tmp, _egress_args(certs, backend.port), loop=loop,
+        config=lambda port: _connect_json(mode, tmp, port),
+    ) as pair:
+        pair.backend = backend
+        await pair.ingress.wait_for(r"router amqps?://\S+ connected")
+        yield pair
 
 
 @pytest.fixture(params=[("plain", "uvloop"), ("tls", "uvloop"), ("plain", "asyncio")],
@@ -193,46 +206,18 @@ async def test_backend_refused_resets_client(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
         dead_port = probe.getsockname()[1]
-    egress = TunnelProcess(
-        ["--listen", f"amqp://{LOOPBACK}:0", f"amqp:echo=>tcp:{LOOPBACK}:{dead_port}"],
-        tmp_path / "egress.log",
-    )
-    try:
-        config = _connect_json("plain", tmp_path, await egress.amqp_port())
-        ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
-                                tmp_path / "ingress.log")
-        try:
-            port = await ingress.listen_port()
-            await ingress.wait_for("connected")
-            await _expect_reset(port)
-            await egress.wait_for("unreachable")
-            assert ingress.stop() == 0
-        finally:
-            ingress.kill()
-        assert egress.stop() == 0
-    finally:
-        egress.kill()
+    async with processes(tmp_path, _egress_args(None, dead_port)) as pair:
+        await pair.ingress.wait_for("connected")
+        await _expect_reset(pair.port)
+        await pair.egress.wait_for("unreachable")
 
 
 async def test_unknown_address_resets_client(tmp_path: Path) -> None:
     """Direct mode refuses an address nobody serves, and the client gets an RST."""
     async with echo_server() as backend:
-        egress = TunnelProcess(
-            ["--listen", f"amqp://{LOOPBACK}:0", f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}"],
-            tmp_path / "egress.log",
-        )
-        try:
-            config = _connect_json("plain", tmp_path, await egress.amqp_port())
-            ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:nobody"],
-                                    tmp_path / "ingress.log")
-            try:
-                port = await ingress.listen_port()
-                await _expect_reset(port)
-                await ingress.wait_for("amqp:not-found")
-            finally:
-                ingress.kill()
-        finally:
-            egress.kill()
+        async with processes(tmp_path, _egress_args(None, backend.port), address="nobody") as pair:
+            await _expect_reset(pair.port)
+            await pair.ingress.wait_for("amqp:not-found")
         assert backend.accepted == 0
 
 
@@ -255,46 +240,34 @@ async def test_slow_reader_memory_is_bounded(tmp_path: Path) -> None:
 
     server = await asyncio.start_server(source, LOOPBACK, 0)
     backend_port = server.sockets[0].getsockname()[1]
-    egress = TunnelProcess(
-        ["--listen", f"amqp://{LOOPBACK}:0", f"amqp:echo=>tcp:{LOOPBACK}:{backend_port}"],
-        tmp_path / "egress.log",
-    )
-    ingress: TunnelProcess | None = None
     try:
-        config = _connect_json("plain", tmp_path, await egress.amqp_port())
-        ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
-                                tmp_path / "ingress.log")
-        port = await ingress.listen_port()
-        await ingress.wait_for("connected")
-        base = (egress.rss_kib(), ingress.rss_kib())
-        readers = []
-        for _ in range(10):
-            reader, writer = await asyncio.open_connection(LOOPBACK, port)
-            reader._transport.set_write_buffer_limits()  # type: ignore[attr-defined]
-            readers.append((reader, writer))
-        read = 0
-        peak = base
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 4
-        while loop.time() < deadline:
-            for reader, _ in readers:
-                read += len(await reader.read(4096))
-            await asyncio.sleep(0.01)
-            peak = (max(peak[0], egress.rss_kib()), max(peak[1], ingress.rss_kib()))
-        in_flight = pushed - read
-        push_stop.set()
-        for _, writer in readers:
-            writer.close()
-        growth_mib = [(p - b) / 1024 for p, b in zip(peak, base, strict=True)]
-        # Without back-pressure the source writes gigabytes in 4 s; with it, what is
-        # in flight is socket buffers plus each tunnel's window.
-        assert in_flight < 160 * MIB, f"{in_flight / MIB:.0f} MiB in flight"
-        assert max(growth_mib) < 96, f"RSS grew by {growth_mib} MiB"
+        async with processes(tmp_path, _egress_args(None, backend_port)) as pair:
+            await pair.ingress.wait_for("connected")
+            base = (pair.egress.rss_kib(), pair.ingress.rss_kib())
+            readers = []
+            for _ in range(10):
+                readers.append(await asyncio.open_connection(LOOPBACK, pair.port))
+            read = 0
+            peak = base
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 4
+            while loop.time() < deadline:
+                for reader, _ in readers:
+                    read += len(await reader.read(4096))
+                await asyncio.sleep(0.01)
+                peak = (max(peak[0], pair.egress.rss_kib()),
+                        max(peak[1], pair.ingress.rss_kib()))
+            in_flight = pushed - read
+            push_stop.set()
+            for _, writer in readers:
+                writer.close()
     finally:
         server.close()
-        if ingress is not None:
-            ingress.kill()
-        egress.kill()
+    growth_mib = [(p - b) / 1024 for p, b in zip(peak, base, strict=True)]
+    # Without back-pressure the source writes gigabytes in 4 s; with it, what is
+    # in flight is socket buffers plus each tunnel's window.
+    assert in_flight < 160 * MIB, f"{in_flight / MIB:.0f} MiB in flight"
+    assert max(growth_mib) < 96, f"RSS grew by {growth_mib} MiB"
 
 
 async def test_egress_restart_reconnects(tmp_path: Path) -> None:
@@ -356,47 +329,27 @@ async def test_tls_refusals(tmp_path: Path, tls: dict[str, str], expect: str) ->
     """Mutual TLS is enforced both ways; a refused ingress resets its clients."""
     certs = make_certs(tmp_path / "certs")
     async with echo_server() as backend:
-        egress = TunnelProcess(_egress_args(certs, backend.port), tmp_path / "egress.log")
-        try:
-            amqp_port = await egress.amqp_port()
-            config = write_connect_json(tmp_path / "certs" / "bad.json", {
-                "scheme": "amqps", "host": "localhost", "port": amqp_port, "tls": tls,
-            })
-            ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
-                                    tmp_path / "ingress.log")
-            try:
-                port = await ingress.listen_port()
-                await ingress.wait_for(expect)
-                await _expect_reset(port)
-                assert ingress.stop() == 0
-            finally:
-                ingress.kill()
-            assert egress.stop() == 0
-        finally:
-            egress.kill()
+        async with processes(
+            tmp_path, _egress_args(certs, backend.port),
+            config=lambda port: write_connect_json(tmp_path / "certs" / "bad.json", {
+                "scheme": "amqps", "host": "localhost", "port": port, "tls": tls,
+            }),
+        ) as pair:
+            await pair.ingress.wait_for(expect)
+            await _expect_reset(pair.port)
         assert backend.accepted == 0
 
 
 async def test_verify_false_connects_with_a_warning(tmp_path: Path) -> None:
     """verify:false turns verification off, and says so in the log."""
     certs = make_certs(tmp_path / "certs")
-    async with echo_server() as backend:
-        egress = TunnelProcess(_egress_args(certs, backend.port), tmp_path / "egress.log")
-        try:
-            config = write_connect_json(tmp_path / "certs" / "insecure.json", {
-                "scheme": "amqps", "host": "localhost", "port": await egress.amqp_port(),
-                "verify": False, "tls": {"cert": "client.crt", "key": "client.key"},
-            })
-            ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
-                                    tmp_path / "ingress.log")
-            try:
-                port = await ingress.listen_port()
-                await ingress.wait_for("connected")
-                assert "TLS verification off" in ingress.log()
-                assert await round_trip(port, b"insecure but working") == b"insecure but working"
-                assert ingress.stop() == 0
-            finally:
-                ingress.kill()
-            assert egress.stop() == 0
-        finally:
-            egress.kill()
+    async with echo_server() as backend, processes(
+        tmp_path, _egress_args(certs, backend.port),
+        config=lambda port: write_connect_json(tmp_path / "certs" / "insecure.json", {
+            "scheme": "amqps", "host": "localhost", "port": port, "verify": False,
+            "tls": {"cert": "client.crt", "key": "client.key"},
+        }),
+    ) as pair:
+        await pair.ingress.wait_for("connected")
+        assert "TLS verification off" in pair.ingress.log()
+        assert await round_trip(pair.port, b"insecure but working") == b"insecure but working"
