@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
+import signal
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -274,8 +276,15 @@ async def test_egress_restart_reconnects(tmp_path: Path) -> None:
     """After the AMQP peer is killed and restarted, the ingress reconnects and works again."""
     async with tunnel_pair(tmp_path, "plain", "uvloop") as pair:
         assert await round_trip(pair.port, b"before") == b"before"
+        reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
+        writer.write(b"open across the crash")
+        assert await reader.readexactly(21) == b"open across the crash"
         pair.egress.kill()
         await pair.ingress.wait_for("connection lost")
+        # The open tunnel lost its far end mid-stream: a reset, never a clean EOF.
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
         # Marked before the restart: the reconnect may be logged before the new
         # process has even logged its own port.
         mark = len(pair.ingress.log())
@@ -287,7 +296,8 @@ async def test_egress_restart_reconnects(tmp_path: Path) -> None:
             await restarted.amqp_port()
             await pair.ingress.wait_for("connected", timeout=20, after=mark)
             assert await round_trip(pair.port, b"after") == b"after"
-            assert pair.ingress.log().count("connection lost") == 1
+            # Logged once per state change, not once per retry.
+            assert len(re.findall(r"router \S+ connection lost", pair.ingress.log())) == 1
         finally:
             assert restarted.stop() == 0
         pair.egress = restarted
@@ -353,3 +363,23 @@ async def test_verify_false_connects_with_a_warning(tmp_path: Path) -> None:
         await pair.ingress.wait_for("connected")
         assert "TLS verification off" in pair.ingress.log()
         assert await round_trip(pair.port, b"insecure but working") == b"insecure but working"
+
+
+async def test_sigterm_grace_then_reset(tmp_path: Path) -> None:
+    """On SIGTERM the ingress stops accepting, waits out the grace, resets what is open, exits 0."""
+    async with echo_server() as backend, processes(
+        tmp_path, _egress_args(None, backend.port)
+    ) as pair:
+        await pair.ingress.wait_for("connected")
+        reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
+        writer.write(b"still talking")
+        assert await reader.readexactly(13) == b"still talking"
+        pair.ingress.proc.send_signal(signal.SIGTERM)
+        await pair.ingress.wait_for("waiting up to 5s for 1 tunnels")
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(LOOPBACK, pair.port)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+        await pair.ingress.wait_for("tunnel stopped")
+        assert await asyncio.to_thread(pair.ingress.proc.wait, 10) == 0
