@@ -125,7 +125,9 @@ class EchoProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         assert self.transport is not None
+        # Both directions are done once the echo is flushed: close cleanly.
         self.transport.write_eof()
+        self.transport.close()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -85,6 +85,9 @@ class DirectPeer(HostedTunnels):
         if condition is not None:
             logger.info("direct-mode peer closed with %s: %s",
                         condition.name, condition.description)
+            return
+        for tunnel in list(self.tunnels):
+            tunnel.on_peer_closed()
 
     def on_transport_error(self, condition: Condition | None) -> None:
         if condition is not None:

@@ -273,6 +273,23 @@ class Tunnel:
         if self.phase is Phase.OPENING and not self._ever_credited:
             self.reset(f"no credit within {seconds:g} s: nothing serves the address")
 
+    def on_peer_closed(self) -> None:
+        """The far end closed its whole AMQP connection cleanly.
+
+        That is how a node ingress ends its stream (protocols.md §1.2), so
+        towards a peer without the extension it is an end, not a failure.
+        """
+        if self.phase is Phase.CLOSED:
+            return
+        self.sender = self.receiver = None
+        if self.peer_half_close:
+            self.reset("far end closed its connection before the stream ended")
+            return
+        self.open &= ~Open.WRITE
+        if self.tcp is not None:
+            self.tcp.close()
+        self._finish("far end closed its connection")
+
     def on_amqp_lost(self) -> None:
         """The AMQP connection is gone; the links with it."""
         if self.phase is Phase.CLOSED:
