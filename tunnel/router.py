@@ -175,9 +175,11 @@ class RouterConnection(HostedTunnels):
             logger.warning("router closed the connection: %s", self.failure)
 
     def on_transport_error(self, condition: Condition | None) -> None:
-        if condition is not None:
-            self.failure = f"{condition.name}: {condition.description}"
-            logger.debug("transport error: %s", self.failure)
+        # proton may report the same failure more than once: log it once.
+        failure = f"{condition.name}: {condition.description}" if condition else None
+        if failure is not None and failure != self.failure:
+            self.failure = failure
+            logger.debug("transport error: %s", failure)
 
     def on_link_attach(self, link: Link) -> None:
         address = link.remote_target.address if link.is_receiver else None
