@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 
 RESET_CONDITION = "tunnel:reset"
 DEFAULT_WINDOW = 8
-# rhea's default when a node proxy detaches after closing its connection.
+# What a router puts on a routed link whose far end's connection closed
+# (protocols.md §8.1): a node ingress's only way to end its stream.
 ROUTED_LINK_LOST = "qd:routed-link-lost"
 
 
