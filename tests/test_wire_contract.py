@@ -342,3 +342,23 @@ def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_ingress_reads_nothing_until_credit(harness: Harness) -> None:
+    """Without credit the ingress leaves the client's bytes in the kernel, unread and unbuffered."""
+    peer, port = start_ingress(harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC], credit=0))
+    client = harness.client(port)
+    ingress_links(peer, client)
+    client.setblocking(False)
+    block = bytes(1 << 20)
+    accepted = 0
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and accepted < 256 << 20:
+        try:
+            accepted += client.send(block)
+        except BlockingIOError:
+            time.sleep(0.01)
+    # Socket buffers on loopback hold a few MiB; a tunnel that kept reading
+    # (and parking) would take all 256 MiB.
+    assert accepted < 32 << 20, f"{accepted >> 20} MiB accepted without any credit"
+    assert not [r for r in peer.events() if isinstance(r, Received)]

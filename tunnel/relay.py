@@ -98,7 +98,6 @@ class Tunnel:
     __slots__ = (
         "_ever_credited",
         "_parked",
-        "_reading",
         "_tag",
         "amqp",
         "bytes_in",
@@ -152,7 +151,6 @@ class Tunnel:
         self.bytes_in = 0
         self.bytes_out = 0
         self._parked: bytes | None = None
-        self._reading = True
         self._tag = 0
         self._ever_credited = False
 
@@ -477,8 +475,9 @@ class Tunnel:
             and self.phase is not Phase.CLOSED
             and self._can_send()
         )
-        if want != self._reading:
-            self._reading = want
+        # Ask the transport, not a flag of ours: uvloop starts reading after
+        # connection_made even if the protocol paused it there.
+        if want != tcp.is_reading():
             if want:
                 tcp.resume_reading()
             else:
