@@ -1,0 +1,43 @@
+"""The benchmark harness works end to end (figures are reported, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
+    """--quick measures every row on every path and writes the JSON table."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnel.bench", "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "tunnel/relay" in result.stdout
+    table = json.loads(out.read_text())
+    rows = table["rows"]
+    for key in ("bulk_fwd", "bulk_rev", "bulk_16", "bulk_64", "rtt_p50", "conn_p50"):
+        for path in ("direct", "relay", "tunnel"):
+            assert rows[key][path] > 0, (key, path)
+        assert rows[key]["ratio"] > 0, key
+    for key in ("concurrent_rss_near", "concurrent_per_conn_far", "slow_peak_near",
+                "slow_peak_far"):
+        assert rows[key]["direct"] is None
+        assert rows[key]["relay"] > 0 and rows[key]["tunnel"] > 0, key
+    # Correctness, not speed: every held connection through every path echoed.
+    count = int(rows["concurrent_ok"]["metric"].split()[0])
+    assert [rows["concurrent_ok"][p] for p in ("direct", "relay", "tunnel")] == [count] * 3
+    assert rows["conn_failures"]["tunnel"] == 0
+
+
+def test_bad_router_url_is_refused() -> None:
+    """--amqp takes amqp://HOST:PORT and says so otherwise."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnel.bench", "--amqp", "localhost"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2
+    assert "expected amqp://HOST:PORT" in result.stderr

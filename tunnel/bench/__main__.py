@@ -1,0 +1,561 @@
+"""``python -m tunnel.bench [--quick] [--json PATH] [--amqp URL]``: measure and compare.
+
+Paths, each to the same servers (``tunnel.bench.servers``, own process):
+
+- ``direct``: the client connects to the servers;
+- ``relay``: client -> relay -> relay -> server, two ``tunnel.bench.relay``
+  processes: the plain Python limit for a two-hop path;
+- ``tunnel``: client -> ingress -> egress -> server, a tunnel pair in direct
+  mode as two ``python -m tunnel`` processes (or both connected to the
+  router given by ``--amqp``).
+
+Each tunnel figure is also given as a ratio to the relay's. The table goes to
+stdout, and with ``--json`` to a file. Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import uvloop
+
+from .. import __version__
+
+_COUNT = struct.Struct(">Q")
+MB = 1_000_000
+TARGETS = ("echo", "sink", "source")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    bulk_bytes: int
+    rtt_rounds: int
+    new_conns: int
+    concurrent: int
+    slow_conns: int
+    slow_seconds: float
+
+
+FULL = Sizes(bulk_bytes=1 << 30, rtt_rounds=5000, new_conns=1000, concurrent=10_000,
+             slow_conns=100, slow_seconds=5.0)
+QUICK = Sizes(bulk_bytes=64 << 20, rtt_rounds=500, new_conns=100, concurrent=500,
+              slow_conns=20, slow_seconds=1.5)
+
+
+# -- processes ------------------------------------------------------------------
+@dataclass
+class Route:
+    """One way to reach the servers: ports for echo/sink/source, and the hop processes."""
+
+    name: str
+    ports: dict[str, int]
+    hops: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+def _spawn_json(args: list[str]) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"{args[0]} did not start")
+    ports: dict[str, int] = json.loads(line)
+    return proc, ports
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_log(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> list[re.Match[str]]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        matches = list(re.finditer(pattern, text))
+        if matches:
+            return matches
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise SystemExit(f"tunnel process did not start:\n{log.read_text()}")
+
+
+@contextlib.contextmanager
+def relay_path(servers: dict[str, int]) -> Iterator[Route]:
+    far, far_ports = _spawn_json(
+        ["tunnel.bench.relay", *(f"0=>127.0.0.1:{servers[t]}" for t in TARGETS)])
+    near = None
+    try:
+        mid = {t: far_ports[f"127.0.0.1:{servers[t]}"] for t in TARGETS}
+        near, near_ports = _spawn_json(
+            ["tunnel.bench.relay", *(f"0=>127.0.0.1:{mid[t]}" for t in TARGETS)])
+        ports = {t: near_ports[f"127.0.0.1:{mid[t]}"] for t in TARGETS}
+        yield Route("relay", ports, [near, far])
+    finally:
+        if near is not None:
+            _stop(near)
+        _stop(far)
+
+
+@contextlib.contextmanager
+def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iterator[Route]:
+    egress_log, ingress_log = folder / "egress.log", folder / "ingress.log"
+    common = [sys.executable, "-m", "tunnel", "--log-level", "WARNING"]
+    egress_specs = [f"amqp:bench-{t}=>tcp:127.0.0.1:{servers[t]}" for t in TARGETS]
+    ingress_specs = [f"tcp:127.0.0.1:0=>amqp:bench-{t}" for t in TARGETS]
+    if amqp:
+        host, _, port = amqp.partition("://")[2].rpartition(":")
+        config = folder / "connect.json"
+        config.write_text(json.dumps({"scheme": amqp.partition("://")[0], "host": host,
+                                      "port": int(port)}))
+        egress_args = ["--config", str(config), *egress_specs]
+    else:
+        egress_args = ["--listen", "amqp://127.0.0.1:0", *egress_specs]
+    with egress_log.open("wb") as sink:
+        egress = subprocess.Popen([*common[:-2], "--log-level", "INFO", *egress_args],
+                                  stderr=sink, stdin=subprocess.DEVNULL)
+    ingress = None
+    try:
+        if amqp:
+            _wait_log(egress_log, r"link route for 'bench-source' active", egress)
+        else:
+            amqp_port = _wait_log(egress_log, r"accepting AMQP on amqp://[^:]+:(\d+)",
+                                  egress)[0].group(1)
+            config = folder / "connect.json"
+            config.write_text(json.dumps({"host": "127.0.0.1", "port": int(amqp_port)}))
+        with ingress_log.open("wb") as sink:
+            ingress = subprocess.Popen([*common[:-2], "--log-level", "INFO", "--config",
+                                        str(config), *ingress_specs],
+                                       stderr=sink, stdin=subprocess.DEVNULL)
+        _wait_log(ingress_log, r"router \S+ connected", ingress)
+        found = _wait_log(ingress_log, r"amqp:bench-(\w+) listening on 127\.0\.0\.1:(\d+)",
+                          ingress)
+        ports = {m.group(1): int(m.group(2)) for m in found}
+        if set(ports) != set(TARGETS):
+            raise SystemExit(f"ingress bridges missing:\n{ingress_log.read_text()}")
+        yield Route("tunnel", ports, [ingress, egress])
+    finally:
+        if ingress is not None:
+            _stop(ingress)
+        _stop(egress)
+
+
+def rss_kib(proc: subprocess.Popen[bytes]) -> int:
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(match.group(1)) if match else 0
+
+
+# -- client protocols -------------------------------------------------------------
+class Counter(asyncio.Protocol):
+    """Counts what it reads until EOF."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.count += len(data)
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(self.count)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc or ConnectionError("closed before EOF"))
+
+
+class Pinger(asyncio.Protocol):
+    """One byte out, one byte back."""
+
+    def __init__(self) -> None:
+        self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    async def ping(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(b"x")
+        await self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc or ConnectionError("closed"))
+
+
+class SlowReader(asyncio.Protocol):
+    """Reads at most ``budget`` bytes per ``period`` seconds."""
+
+    def __init__(self, budget: int = 64 * 1024, period: float = 0.1) -> None:
+        self.budget, self.period = budget, period
+        self.window = 0
+        self.total = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(_COUNT.pack(1 << 62))
+
+    def data_received(self, data: bytes) -> None:
+        self.window += len(data)
+        self.total += len(data)
+        if self.window >= self.budget:
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(self.period, self._resume)
+
+    def _resume(self) -> None:
+        self.window = 0
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+# -- workloads --------------------------------------------------------------------
+BLOCK = bytes(1 << 20)
+
+
+async def bulk_forward(port: int, nbytes: int) -> float:
+    """Client writes ``nbytes`` to the sink; returns MB/s once the sink confirms the count."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = time.perf_counter()
+    left = nbytes
+    view = memoryview(BLOCK)
+    while left:
+        chunk = view[: min(left, len(view))]
+        writer.write(chunk)
+        left -= len(chunk)
+        await writer.drain()
+    writer.write_eof()
+    (count,) = _COUNT.unpack(await reader.readexactly(_COUNT.size))
+    elapsed = time.perf_counter() - start
+    writer.close()
+    if count != nbytes:
+        raise RuntimeError(f"sink counted {count} bytes, {nbytes} were sent")
+    return nbytes / elapsed / MB
+
+
+async def bulk_reverse(port: int, nbytes: int) -> float:
+    """The source writes ``nbytes`` to the client; returns MB/s at EOF."""
+    loop = asyncio.get_running_loop()
+    transport, counter = await loop.create_connection(Counter, "127.0.0.1", port)
+    start = time.perf_counter()
+    transport.write(_COUNT.pack(nbytes))
+    count = await counter.done
+    elapsed = time.perf_counter() - start
+    transport.close()
+    if count != nbytes:
+        raise RuntimeError(f"received {count} bytes, the source sent {nbytes}")
+    return nbytes / elapsed / MB
+
+
+async def bulk_parallel(port: int, nbytes: int, conns: int) -> float:
+    share = nbytes // conns
+    start = time.perf_counter()
+    rates = await asyncio.gather(*(bulk_forward(port, share) for _ in range(conns)))
+    elapsed = time.perf_counter() - start
+    assert len(rates) == conns
+    return share * conns / elapsed / MB
+
+
+async def rtt(port: int, rounds: int) -> tuple[float, float]:
+    loop = asyncio.get_running_loop()
+    transport, pinger = await loop.create_connection(Pinger, "127.0.0.1", port)
+    for _ in range(min(100, rounds)):
+        await pinger.ping()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        await pinger.ping()
+        samples.append(time.perf_counter() - start)
+    transport.close()
+    return _pct(samples, 50) * 1e6, _pct(samples, 99) * 1e6
+
+
+async def new_connections(port: int, count: int) -> tuple[float, float, int]:
+    loop = asyncio.get_running_loop()
+    samples, failures = [], 0
+    for _ in range(count):
+        start = time.perf_counter()
+        try:
+            transport, pinger = await asyncio.wait_for(
+                loop.create_connection(Pinger, "127.0.0.1", port), 2)
+            await asyncio.wait_for(pinger.ping(), 2)
+            samples.append(time.perf_counter() - start)
+            transport.close()
+        except (OSError, TimeoutError):
+            failures += 1
+    if not samples:
+        return float("nan"), float("nan"), failures
+    return _pct(samples, 50) * 1e3, _pct(samples, 99) * 1e3, failures
+
+
+async def concurrent(port: int, count: int, hops: list[subprocess.Popen[bytes]]
+                     ) -> tuple[int, list[float], list[float]]:
+    """Open ``count`` connections, each echoing once, all held open; RSS per hop."""
+    loop = asyncio.get_running_loop()
+    idle = [rss_kib(p) for p in hops]
+    opened: list[tuple[asyncio.BaseTransport, Pinger]] = []
+
+    async def one() -> tuple[asyncio.BaseTransport, Pinger] | None:
+        try:
+            transport, pinger = await loop.create_connection(Pinger, "127.0.0.1", port)
+            await asyncio.wait_for(pinger.ping(), 30)
+        except (OSError, TimeoutError):
+            return None
+        return transport, pinger
+
+    for offset in range(0, count, 500):
+        batch = await asyncio.gather(*(one() for _ in range(min(500, count - offset))))
+        opened.extend(item for item in batch if item is not None)
+    # Every held connection must still answer, not just have answered once.
+    alive = await asyncio.gather(*(asyncio.wait_for(p.ping(), 30) for _, p in opened),
+                                 return_exceptions=True)
+    working = sum(1 for result in alive if result is None)
+    loaded = [rss_kib(p) for p in hops]
+    for transport, _ in opened:
+        transport.close()
+    per_conn = [(after - before) / max(working, 1) for after, before in
+                zip(loaded, idle, strict=True)]
+    return working, [kib / 1024 for kib in loaded], per_conn
+
+
+async def slow_readers(port: int, conns: int, seconds: float,
+                       hops: list[subprocess.Popen[bytes]]) -> tuple[list[float], int]:
+    loop = asyncio.get_running_loop()
+    opened = [await loop.create_connection(SlowReader, "127.0.0.1", port)
+              for _ in range(conns)]
+    peak = [rss_kib(p) for p in hops]
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        peak = [max(a, rss_kib(p)) for a, p in zip(peak, hops, strict=True)]
+    total = sum(reader.total for _, reader in opened)
+    for transport, _ in opened:
+        transport.abort()
+    return [kib / 1024 for kib in peak], total
+
+
+def _pct(samples: list[float], pct: int) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, len(ordered) * pct // 100)]
+
+
+# -- the run ----------------------------------------------------------------------
+@dataclass
+class Row:
+    metric: str
+    unit: str
+    better: str  # "higher" or "lower"
+    target: str = ""
+    values: dict[str, float | None] = field(default_factory=dict)
+
+    def ratio(self) -> float | None:
+        tunnel, relay = self.values.get("tunnel"), self.values.get("relay")
+        if tunnel is None or relay is None or relay == 0:
+            return None
+        return tunnel / relay
+
+
+async def measure_speed(path: Route, sizes: Sizes, rows: dict[str, Row],
+                        log: Callable[[str], None]) -> None:
+    name, ports = path.name, path.ports
+
+    def put(key: str, value: float | None) -> None:
+        rows[key].values[name] = value
+
+    log(f"{name}: bulk")
+    put("bulk_fwd", await bulk_forward(ports["sink"], sizes.bulk_bytes))
+    put("bulk_rev", await bulk_reverse(ports["source"], sizes.bulk_bytes))
+    put("bulk_16", await bulk_parallel(ports["sink"], sizes.bulk_bytes, 16))
+    put("bulk_64", await bulk_parallel(ports["sink"], sizes.bulk_bytes, 64))
+    log(f"{name}: latency")
+    p50, p99 = await rtt(ports["echo"], sizes.rtt_rounds)
+    put("rtt_p50", p50)
+    put("rtt_p99", p99)
+    c50, c99, failures = await new_connections(ports["echo"], sizes.new_conns)
+    put("conn_p50", c50)
+    put("conn_p99", c99)
+    put("conn_failures", failures)
+
+
+async def measure_memory(path: Route, sizes: Sizes, rows: dict[str, Row],
+                         log: Callable[[str], None], workload: str) -> None:
+    """One memory workload on freshly started hops, so no other workload's peak counts."""
+    name, ports, hops = path.name, path.ports, path.hops
+
+    def put(key: str, value: float | None) -> None:
+        rows[key].values[name] = value
+
+    if workload == "concurrent":
+        log(f"{name}: {sizes.concurrent} concurrent connections")
+        working, loaded, per_conn = await concurrent(ports["echo"], sizes.concurrent, hops)
+        put("concurrent_ok", working)
+        for index, hop in enumerate(("near", "far")):
+            put(f"concurrent_rss_{hop}", loaded[index] if hops else None)
+            put(f"concurrent_per_conn_{hop}", per_conn[index] if hops else None)
+    else:
+        log(f"{name}: slow readers")
+        peak, _ = await slow_readers(ports["source"], sizes.slow_conns, sizes.slow_seconds,
+                                     hops)
+        for index, hop in enumerate(("near", "far")):
+            put(f"slow_peak_{hop}", peak[index] if hops else None)
+
+
+def make_rows(sizes: Sizes) -> dict[str, Row]:
+    n = sizes.concurrent
+    return {
+        "bulk_fwd": Row("bulk, 1 conn, client->server", "MB/s", "higher", ">= 0.5x relay"),
+        "bulk_rev": Row("bulk, 1 conn, server->client", "MB/s", "higher", ">= 0.5x relay"),
+        "bulk_16": Row("bulk, 16 conns aggregate", "MB/s", "higher"),
+        "bulk_64": Row("bulk, 64 conns aggregate", "MB/s", "higher", ">= 1 conn"),
+        "rtt_p50": Row("1-byte RTT p50", "us", "lower", "<= 3x relay"),
+        "rtt_p99": Row("1-byte RTT p99", "us", "lower"),
+        "conn_p50": Row("new conn + 1 RT p50", "ms", "lower", "<= 3x relay"),
+        "conn_p99": Row("new conn + 1 RT p99", "ms", "lower"),
+        "conn_failures": Row("new conn failures", "count", "lower", "0"),
+        "concurrent_ok": Row(f"{n} concurrent conns echoing", "count", "higher", f"{n}"),
+        "concurrent_rss_near": Row(f"RSS with {n} conns, near hop", "MiB", "lower"),
+        "concurrent_rss_far": Row(f"RSS with {n} conns, far hop", "MiB", "lower"),
+        "concurrent_per_conn_near": Row("RSS per conn, near hop", "KiB", "lower", "<= 16"),
+        "concurrent_per_conn_far": Row("RSS per conn, far hop", "KiB", "lower", "<= 16"),
+        "slow_peak_near": Row(f"{sizes.slow_conns} slow readers, peak RSS near hop", "MiB",
+                              "lower", "< 150"),
+        "slow_peak_far": Row(f"{sizes.slow_conns} slow readers, peak RSS far hop", "MiB",
+                             "lower", "< 150"),
+    }
+
+
+def render(rows: dict[str, Row]) -> str:
+    def fmt(value: float | None) -> str:
+        if value is None:
+            return "-"
+        if math.isnan(value):  # nothing succeeded
+            return "n/a"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+    header = ["metric", "unit", "direct", "relay", "tunnel", "tunnel/relay", "target"]
+    lines = [header]
+    for row in rows.values():
+        ratio = row.ratio()
+        lines.append([row.metric, row.unit, fmt(row.values.get("direct")),
+                      fmt(row.values.get("relay")), fmt(row.values.get("tunnel")),
+                      "-" if ratio is None else f"{ratio:.2f}x", row.target])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+           for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+@contextlib.asynccontextmanager
+async def _servers() -> AsyncIterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
+    proc, ports = await asyncio.to_thread(_spawn_json, ["tunnel.bench.servers"])
+    try:
+        yield proc, ports
+    finally:
+        _stop(proc)
+
+
+async def run(sizes: Sizes, amqp: str | None, log: Callable[[str], None]) -> dict[str, Row]:
+    rows = make_rows(sizes)
+    async with _servers() as (_, servers):
+        with tempfile.TemporaryDirectory() as folder:
+
+            def paths() -> Iterator[contextlib.AbstractContextManager[Route]]:
+                yield contextlib.nullcontext(Route("direct", servers))
+                yield relay_path(servers)
+                yield tunnel_path(servers, Path(folder), amqp)
+
+            for opened in paths():
+                with opened as path:
+                    await measure_speed(path, sizes, rows, log)
+            for workload in ("concurrent", "slow"):
+                for opened in paths():
+                    with opened as path:
+                        await measure_memory(path, sizes, rows, log, workload)
+    return rows
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunnel.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
+    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    parser.add_argument("--amqp", metavar="URL",
+                        help="run the tunnel pair through this router (amqp://HOST:PORT)")
+    args = parser.parse_args(argv)
+    if args.amqp and not re.fullmatch(r"amqps?://[^/:]+:\d+", args.amqp):
+        parser.error(f"--amqp {args.amqp!r}: expected amqp://HOST:PORT")
+    _raise_fd_limit()
+    sizes = QUICK if args.quick else FULL
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    rows = uvloop.run(run(sizes, args.amqp, log))
+    table = render(rows)
+    machine = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "tunnel": __version__,
+        "uvloop": importlib.metadata.version("uvloop"),
+    }
+    print(f"tunnel {__version__}, {machine['cpus']} CPUs, Python {machine['python']}, "
+          f"{'quick' if args.quick else 'full'} run, "
+          f"{'router ' + args.amqp if args.amqp else 'direct mode'}")
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": machine,
+            "quick": args.quick,
+            "amqp": args.amqp,
+            "seconds": round(time.monotonic() - started, 1),
+            "rows": {key: {"metric": r.metric, "unit": r.unit, "target": r.target,
+                           **r.values, "ratio": r.ratio()} for key, r in rows.items()},
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
