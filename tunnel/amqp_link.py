@@ -121,7 +121,7 @@ class AmqpSocket(asyncio.Protocol):
         # tick() may produce events (a heartbeat timeout closes the connection).
         self._run_events()
         # proton hands out its output one buffer at a time: drain it all.
-        while out := engine.bytes_to_send():
+        while (out := engine.bytes_to_send()) is not None:
             transport.write(out)
             engine.bytes_sent(len(out))
         if self._backlog and engine.transport.capacity() > 0:

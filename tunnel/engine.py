@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+import cproton
 from proton import (
     Collector,
     Connection,
@@ -45,6 +46,12 @@ from proton import (
 )
 
 from . import __version__
+
+# proton's Python binding copies every byte in and out up to three times
+# (a zeroed bytearray, the C copy, then a slice); the hot paths below call
+# the binding's own cffi functions so each byte is copied once.
+_ffi = cproton.ffi
+_lib = cproton.lib
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ class AmqpEngine:
     changes to links (sending, granting credit) made between calls.
     """
 
-    __slots__ = ("_ended_in", "collector", "connection", "transport")
+    __slots__ = ("_ended_in", "_transport_impl", "collector", "connection", "transport")
 
     def __init__(self, options: EngineOptions) -> None:
         self.connection = Connection()
@@ -112,6 +119,7 @@ class AmqpEngine:
             if options.password:
                 self.connection.password = options.password
         self.transport.bind(self.connection)
+        self._transport_impl = self.transport._impl
         self.collector = Collector()
         self.connection.collect(self.collector)
         self._ended_in = False
@@ -119,15 +127,19 @@ class AmqpEngine:
     # -- bytes in -------------------------------------------------------------
     def receive_bytes(self, data: bytes | memoryview) -> int:
         """Feed network input; returns how many bytes proton took (may be fewer)."""
+        impl = self._transport_impl
+        view = memoryview(data)
         taken = 0
-        total = len(data)
+        total = len(view)
         while taken < total:
-            room = self.transport.capacity()
+            room = _lib.pn_transport_capacity(impl)
             if room <= 0:
                 break
-            chunk = data[taken : taken + room]
-            self.transport.push(bytes(chunk) if isinstance(chunk, memoryview) else chunk)
-            taken += len(chunk)
+            chunk = view[taken : taken + room]
+            pushed = _lib.pn_transport_push(impl, _ffi.from_buffer(chunk), len(chunk))
+            if pushed < 0:
+                break  # the tail is closed; proton reports why as a transport error
+            taken += pushed
         return taken
 
     def eof_in(self) -> None:
@@ -137,15 +149,18 @@ class AmqpEngine:
             self.transport.close_tail()
 
     # -- bytes out ------------------------------------------------------------
-    def bytes_to_send(self) -> bytes:
-        pending = self.transport.pending()
+    def bytes_to_send(self) -> bytearray | None:
+        """Proton's pending output, copied once into a buffer the caller may keep."""
+        impl = self._transport_impl
+        pending = _lib.pn_transport_pending(impl)
         if pending <= 0:
-            return b""
-        out = self.transport.peek(pending)
-        return out or b""
+            return None
+        out = bytearray(pending)
+        _lib.pn_transport_peek(impl, _ffi.from_buffer(out), pending)
+        return out
 
     def bytes_sent(self, count: int) -> None:
-        self.transport.pop(count)
+        _lib.pn_transport_pop(self._transport_impl, count)
 
     def eof_out(self) -> None:
         """The network can take no more output."""
@@ -321,6 +336,15 @@ def _free_if_done(link: Link) -> None:
         setattr(link, _FREED_ATTR, True)
         set_owner(link, None)
         link.free()
+
+
+def receive_delivery(link: Link, size: int) -> bytearray:
+    """The next ``size`` bytes of the link's current delivery, copied once."""
+    out = bytearray(size)
+    got = _lib.pn_link_recv(link._impl, _ffi.from_buffer(out), size)
+    if got < size:
+        del out[max(got, 0) :]
+    return out
 
 
 # -- terminus helpers --------------------------------------------------------

@@ -50,7 +50,7 @@ from typing import Protocol
 from proton import Condition, Delivery, Link
 
 from . import tcp_side, wire
-from .engine import capabilities, set_owner
+from .engine import capabilities, receive_delivery, set_owner
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ class Tunnel:
     def _on_message(self, link: Link, delivery: Delivery) -> None:
         if delivery.partial:
             return  # proton gathers the rest, bounded by our max-message-size
-        data = link.recv(delivery.pending) or b""
+        data = receive_delivery(link, delivery.pending)
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:

@@ -164,7 +164,7 @@ def _map_has_true(buf: memoryview, pos: int, key: bytes) -> bool:
 _EOS_KEY = EOS_PROPERTY.encode()
 
 
-def decode(message: bytes) -> tuple[memoryview, bool]:
+def decode(message: bytes | bytearray) -> tuple[memoryview, bool]:
     """Split a received message into (stream bytes, is end-of-stream marker).
 
     Raises :class:`WireError` for a body that is not bytes (an
