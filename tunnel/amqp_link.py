@@ -19,7 +19,7 @@ import asyncio
 import logging
 from typing import Protocol, cast
 
-from .engine import AmqpEngine, ConnectionHandler, dispatch
+from .engine import AmqpEngine, ConnectionHandler
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,10 @@ class AmqpSocket(asyncio.Protocol):
             data = self._backlog + data
         taken = self.engine.receive_bytes(data)
         self._backlog = data[taken:]
-        self.process()
+        # Events now, output once at the end of this loop iteration: whatever
+        # else arrives in the same iteration leaves in the same write.
+        self._run_events()
+        self.flush_soon()
 
     def eof_received(self) -> bool:
         self.engine.eof_in()
@@ -104,9 +107,7 @@ class AmqpSocket(asyncio.Protocol):
         self.flush()
 
     def _run_events(self) -> None:
-        engine, handler = self.engine, self.handler
-        while (event := engine.next_event()) is not None:
-            dispatch(event, handler)
+        self.engine.run_events(self.handler)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False

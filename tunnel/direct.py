@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from typing import Any
 
-from proton import Condition, Delivery, Link
+from proton import Condition, Link
 
 from .amqp_link import AmqpSocket
 from .bridge import EgressBridge, HostedTunnels
@@ -142,10 +143,10 @@ class _Unclaimed:
     def on_link_opened(self, link: Link) -> None:
         pass
 
-    def on_link_flow(self, link: Link) -> None:
+    def on_link_flow(self, link: Any) -> None:
         pass
 
-    def on_delivery(self, link: Link, delivery: Delivery) -> None:
+    def on_delivery(self, link: Any, delivery: Any) -> None:
         pass
 
     def on_link_closed(self, link: Link) -> None:

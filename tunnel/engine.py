@@ -50,8 +50,8 @@ from . import __version__
 # proton's Python binding copies every byte in and out up to three times
 # (a zeroed bytearray, the C copy, then a slice); the hot paths below call
 # the binding's own cffi functions so each byte is copied once.
-_ffi = cproton.ffi
-_lib = cproton.lib
+_ffi = raw_ffi = cproton.ffi
+_lib = raw_lib = cproton.lib
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,14 @@ class AmqpEngine:
     changes to links (sending, granting credit) made between calls.
     """
 
-    __slots__ = ("_ended_in", "_transport_impl", "collector", "connection", "transport")
+    __slots__ = (
+        "_collector_impl",
+        "_ended_in",
+        "_transport_impl",
+        "collector",
+        "connection",
+        "transport",
+    )
 
     def __init__(self, options: EngineOptions) -> None:
         self.connection = Connection()
@@ -121,6 +128,7 @@ class AmqpEngine:
         self.transport.bind(self.connection)
         self._transport_impl = self.transport._impl
         self.collector = Collector()
+        self._collector_impl = self.collector._impl
         self.connection.collect(self.collector)
         self._ended_in = False
 
@@ -178,12 +186,31 @@ class AmqpEngine:
         return bool(self.transport.closed)
 
     # -- events ---------------------------------------------------------------
-    def next_event(self) -> Event | None:
-        event = self.collector.peek()
-        if event is None:
-            return None
-        self.collector.pop()
-        return event
+    def run_events(self, handler: ConnectionHandler) -> None:
+        """Act on every pending event; see :func:`dispatch`.
+
+        Deliveries and credit, the per-chunk events, go to their link's owner
+        as proton's C handles: wrapping them in proton's Python objects costs
+        more than handling them. Events nobody needs are dropped unwrapped.
+        """
+        collector = self._collector_impl
+        peek, pop, event_type = _lib.pn_collector_peek, _lib.pn_collector_pop, _lib.pn_event_type
+        null = _ffi.NULL
+        while (raw := peek(collector)) != null:
+            etype = event_type(raw)
+            if etype == _DELIVERY:
+                _on_raw_delivery(_lib.pn_event_delivery(raw))
+            elif etype == _LINK_FLOW:
+                link = _lib.pn_event_link(raw)
+                owner = _owner_of_raw(link)
+                if owner is not None:
+                    owner.on_link_flow(link)
+            elif etype in _WANTED:
+                event: Event = Event.wrap(raw)  # type: ignore[no-untyped-call]
+                pop(collector)
+                dispatch(event, handler)
+                continue
+            pop(collector)
 
     def release(self) -> None:
         """Free proton's objects now, in the order proton needs, not at garbage collection."""
@@ -194,11 +221,15 @@ class AmqpEngine:
 
 
 class LinkOwner(Protocol):
-    """What a tunnel implements to hear about its own links."""
+    """What a tunnel implements to hear about its own links.
+
+    The per-chunk events (credit, deliveries) carry proton's C handles;
+    ``Link.wrap`` and ``Delivery.wrap`` make Python objects of them when needed.
+    """
 
     def on_link_opened(self, link: Link) -> None: ...
-    def on_link_flow(self, link: Link) -> None: ...
-    def on_delivery(self, link: Link, delivery: Delivery) -> None: ...
+    def on_link_flow(self, link: Any) -> None: ...
+    def on_delivery(self, link: Any, delivery: Any) -> None: ...
     def on_link_closed(self, link: Link) -> None: ...
 
 
@@ -225,23 +256,32 @@ _REMOTE_CLOSED = Endpoint.REMOTE_CLOSED
 _REMOTE_UNINIT = Endpoint.REMOTE_UNINIT
 
 
-def _on_delivery(event: Event, handler: ConnectionHandler) -> None:
-    delivery = cast(Delivery, event.delivery)
-    link: Link = delivery.link
-    owner = owner_of(link)
+def wrap_link(raw: Any) -> Link:
+    """proton's Python object for a C link handle."""
+    link: Link = Link.wrap(raw)  # type: ignore[no-untyped-call]
+    return link
+
+
+def wrap_delivery(raw: Any) -> Delivery:
+    """proton's Python object for a C delivery handle."""
+    delivery: Delivery = Delivery.wrap(raw)  # type: ignore[no-untyped-call]
+    return delivery
+
+
+def _owner_of_raw(link: Any) -> LinkOwner | None:
+    attrs = cproton.pn_record_get_py(_lib.pn_link_attachments(link))
+    return None if attrs is None else attrs.get(OWNER_ATTR)
+
+
+def _on_raw_delivery(delivery: Any) -> None:
+    link = _lib.pn_delivery_link(delivery)
+    owner = _owner_of_raw(link)
     if owner is not None:
         owner.on_delivery(link, delivery)
-    elif link.is_receiver:
+    elif _lib.pn_link_is_receiver(link):
         # A delivery on a link nobody owns any more: refuse it, never drop it.
-        delivery.update(Delivery.RELEASED)
-        delivery.settle()
-
-
-def _on_link_flow(event: Event, handler: ConnectionHandler) -> None:
-    link = cast(Link, event.link)
-    owner = owner_of(link)
-    if owner is not None:
-        owner.on_link_flow(link)
+        _lib.pn_delivery_update(delivery, _RELEASED)
+        _lib.pn_delivery_settle(delivery)
 
 
 def _on_link_remote_open(event: Event, handler: ConnectionHandler) -> None:
@@ -300,8 +340,6 @@ def _on_transport_error(event: Event, handler: ConnectionHandler) -> None:
 # Each handler may rely on its event's context object (a link event has a
 # link), hence the casts. Events not listed need nothing from us.
 _DISPATCH = {
-    Event.DELIVERY: _on_delivery,
-    Event.LINK_FLOW: _on_link_flow,
     Event.LINK_REMOTE_OPEN: _on_link_remote_open,
     Event.LINK_REMOTE_CLOSE: _on_link_remote_close,
     Event.LINK_REMOTE_DETACH: _on_link_remote_close,
@@ -313,6 +351,12 @@ _DISPATCH = {
     Event.CONNECTION_REMOTE_CLOSE: _on_connection_remote_close,
     Event.TRANSPORT_ERROR: _on_transport_error,
 }
+
+
+_WANTED = frozenset(event_type.number for event_type in _DISPATCH)
+_DELIVERY = Event.DELIVERY.number
+_LINK_FLOW = Event.LINK_FLOW.number
+_RELEASED = int(Delivery.RELEASED)
 
 
 def dispatch(event: Event, handler: ConnectionHandler) -> None:
@@ -338,10 +382,10 @@ def _free_if_done(link: Link) -> None:
         link.free()
 
 
-def receive_delivery(link: Link, size: int) -> bytearray:
-    """The next ``size`` bytes of the link's current delivery, copied once."""
+def receive_delivery(link: Any, size: int) -> bytearray:
+    """The next ``size`` bytes of the current delivery on a C link handle, copied once."""
     out = bytearray(size)
-    got = _lib.pn_link_recv(link._impl, _ffi.from_buffer(out), size)
+    got = _lib.pn_link_recv(link, _ffi.from_buffer(out), size)
     if got < size:
         del out[max(got, 0) :]
     return out

@@ -45,16 +45,20 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+import cproton
 from proton import Condition, Delivery, Link
 
 from . import tcp_side, wire
-from .engine import capabilities, receive_delivery, set_owner
+from .engine import capabilities, receive_delivery, set_owner, wrap_delivery
+from .engine import raw_ffi as _ffi
+from .engine import raw_lib as _lib
 
 logger = logging.getLogger(__name__)
 
 RESET_CONDITION = "tunnel:reset"
+_ACCEPTED = int(Delivery.ACCEPTED)
 DEFAULT_WINDOW = 8
 # What a router puts on a routed link whose far end's connection closed
 # (protocols.md §8.1): a node ingress's only way to end its stream.
@@ -98,6 +102,8 @@ class Tunnel:
     __slots__ = (
         "_ever_credited",
         "_parked",
+        "_rcv",
+        "_snd",
         "_tag",
         "amqp",
         "bytes_in",
@@ -138,6 +144,9 @@ class Tunnel:
         self.log = TunnelLog(logger, {"tunnel": name})
         self.sender: Link | None = None
         self.receiver: Link | None = None
+        # The same links as proton's C handles, for the per-chunk paths.
+        self._snd: Any = None
+        self._rcv: Any = None
         self.sender_ready = False
         self.peer_half_close = False
         self.prefix = b""
@@ -157,11 +166,19 @@ class Tunnel:
     # -- wiring ---------------------------------------------------------------
     def attach_links(self, sender: Link | None, receiver: Link | None) -> None:
         if sender is not None:
-            self.sender = sender
+            self._set_sender(sender)
             set_owner(sender, self)
         if receiver is not None:
-            self.receiver = receiver
+            self._set_receiver(receiver)
             set_owner(receiver, self)
+
+    def _set_sender(self, link: Link | None) -> None:
+        self.sender = link
+        self._snd = None if link is None else link._impl
+
+    def _set_receiver(self, link: Link | None) -> None:
+        self.receiver = link
+        self._rcv = None if link is None else link._impl
 
     # -- TCP events -----------------------------------------------------------
     def on_tcp_connected(self, transport: asyncio.Transport) -> None:
@@ -225,19 +242,19 @@ class Tunnel:
             self.peer_half_close = wire.HALF_CLOSE in capabilities(self.sender.remote_target)
         self._pump()
 
-    def on_link_flow(self, link: Link) -> None:
-        if link.is_sender:
-            if link.credit > 0:
+    def on_link_flow(self, link: Any) -> None:
+        if _lib.pn_link_is_sender(link):
+            if _lib.pn_link_credit(link) > 0:
                 self._ever_credited = True
             self._pump()
 
     def on_amqp_writable(self) -> None:
         self._pump()
 
-    def on_delivery(self, link: Link, delivery: Delivery) -> None:
+    def on_delivery(self, link: Any, delivery: Any) -> None:
         if self.phase is Phase.CLOSED:
             return
-        if link.is_sender:
+        if _lib.pn_link_is_sender(link):
             self._on_outcome(delivery)
         else:
             self._on_message(link, delivery)
@@ -249,9 +266,9 @@ class Tunnel:
         is_sender = link.is_sender
         routed = is_sender == self.routed_is_sender
         if is_sender:
-            self.sender = None
+            self._set_sender(None)
         else:
-            self.receiver = None
+            self._set_receiver(None)
         set_owner(link, None)
         # A node proxy's only way to say "finished" is to drop its connection.
         lost_node = (
@@ -280,7 +297,8 @@ class Tunnel:
         """
         if self.phase is Phase.CLOSED:
             return
-        self.sender = self.receiver = None
+        self._set_sender(None)
+        self._set_receiver(None)
         if self.peer_half_close:
             self.reset("far end closed its connection before the stream ended")
             return
@@ -293,31 +311,34 @@ class Tunnel:
         """The AMQP connection is gone; the links with it."""
         if self.phase is Phase.CLOSED:
             return
-        self.sender = self.receiver = None
+        self._set_sender(None)
+        self._set_receiver(None)
         self.reset("AMQP connection lost")
 
     # -- sending --------------------------------------------------------------
     def _can_send(self) -> bool:
-        sender = self.sender
         return (
-            sender is not None
+            self._snd is not None
             and self.sender_ready
             and not self.eos_sent
-            and sender.credit > 0
+            and _lib.pn_link_credit(self._snd) > 0
             and not self.amqp.write_paused
         )
 
     def _send(self, data: bytes) -> None:
-        sender = self.sender
-        assert sender is not None
-        self._tag += 1
-        sender.delivery(f"{self._tag:x}")
-        header = wire.body_header(len(data))
-        sender.stream(self.prefix + header if self.prefix else header)
-        sender.stream(data)
-        sender.advance()
-        self.unsettled += 1
+        self._deliver(self.prefix + wire.body_header(len(data)), data)
         self.bytes_out += len(data)
+
+    def _deliver(self, head: bytes, body: bytes = b"") -> None:
+        """One unsettled delivery on the sender: ``head`` then ``body``, uncopied."""
+        snd = self._snd
+        self._tag += 1
+        cproton.pn_delivery(snd, b"%x" % self._tag)
+        _lib.pn_link_send(snd, _ffi.from_buffer(head), len(head))
+        if body:
+            _lib.pn_link_send(snd, _ffi.from_buffer(body), len(body))
+        _lib.pn_link_advance(snd)
+        self.unsettled += 1
         self.amqp.flush_soon()
 
     def _pump(self) -> None:
@@ -340,11 +361,7 @@ class Tunnel:
         if self.peer_half_close:
             if not self._can_send():
                 return
-            self._tag += 1
-            sender.delivery(f"{self._tag:x}")
-            sender.stream(wire.eos_message(self.prefix))
-            sender.advance()
-            self.unsettled += 1
+            self._deliver(wire.eos_message(self.prefix))
         elif self.unsettled:
             return  # the fallback detach must wait until the far end has everything
         else:
@@ -360,7 +377,7 @@ class Tunnel:
         if self.routed_is_sender:
             assert self.sender is not None
             self._close_link(self.sender, None)
-            self.sender = None
+            self._set_sender(None)
         else:
             # The node ingress treats any end of the routed link as the end of
             # the whole tunnel, so nothing more will arrive either.
@@ -369,33 +386,34 @@ class Tunnel:
             if self.tcp is not None:
                 self.tcp.close()
 
-    def _on_outcome(self, delivery: Delivery) -> None:
-        state = delivery.remote_state
-        if not delivery.settled and state != Delivery.ACCEPTED:
+    def _on_outcome(self, delivery: Any) -> None:
+        state = _lib.pn_delivery_remote_state(delivery)
+        if not _lib.pn_delivery_settled(delivery) and state != _ACCEPTED:
             return  # a non-terminal state such as received: wait for the outcome
-        delivery.settle()
+        _lib.pn_delivery_settle(delivery)
         self.unsettled -= 1
-        if state not in (Delivery.ACCEPTED, 0, None):
+        if state not in (_ACCEPTED, 0):
             self.reset(f"far end did not accept a delivery ({_outcome_name(state)})")
             return
         self._pump()
         self._check_finished()
 
     # -- receiving ------------------------------------------------------------
-    def _on_message(self, link: Link, delivery: Delivery) -> None:
-        if delivery.partial:
+    def _on_message(self, link: Any, delivery: Any) -> None:
+        if _lib.pn_delivery_partial(delivery):
             return  # proton gathers the rest, bounded by our max-message-size
-        data = receive_delivery(link, delivery.pending)
+        data = receive_delivery(link, _lib.pn_delivery_pending(delivery))
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:
-            delivery.local.condition = Condition("amqp:decode-error", str(exc))
-            delivery.update(Delivery.REJECTED)
-            delivery.settle()
+            wrapped = wrap_delivery(delivery)
+            wrapped.local.condition = Condition("amqp:decode-error", str(exc))
+            wrapped.update(Delivery.REJECTED)
+            wrapped.settle()
             self.reset(f"undecodable message: {exc}")
             return
-        delivery.update(Delivery.ACCEPTED)
-        delivery.settle()
+        _lib.pn_delivery_update(delivery, _ACCEPTED)
+        _lib.pn_delivery_settle(delivery)
         tcp = self.tcp
         if tcp is None or not self.open & Open.WRITE:
             self.reset("data arrived after the end of the stream")
@@ -410,18 +428,18 @@ class Tunnel:
         self.amqp.flush_soon()
 
     def _top_up(self) -> None:
-        receiver = self.receiver
+        rcv = self._rcv
         if (
-            receiver is None
+            rcv is None
             or self.tcp is None
             or self.tcp_write_paused
             or not self.open & Open.WRITE
             or self.phase is Phase.CLOSED
         ):
             return
-        credit = receiver.credit
+        credit = _lib.pn_link_credit(rcv)
         if credit <= self.window // 2:
-            receiver.flow(self.window - credit)
+            _lib.pn_link_flow(rcv, self.window - credit)
             self.amqp.flush_soon()
 
     def _end_write(self, why: str) -> None:
@@ -520,7 +538,8 @@ class Tunnel:
         for link in (self.sender, self.receiver):
             if link is not None:
                 self._close_link(link, condition)
-        self.sender = self.receiver = None
+        self._set_sender(None)
+        self._set_receiver(None)
 
     def _close_link(self, link: Link, condition: Condition | None) -> None:
         set_owner(link, None)
@@ -531,12 +550,11 @@ class Tunnel:
 
 
 _OUTCOME_NAMES = {
-    Delivery.RELEASED: "released",
-    Delivery.REJECTED: "rejected",
-    Delivery.MODIFIED: "modified",
+    int(Delivery.RELEASED): "released",
+    int(Delivery.REJECTED): "rejected",
+    int(Delivery.MODIFIED): "modified",
 }
 
 
-def _outcome_name(state: object) -> str:
-    name: str = _OUTCOME_NAMES.get(state, str(state))  # type: ignore[call-overload]
-    return name
+def _outcome_name(state: int) -> str:
+    return _OUTCOME_NAMES.get(state, str(state))

@@ -19,13 +19,14 @@ import logging
 import random
 import secrets
 import socket
+from typing import Any
 
 from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
 
 from .amqp_link import AmqpSocket
 from .bridge import EgressBridge, HostedTunnels, TunnelHost
 from .config import RouterEndpoint
-from .engine import AmqpEngine, EngineOptions, set_owner
+from .engine import AmqpEngine, EngineOptions, set_owner, wrap_delivery, wrap_link
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ class ManagementClient:
             self.reply_to = link.remote_source.address
         self._send()
 
-    def on_link_flow(self, link: Link) -> None:
+    def on_link_flow(self, link: Any) -> None:
         self._send()
 
     def _send(self) -> None:
@@ -266,7 +267,8 @@ class ManagementClient:
             sender.advance()
         self.conn.socket.flush_soon()
 
-    def on_delivery(self, link: Link, delivery: Delivery) -> None:
+    def on_delivery(self, raw_link: Any, raw_delivery: Any) -> None:
+        link, delivery = wrap_link(raw_link), wrap_delivery(raw_delivery)
         if link.is_sender:
             if delivery.settled:
                 delivery.settle()
