@@ -59,7 +59,10 @@ logger = logging.getLogger(__name__)
 
 RESET_CONDITION = "tunnel:reset"
 _ACCEPTED = int(Delivery.ACCEPTED)
-DEFAULT_WINDOW = 8
+DEFAULT_WINDOW = 4
+# With the window, what bounds the bytes in flight towards one tunnel:
+# window x max_delivery per direction.
+MAX_DELIVERY = 128 * 1024
 # What a router puts on a routed link whose far end's connection closed
 # (protocols.md §8.1): a node ingress's only way to end its stream.
 ROUTED_LINK_LOST = "qd:routed-link-lost"
@@ -111,6 +114,7 @@ class Tunnel:
         "eos_pending",
         "eos_sent",
         "log",
+        "max_delivery",
         "name",
         "on_finished",
         "open",
@@ -134,12 +138,14 @@ class Tunnel:
         *,
         routed_is_sender: bool,
         window: int = DEFAULT_WINDOW,
+        max_delivery: int = MAX_DELIVERY,
         on_finished: Callable[[Tunnel], None] | None = None,
     ) -> None:
         self.name = name
         self.amqp = amqp
         self.routed_is_sender = routed_is_sender
         self.window = window
+        self.max_delivery = max_delivery
         self.on_finished = on_finished
         self.log = TunnelLog(logger, {"tunnel": name})
         self.sender: Link | None = None
@@ -159,7 +165,7 @@ class Tunnel:
         self.unsettled = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self._parked: bytes | None = None
+        self._parked: memoryview | None = None
         self._tag = 0
         self._ever_credited = False
 
@@ -192,13 +198,15 @@ class Tunnel:
     def on_tcp_data(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
             return
-        if self._parked is None and self._can_send():
-            self._send(data)
-        elif self.sender is None and self.sender_ready:
+        if self._snd is None and self.sender_ready:
             self.reset("TCP data arrived after the far end closed its side")
             return
+        if self._parked is None:
+            self._send_or_park(memoryview(data))
         else:
-            self._parked = data if self._parked is None else self._parked + data
+            # Reading is paused while anything is parked; this is a read
+            # that was already under way.
+            self._parked = memoryview(bytes(self._parked) + data)
         self._update_reading()
 
     def on_tcp_eof(self) -> None:
@@ -325,11 +333,22 @@ class Tunnel:
             and not self.amqp.write_paused
         )
 
-    def _send(self, data: bytes) -> None:
-        self._deliver(self.prefix + wire.body_header(len(data)), data)
-        self.bytes_out += len(data)
+    def _send_or_park(self, data: memoryview) -> None:
+        """Send ``data`` in deliveries of at most ``max_delivery`` while credit lasts.
 
-    def _deliver(self, head: bytes, body: bytes = b"") -> None:
+        What credit does not cover is parked, to go on the next credit.
+        """
+        limit = self.max_delivery
+        while data:
+            if not self._can_send():
+                self._parked = data
+                return
+            chunk, data = data[:limit], data[limit:]
+            self._deliver(self.prefix + wire.body_header(len(chunk)), chunk)
+            self.bytes_out += len(chunk)
+        self._parked = None
+
+    def _deliver(self, head: bytes, body: bytes | memoryview = b"") -> None:
         """One unsettled delivery on the sender: ``head`` then ``body``, uncopied."""
         snd = self._snd
         self._tag += 1
@@ -347,9 +366,8 @@ class Tunnel:
             return
         if self.phase is Phase.OPENING and self._ever_credited:
             self.phase = Phase.OPEN
-        if self._parked is not None and self._can_send():
-            data, self._parked = self._parked, None
-            self._send(data)
+        if self._parked is not None:
+            self._send_or_park(self._parked)
         if self.eos_pending and self._parked is None:
             self._send_eos()
         self._update_reading()
