@@ -198,11 +198,13 @@ def test_mutual_tls_and_sasl_external_connects_and_links(
     assert auth.sasl_user == auth.transport_user == auth.tls_subject, auth
     assert peer.transport_errors() == [], peer.transport_errors()
 
-    # No link before a TCP client arrives; then the ingress attaches over this connection.
-    assert not any(isinstance(e, Attached) for e in peer.events()), peer.events()
-    client = harness.client(port)
+    # Before a TCP client arrives only dynamic receivers (the reply pool) are
+    # attached; then the ingress attaches its sender over this connection.
     receiver = peer.wait_for(Attached, lambda a: a.daemon_role == "receiver")
     assert receiver.source.dynamic
+    assert not any(isinstance(e, Attached) and e.daemon_role == "sender"
+                   for e in peer.events()), peer.events()
+    client = harness.client(port)
     sender = peer.wait_for(Attached, lambda a: a.daemon_role == "sender")
     assert sender.name.startswith(f"127.0.0.1:{client.getsockname()[1]}@{SITE}@")
     assert sender.target.address == ADDRESS

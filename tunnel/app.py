@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass
 
 from . import __version__
-from .bridge import EgressBridge, IngressBridge
+from .bridge import EgressBridge, HostedTunnels, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
 from .relay import DEFAULT_WINDOW
@@ -59,7 +59,10 @@ class App:
             endpoint = settings.listen.self_endpoint(self.direct.bound_port)
         if endpoint is not None:
             # Link routes only where a router will route: not to our own listener.
-            self.router = RouterClient(endpoint, self.egress if settings.router else {})
+            self.router = RouterClient(
+                endpoint, self.egress if settings.router else {},
+                ingress=any(isinstance(s, IngressSpec) for s in settings.specs),
+            )
             self.router.start()
         for spec in settings.specs:
             if isinstance(spec, IngressSpec):
@@ -79,13 +82,17 @@ class App:
             endpoint.url if endpoint else "none", settings.router_source, verify,
         )
 
-    def hosts_busy(self) -> int:
-        count = 0
+    def hosts(self) -> list[HostedTunnels]:
+        """Every AMQP connection that tunnels run on."""
+        found: list[HostedTunnels] = []
         if self.router is not None and self.router.connection is not None:
-            count += len(self.router.connection.tunnels)
+            found.append(self.router.connection)
         if self.direct is not None:
-            count += sum(len(peer.tunnels) for peer in self.direct.peers)
-        return count
+            found.extend(self.direct.peers)
+        return found
+
+    def hosts_busy(self) -> int:
+        return sum(len(host.tunnels) for host in self.hosts())
 
     async def shutdown(self) -> None:
         """Stop accepting, let open tunnels finish for the grace period, reset the rest."""
@@ -104,6 +111,11 @@ class App:
         left = self.hosts_busy()
         if left:
             logger.info("shutting down: resetting %d tunnels still open", left)
+        # Reset here rather than leave it to the connections' closing: a peer
+        # slow to answer the close would let the exit end each socket with a FIN.
+        for host in self.hosts():
+            for tunnel in list(host.tunnels):
+                tunnel.reset("shutting down")
         for egress in self.egress.values():
             await egress.stop()
         if self.router is not None:

@@ -59,6 +59,9 @@ class TunnelHost(Protocol):
 
     def add_tunnel(self, tunnel: Tunnel) -> None: ...
     def forget_tunnel(self, tunnel: Tunnel) -> None: ...
+    def take_reply_link(self) -> Link | None:
+        """A dynamic receiver attached in advance, or None."""
+        ...
 
 
 class RouterLink(Protocol):
@@ -94,11 +97,17 @@ class IngressTunnel(Tunnel):
         self.host, self.session, self.amqp = host, session, host.socket
         self.on_finished = self._on_finished
         host.add_tunnel(self)
-        receiver: Receiver = session.receiver(f"{self.name}/reply")  # type: ignore[attr-defined]
-        receiver.source.dynamic = True
-        receiver.max_message_size = MAX_MESSAGE_SIZE
-        self.attach_links(None, receiver)
-        receiver.open()
+        pooled = host.take_reply_link()
+        if pooled is not None:
+            # Its dynamic address is known already: one round trip saved.
+            self.attach_links(None, pooled)
+            self._open_sender(pooled)
+        else:
+            receiver: Receiver = session.receiver(f"{self.name}/reply")  # type: ignore[attr-defined]
+            receiver.source.dynamic = True
+            receiver.max_message_size = MAX_MESSAGE_SIZE
+            self.attach_links(None, receiver)
+            receiver.open()
         self.log.debug("accepted; opening links to %r", bridge.spec.address)
         self.open_timer = asyncio.get_running_loop().call_later(
             bridge.open_timeout, self.on_open_timeout, bridge.open_timeout
@@ -123,11 +132,15 @@ class IngressTunnel(Tunnel):
             if link.remote_target is not None and link.remote_target.address is not None:
                 super().on_link_opened(link)
             return
-        address = link.remote_source.address
+        self._open_sender(link)
+
+    def _open_sender(self, receiver: Link) -> None:
+        """Attach the sender, carrying the reply link's dynamic address as its source."""
+        address = receiver.remote_source.address
         if not address:
             self.reset("the router gave no dynamic reply address")
             return
-        sender: Sender = link.session.sender(self.name)
+        sender: Sender = receiver.session.sender(self.name)
         sender.target.address = self.bridge.spec.address
         sender.source.address = address
         add_capability(sender.source, wire.HALF_CLOSE)
@@ -214,7 +227,9 @@ class EgressBridge:
         receiver.max_message_size = MAX_MESSAGE_SIZE
         tunnel.peer_half_close = wire.HALF_CLOSE in capabilities(receiver.remote_source)
         tunnel.attach_links(sender, receiver)
-        receiver.open()
+        # The attach is answered once the backend is connected (see
+        # Tunnel.on_tcp_connected), so the answer and the first credit
+        # reach the client in one write.
         host.add_tunnel(tunnel)
         if sender.state & Link.REMOTE_ACTIVE:
             tunnel.on_sender_ready()
@@ -254,6 +269,9 @@ class HostedTunnels:
 
     def __init__(self) -> None:
         self.tunnels: set[Tunnel] = set()
+
+    def take_reply_link(self) -> Link | None:
+        return None
 
     def add_tunnel(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)

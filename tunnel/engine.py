@@ -317,6 +317,10 @@ def _on_session_remote_close(event: Event, handler: ConnectionHandler) -> None:
     session = cast(Session, event.session)
     if not session.state & _LOCAL_CLOSED:
         session.close()
+    # A router may use a session per routed link: free each as it ends.
+    if not getattr(session, _FREED_ATTR, False):
+        setattr(session, _FREED_ATTR, True)
+        session.free()
 
 
 def _on_connection_remote_open(event: Event, handler: ConnectionHandler) -> None:
@@ -374,7 +378,9 @@ def _free_if_done(link: Link) -> None:
     would corrupt proton's heap, hence the mark.
     """
     state = link.state
-    if state & _LOCAL_CLOSED and (state & _REMOTE_CLOSED or state & _REMOTE_UNINIT):
+    # A link the peer has not answered yet stays: its attach is still coming,
+    # and proton must know the name when it does.
+    if state & _LOCAL_CLOSED and state & _REMOTE_CLOSED:
         if getattr(link, _FREED_ATTR, False):
             return
         setattr(link, _FREED_ATTR, True)

@@ -192,6 +192,9 @@ class Tunnel:
             tcp_side.reset(transport)
             return
         self.tcp = transport
+        receiver = self.receiver
+        if receiver is not None and receiver.state & Link.LOCAL_UNINIT:
+            receiver.open()
         self._update_reading()
         self._top_up()
 
@@ -284,6 +287,9 @@ class Tunnel:
             and condition.name == ROUTED_LINK_LOST
             and not self.peer_half_close
             and routed
+            # At the ingress it means the far egress's connection died: a node
+            # egress that finishes detaches without an error.
+            and not self.routed_is_sender
         )
         if condition is not None and not lost_node:
             self.reset(f"far end detached: {condition.name}: {condition.description or ''}")
@@ -464,7 +470,13 @@ class Tunnel:
         self.log.debug("AMQP to TCP direction ended: %s", why)
         self.open &= ~Open.WRITE
         if self.tcp is not None and not self.tcp.is_closing():
-            self.tcp.write_eof()
+            try:
+                self.tcp.write_eof()
+            except OSError as exc:
+                # The peer reset after its FIN, unseen: asyncio stops reading
+                # at EOF, so the reset surfaces only here.
+                self.reset(f"TCP connection failed: {exc}")
+                return
         self._check_finished()
 
     def _on_receiver_gone(self, routed: bool) -> None:
@@ -491,13 +503,13 @@ class Tunnel:
             self.reset("far end closed before our stream ended")
             return
         # The node egress closes its links when its backend closes: that is
-        # its end-of-stream. Our own client's later bytes cannot be carried.
+        # its end-of-stream. Our own client's later bytes cannot be carried,
+        # and bytes it never acknowledged may be lost: that is a failure.
+        if self.unsettled or self._parked is not None:
+            self.reset("far end closed with client bytes not yet delivered")
+            return
         self.eos_sent = True
         self.eos_pending = False
-        self.unsettled = 0
-        if self._parked is not None:
-            self.reset("far end closed with client bytes still to carry")
-            return
         self._end_write("far end closed its routed link")
 
     # -- ending ---------------------------------------------------------------
@@ -561,6 +573,8 @@ class Tunnel:
 
     def _close_link(self, link: Link, condition: Condition | None) -> None:
         set_owner(link, None)
+        if link.state & Link.LOCAL_UNINIT:
+            link.open()  # a detach must follow an attach
         if not link.state & Link.LOCAL_CLOSED:
             if condition is not None:
                 link.condition = condition

@@ -14,7 +14,9 @@ network are then routed to this connection and handed to the egress bridge.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import logging
 import random
 import secrets
@@ -24,7 +26,7 @@ from typing import Any
 from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
 
 from .amqp_link import AmqpSocket
-from .bridge import EgressBridge, HostedTunnels, TunnelHost
+from .bridge import MAX_MESSAGE_SIZE, EgressBridge, HostedTunnels, TunnelHost
 from .config import RouterEndpoint
 from .engine import AmqpEngine, EngineOptions, set_owner, wrap_delivery, wrap_link
 
@@ -44,12 +46,12 @@ class RouterClient:
         egress: dict[str, EgressBridge],
         *,
         container_id: str | None = None,
-        link_routes: bool = True,
+        ingress: bool = True,
     ) -> None:
         self.endpoint = endpoint
         self.egress = egress
         self.container_id = container_id or f"{socket.gethostname()}-tunnel-{secrets.token_hex(4)}"
-        self.link_routes = link_routes
+        self.ingress = ingress
         self.connection: RouterConnection | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -142,6 +144,7 @@ class RouterConnection(HostedTunnels):
 
     def __init__(self, client: RouterClient, lost: asyncio.Future[Exception | None]) -> None:
         super().__init__()
+        self.reply_pool = ReplyPool()
         self.client = client
         self.lost = lost
         self.opened = False
@@ -166,7 +169,9 @@ class RouterConnection(HostedTunnels):
         )
         self.session = self.socket.engine.connection.session()
         self.session.open()
-        if client.egress and client.link_routes:
+        if client.ingress:
+            self.reply_pool.refill(self.session)
+        if client.egress:
             self.management = ManagementClient(self)
             self.management.start(self.session)
 
@@ -197,6 +202,12 @@ class RouterConnection(HostedTunnels):
         sender.open()
         bridge.on_attach(link, sender, self)
 
+    def take_reply_link(self) -> Link | None:
+        link = self.reply_pool.take()
+        if self.session is not None and self.client.ingress:
+            self.reply_pool.refill(self.session)
+        return link
+
     # -- SocketHandler ----------------------------------------------------------
     def on_socket_lost(self, exc: Exception | None) -> None:
         client = self.client
@@ -205,6 +216,59 @@ class RouterConnection(HostedTunnels):
         self.reset_tunnels()
         if not self.lost.done():
             self.lost.set_result(exc)
+
+
+class ReplyPool:
+    """A few dynamic receivers attached ahead of need.
+
+    A new ingress tunnel then attaches its sender at once instead of first
+    waiting a round trip for a dynamic address. The pool is small and fixed;
+    a burst beyond it just takes the slower path.
+    """
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self.ready: collections.deque[Link] = collections.deque()
+        self.pending: set[str] = set()
+        self._count = itertools.count(1)
+
+    def take(self) -> Link | None:
+        while self.ready:
+            link = self.ready.popleft()
+            set_owner(link, None)
+            if link.state & Link.REMOTE_ACTIVE and not link.state & Link.LOCAL_CLOSED:
+                return link
+        return None
+
+    def refill(self, session: Session) -> None:
+        while len(self.ready) + len(self.pending) < self.SIZE:
+            name = f"tunnel-reply-{next(self._count)}"
+            receiver: Receiver = session.receiver(name)
+            receiver.source.dynamic = True
+            receiver.max_message_size = MAX_MESSAGE_SIZE
+            set_owner(receiver, self)
+            receiver.open()
+            self.pending.add(name)
+
+    def on_link_opened(self, link: Link) -> None:
+        self.pending.discard(link.name)
+        if link.remote_source.address:
+            self.ready.append(link)
+        else:
+            set_owner(link, None)
+            link.close()
+
+    def on_link_flow(self, link: Any) -> None:
+        pass
+
+    def on_delivery(self, link: Any, delivery: Any) -> None:
+        pass  # no credit is ever granted to a pooled link
+
+    def on_link_closed(self, link: Link) -> None:
+        self.pending.discard(link.name)
+        if link in self.ready:
+            self.ready.remove(link)
 
 
 def _refuse(link: Link, name: str, description: str) -> None:

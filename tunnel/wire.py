@@ -173,7 +173,7 @@ def decode(message: bytes | bytearray) -> tuple[memoryview, bool]:
     """
     try:
         return _decode(memoryview(message))
-    except (IndexError, struct.error) as exc:
+    except (IndexError, struct.error, RecursionError) as exc:
         raise WireError(f"truncated or malformed message ({len(message)} bytes)") from exc
 
 
