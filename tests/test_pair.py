@@ -64,7 +64,7 @@ def _connect_json(mode: str, tmp: Path, amqp_port: int) -> Path:
 @contextlib.asynccontextmanager
 async def processes(
     tmp: Path, egress_args: list[str], *, config: Callable[[int], Path] | None = None,
-    address: str = "echo", loop: str = "uvloop",
+    address: str = "echo", loop: str = "uvloop", ingress_args: tuple[str, ...] = (),
 ) -> AsyncIterator[Pair]:
     """An egress process in direct mode and an ingress process connected to it.
 
@@ -75,7 +75,8 @@ async def processes(
         pair.amqp_port = await pair.egress.amqp_port()
         config_path = (config or (lambda port: _connect_json("plain", tmp, port)))(pair.amqp_port)
         pair.ingress = TunnelProcess(
-            ["--loop", loop, "--config", str(config_path), f"tcp:{LOOPBACK}:0=>amqp:{address}"],
+            ["--loop", loop, "--config", str(config_path), *ingress_args,
+             f"tcp:{LOOPBACK}:0=>amqp:{address}"],
             tmp / "ingress.log",
         )
         pair.port = await pair.ingress.listen_port()
@@ -383,3 +384,48 @@ async def test_sigterm_grace_then_reset(tmp_path: Path) -> None:
         writer.close()
         await pair.ingress.wait_for("tunnel stopped")
         assert await asyncio.to_thread(pair.ingress.proc.wait, 10) == 0
+
+
+async def test_resets_right_after_connect_leave_other_tunnels_alone(tmp_path: Path) -> None:
+    """Clients that reset before their links are up cost nothing to the tunnels beside them."""
+    async with echo_server() as backend, processes(
+        tmp_path, _egress_args(None, backend.port)
+    ) as pair:
+        await pair.ingress.wait_for("connected")
+        reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
+        writer.write(b"survivor")
+        assert await reader.readexactly(8) == b"survivor"
+        loop = asyncio.get_running_loop()
+        for i in range(500):
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (LOOPBACK, pair.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            if i % 3 == 0:
+                await asyncio.sleep(0.002)
+        writer.write(b"still here")
+        assert await asyncio.wait_for(reader.readexactly(10), 10) == b"still here"
+        writer.close()
+        assert "connection lost" not in pair.ingress.log()
+        assert "already attached" not in pair.ingress.log() + pair.egress.log()
+
+
+async def test_sigterm_resets_even_when_the_peer_is_frozen(tmp_path: Path) -> None:
+    """After the grace the ingress resets its clients itself: no FIN left to the exit."""
+    async with echo_server() as backend, processes(
+        tmp_path, _egress_args(None, backend.port), ingress_args=("--grace", "0.3"),
+    ) as pair:
+        await pair.ingress.wait_for("connected")
+        reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
+        writer.write(b"hello")
+        assert await reader.readexactly(5) == b"hello"
+        pair.egress.proc.send_signal(signal.SIGSTOP)
+        try:
+            pair.ingress.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 15)
+            assert await asyncio.to_thread(pair.ingress.proc.wait, 15) == 0
+        finally:
+            pair.egress.proc.send_signal(signal.SIGCONT)
+        writer.close()

@@ -362,3 +362,19 @@ def test_ingress_reads_nothing_until_credit(harness: Harness) -> None:
     # (and parking) would take all 256 MiB.
     assert accepted < 32 << 20, f"{accepted >> 20} MiB accepted without any credit"
     assert not [r for r in peer.events() if isinstance(r, Received)]
+
+
+def test_ingress_resets_when_node_egress_connection_is_lost(harness: Harness) -> None:
+    """qd:routed-link-lost at the ingress means the egress died: the client gets an RST."""
+    peer, port = start_ingress(harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC],
+                                               hold_targets=frozenset({ADDRESS})))
+    client = harness.client(port)
+    receiver, sender = ingress_links(peer, client)
+    client.sendall(b"important request")
+    peer.wait_for(Received, lambda m: m.link == sender.name)
+    peer.send(receiver.name, Message(body=b"partial-resp"))
+    assert recv_until(client, 12) == b"partial-resp"
+    peer.detach(sender.name, "qd:routed-link-lost", "Connectivity to the peer container was lost")
+    with pytest.raises(ConnectionResetError):
+        while client.recv(65536):
+            pass
