@@ -33,6 +33,7 @@ from .tcp_side import TcpSide
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPEN_TIMEOUT = 15.0
+LISTEN_BACKLOG = 4096
 BACKEND_CONNECT_TIMEOUT = 10.0
 # Bounds what a peer can make us gather for one delivery before we see it.
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -185,6 +186,9 @@ class IngressBridge:
             host=self.spec.host,
             port=self.spec.port,
             reuse_address=True,
+            # asyncio's default of 100 drops SYNs under a burst of clients,
+            # which then wait a second for their retransmission.
+            backlog=LISTEN_BACKLOG,
         )
         logger.info("bridge %s listening on %s", self.spec, _addresses(self.server))
 

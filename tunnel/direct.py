@@ -23,7 +23,7 @@ from typing import Any
 from proton import Condition, Link
 
 from .amqp_link import AmqpSocket
-from .bridge import EgressBridge, HostedTunnels
+from .bridge import LISTEN_BACKLOG, EgressBridge, HostedTunnels
 from .config import ListenConfig
 from .engine import AmqpEngine, EngineOptions, set_owner
 from .router import _refuse
@@ -44,7 +44,7 @@ class DirectListener:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             self._accept, self.config.host, self.config.port,
-            ssl=self.config.ssl_context(), reuse_address=True,
+            ssl=self.config.ssl_context(), reuse_address=True, backlog=LISTEN_BACKLOG,
         )
         logger.info("direct mode: accepting AMQP on %s://%s:%d", self.config.scheme,
                     self.config.host, self.bound_port)
