@@ -121,8 +121,11 @@ class AmqpSocket(asyncio.Protocol):
         deadline = engine.tick(self._loop.time())
         # tick() may produce events (a heartbeat timeout closes the connection).
         self._run_events()
-        # proton hands out its output one buffer at a time: drain it all.
-        while (out := engine.bytes_to_send()) is not None:
+        # proton hands out its output one buffer at a time: drain it, but only
+        # while the socket takes it. Past the high-water mark the rest stays
+        # in proton until resume_writing, rather than sitting there and in a
+        # copy in the transport's buffer.
+        while not self._write_paused and (out := engine.bytes_to_send()) is not None:
             transport.write(out)
             engine.bytes_sent(len(out))
         if self._backlog and engine.transport.capacity() > 0:

@@ -157,10 +157,10 @@ class AmqpEngine:
             self.transport.close_tail()
 
     # -- bytes out ------------------------------------------------------------
-    def bytes_to_send(self) -> bytearray | None:
-        """Proton's pending output, copied once into a buffer the caller may keep."""
+    def bytes_to_send(self, limit: int = 1 << 20) -> bytearray | None:
+        """Up to ``limit`` bytes of proton's pending output, copied once into a new buffer."""
         impl = self._transport_impl
-        pending = _lib.pn_transport_pending(impl)
+        pending = min(_lib.pn_transport_pending(impl), limit)
         if pending <= 0:
             return None
         out = bytearray(pending)

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 RESET_CONDITION = "tunnel:reset"
 _ACCEPTED = int(Delivery.ACCEPTED)
-DEFAULT_WINDOW = 4
+DEFAULT_WINDOW = 2
 # With the window, what bounds the bytes in flight towards one tunnel:
 # window x max_delivery per direction.
 MAX_DELIVERY = 128 * 1024
