@@ -33,6 +33,7 @@ from typing import Any, Protocol, cast
 import cproton
 from proton import (
     Collector,
+    Condition,
     Connection,
     Data,
     Delivery,
@@ -205,6 +206,10 @@ class AmqpEngine:
                 owner = _owner_of_raw(link)
                 if owner is not None:
                     owner.on_link_flow(link)
+            elif etype == _LINK_REMOTE_OPEN:
+                _on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
+            elif etype in _LINK_REMOTE_END:
+                _on_link_remote_close(wrap_link(_lib.pn_event_link(raw)), handler)
             elif etype in _WANTED:
                 event: Event = Event.wrap(raw)  # type: ignore[no-untyped-call]
                 pop(collector)
@@ -284,8 +289,7 @@ def _on_raw_delivery(delivery: Any) -> None:
         _lib.pn_delivery_settle(delivery)
 
 
-def _on_link_remote_open(event: Event, handler: ConnectionHandler) -> None:
-    link = cast(Link, event.link)
+def _on_link_remote_open(link: Link, handler: ConnectionHandler) -> None:
     owner = owner_of(link)
     if owner is not None:
         owner.on_link_opened(link)
@@ -293,18 +297,28 @@ def _on_link_remote_open(event: Event, handler: ConnectionHandler) -> None:
         handler.on_link_attach(link)
 
 
-def _on_link_remote_close(event: Event, handler: ConnectionHandler) -> None:
-    link = cast(Link, event.link)
+def _on_link_remote_close(link: Link, handler: ConnectionHandler) -> None:
     owner = owner_of(link)
     if owner is not None:
         owner.on_link_closed(link)
-    if not link.state & _LOCAL_CLOSED:
+    close_link(link)
+
+
+def close_link(link: Link, condition: Condition | None = None) -> None:
+    """Detach and close ``link`` (with ``condition`` as the error), and free it when done.
+
+    Nobody owns it afterwards. A link is freed once closed at both ends,
+    here or when the peer's detach arrives, so no local-close event is needed.
+    """
+    set_owner(link, None)
+    state = link.state
+    if state & Endpoint.LOCAL_UNINIT:
+        link.open()  # a detach must follow an attach
+    if not state & _LOCAL_CLOSED:
+        if condition is not None:
+            link.condition = condition
         link.close()
     _free_if_done(link)
-
-
-def _on_link_local_close(event: Event, handler: ConnectionHandler) -> None:
-    _free_if_done(cast(Link, event.link))
 
 
 def _on_session_remote_open(event: Event, handler: ConnectionHandler) -> None:
@@ -344,11 +358,6 @@ def _on_transport_error(event: Event, handler: ConnectionHandler) -> None:
 # Each handler may rely on its event's context object (a link event has a
 # link), hence the casts. Events not listed need nothing from us.
 _DISPATCH = {
-    Event.LINK_REMOTE_OPEN: _on_link_remote_open,
-    Event.LINK_REMOTE_CLOSE: _on_link_remote_close,
-    Event.LINK_REMOTE_DETACH: _on_link_remote_close,
-    Event.LINK_LOCAL_CLOSE: _on_link_local_close,
-    Event.LINK_LOCAL_DETACH: _on_link_local_close,
     Event.SESSION_REMOTE_OPEN: _on_session_remote_open,
     Event.SESSION_REMOTE_CLOSE: _on_session_remote_close,
     Event.CONNECTION_REMOTE_OPEN: _on_connection_remote_open,
@@ -360,6 +369,8 @@ _DISPATCH = {
 _WANTED = frozenset(event_type.number for event_type in _DISPATCH)
 _DELIVERY = Event.DELIVERY.number
 _LINK_FLOW = Event.LINK_FLOW.number
+_LINK_REMOTE_OPEN = Event.LINK_REMOTE_OPEN.number
+_LINK_REMOTE_END = frozenset((Event.LINK_REMOTE_CLOSE.number, Event.LINK_REMOTE_DETACH.number))
 _RELEASED = int(Delivery.RELEASED)
 
 

@@ -51,7 +51,7 @@ import cproton
 from proton import Condition, Delivery, Link
 
 from . import tcp_side, wire
-from .engine import capabilities, receive_delivery, set_owner, wrap_delivery
+from .engine import capabilities, close_link, receive_delivery, set_owner, wrap_delivery
 from .engine import raw_ffi as _ffi
 from .engine import raw_lib as _lib
 
@@ -74,17 +74,6 @@ class AmqpPort(Protocol):
     @property
     def write_paused(self) -> bool: ...
     def flush_soon(self) -> None: ...
-
-
-class Open(enum.Flag):
-    """Which directions of the stream are still open."""
-
-    NONE = 0
-    #: TCP to AMQP: no FIN from the TCP peer yet.
-    READ = enum.auto()
-    #: AMQP to TCP: no end-of-stream from the far end yet.
-    WRITE = enum.auto()
-    BOTH = READ | WRITE
 
 
 class Phase(enum.Enum):
@@ -117,10 +106,10 @@ class Tunnel:
         "max_delivery",
         "name",
         "on_finished",
-        "open",
         "peer_half_close",
         "phase",
         "prefix",
+        "read_open",
         "receiver",
         "routed_is_sender",
         "sender",
@@ -129,6 +118,7 @@ class Tunnel:
         "tcp_write_paused",
         "unsettled",
         "window",
+        "write_open",
     )
 
     def __init__(
@@ -158,7 +148,10 @@ class Tunnel:
         self.prefix = b""
         self.tcp: asyncio.Transport | None = None
         self.tcp_write_paused = False
-        self.open = Open.BOTH
+        # The two directions of the stream, each open until its end-of-stream:
+        # TCP to AMQP until the TCP peer's FIN, AMQP to TCP until the far end's.
+        self.read_open = True
+        self.write_open = True
         self.phase = Phase.OPENING
         self.eos_pending = False
         self.eos_sent = False
@@ -216,7 +209,7 @@ class Tunnel:
         if self.phase is Phase.CLOSED:
             return
         self.log.debug("TCP peer sent FIN")
-        self.open &= ~Open.READ
+        self.read_open = False
         self.eos_pending = True
         self._pump()
         self._check_finished()
@@ -227,7 +220,7 @@ class Tunnel:
         self.tcp = None
         if exc is not None:
             self.reset(f"TCP connection failed: {exc}")
-        elif self.open or self.eos_pending or self.unsettled:
+        elif self.read_open or self.write_open or self.eos_pending or self.unsettled:
             self.reset("TCP connection closed before the stream ended")
 
     def on_tcp_write_paused(self) -> None:
@@ -316,7 +309,7 @@ class Tunnel:
         if self.peer_half_close:
             self.reset("far end closed its connection before the stream ended")
             return
-        self.open &= ~Open.WRITE
+        self.write_open = False
         if self.tcp is not None:
             self.tcp.close()
         self._finish("far end closed its connection")
@@ -405,7 +398,7 @@ class Tunnel:
         else:
             # The node ingress treats any end of the routed link as the end of
             # the whole tunnel, so nothing more will arrive either.
-            self.open &= ~Open.WRITE
+            self.write_open = False
             self._close_links(None)
             if self.tcp is not None:
                 self.tcp.close()
@@ -439,7 +432,7 @@ class Tunnel:
         _lib.pn_delivery_update(delivery, _ACCEPTED)
         _lib.pn_delivery_settle(delivery)
         tcp = self.tcp
-        if tcp is None or not self.open & Open.WRITE:
+        if tcp is None or not self.write_open:
             self.reset("data arrived after the end of the stream")
             return
         if body:
@@ -457,7 +450,7 @@ class Tunnel:
             rcv is None
             or self.tcp is None
             or self.tcp_write_paused
-            or not self.open & Open.WRITE
+            or not self.write_open
             or self.phase is Phase.CLOSED
         ):
             return
@@ -468,7 +461,7 @@ class Tunnel:
 
     def _end_write(self, why: str) -> None:
         self.log.debug("AMQP to TCP direction ended: %s", why)
-        self.open &= ~Open.WRITE
+        self.write_open = False
         if self.tcp is not None and not self.tcp.is_closing():
             try:
                 self.tcp.write_eof()
@@ -480,14 +473,14 @@ class Tunnel:
         self._check_finished()
 
     def _on_receiver_gone(self, routed: bool) -> None:
-        if not self.open & Open.WRITE:
+        if not self.write_open:
             self._check_finished()
             return
         if self.peer_half_close:
             self.reset("far end closed without an end-of-stream marker")
         elif routed:
             # A node ingress ends the tunnel as a whole (see _end_without_marker).
-            self.open &= ~Open.WRITE
+            self.write_open = False
             self._close_links(None)
             if self.tcp is not None:
                 self.tcp.close()
@@ -519,7 +512,7 @@ class Tunnel:
             return
         want = (
             self._parked is None
-            and bool(self.open & Open.READ)
+            and self.read_open
             and self.phase is not Phase.CLOSED
             and self._can_send()
         )
@@ -532,7 +525,13 @@ class Tunnel:
                 tcp.pause_reading()
 
     def _check_finished(self) -> None:
-        if self.phase is Phase.CLOSED or self.open or not self.eos_sent or self.unsettled:
+        if (
+            self.phase is Phase.CLOSED
+            or self.read_open
+            or self.write_open
+            or not self.eos_sent
+            or self.unsettled
+        ):
             return
         self._close_links(None)
         if self.tcp is not None:
@@ -572,13 +571,7 @@ class Tunnel:
         self._set_receiver(None)
 
     def _close_link(self, link: Link, condition: Condition | None) -> None:
-        set_owner(link, None)
-        if link.state & Link.LOCAL_UNINIT:
-            link.open()  # a detach must follow an attach
-        if not link.state & Link.LOCAL_CLOSED:
-            if condition is not None:
-                link.condition = condition
-            link.close()
+        close_link(link, condition)
 
 
 _OUTCOME_NAMES = {

@@ -28,7 +28,7 @@ from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
 from .amqp_link import AmqpSocket
 from .bridge import MAX_MESSAGE_SIZE, EgressBridge, HostedTunnels, TunnelHost
 from .config import RouterEndpoint
-from .engine import AmqpEngine, EngineOptions, set_owner, wrap_delivery, wrap_link
+from .engine import AmqpEngine, EngineOptions, close_link, set_owner, wrap_delivery, wrap_link
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +256,7 @@ class ReplyPool:
         if link.remote_source.address:
             self.ready.append(link)
         else:
-            set_owner(link, None)
-            link.close()
+            close_link(link)
 
     def on_link_flow(self, link: Any) -> None:
         pass
@@ -275,9 +274,7 @@ def _refuse(link: Link, name: str, description: str) -> None:
     """Attach and immediately detach with an error: how AMQP says no to a link."""
     link.source.copy(link.remote_source)
     link.target.copy(link.remote_target)
-    link.open()
-    link.condition = Condition(name, description)
-    link.close()
+    close_link(link, Condition(name, description))
 
 
 class ManagementClient:
