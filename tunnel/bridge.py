@@ -247,10 +247,10 @@ class EgressBridge:
     async def _connect(self, tunnel: Tunnel) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: TcpSide(tunnel), self.spec.host, self.spec.port),
-                BACKEND_CONNECT_TIMEOUT,
-            )
+            async with asyncio.timeout(BACKEND_CONNECT_TIMEOUT):
+                await loop.create_connection(
+                    lambda: TcpSide(tunnel), self.spec.host, self.spec.port
+                )
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
             tunnel.log.info(
