@@ -205,6 +205,8 @@ class Pinger(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     async def ping(self) -> None:
+        if self.transport.is_closing():
+            raise ConnectionError("closed before the ping")
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(b"x")
         await self.waiter
@@ -334,7 +336,7 @@ async def concurrent(port: int, count: int, hops: list[subprocess.Popen[bytes]]
             transport, pinger = await loop.create_connection(Pinger, "127.0.0.1", port)
             await asyncio.wait_for(pinger.ping(), 30)
         except (OSError, TimeoutError):
-            return None
+            return None  # counted: fewer working connections than asked for
         return transport, pinger
 
     for offset in range(0, count, 500):
