@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen-key", metavar="PEM", help="direct mode TLS private key")
     parser.add_argument("--listen-ca", metavar="PEM",
                         help="direct mode: require client certificates signed by this CA")
+    parser.add_argument("--admin", metavar="HOST:PORT",
+                        help="serve /healthz, /readyz and /metrics over HTTP (off by default)")
     parser.add_argument("--site-id", help="site id in link names (default: $SKUPPER_SITE_ID, "
                         "else the host name)")
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
@@ -88,7 +90,16 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     return Settings(
         specs=tuple(specs), router=router, router_source=source, listen=listen, site_id=site_id,
         window=args.window, open_timeout=args.open_timeout, grace=args.grace,
+        admin=_admin_address(args.admin) if args.admin else None,
     )
+
+
+def _admin_address(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--admin {text!r}: expected HOST:PORT")
+    return host, int(port)
 
 
 def _warn_insecure(conn: ConnectionConfig, source: str) -> None:

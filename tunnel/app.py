@@ -8,12 +8,15 @@ import signal
 from dataclasses import dataclass
 
 from . import __version__
+from .admin import AdminServer
 from .bridge import EgressBridge, HostedTunnels, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
-from .relay import DEFAULT_WINDOW
+from .metrics import registry_for
+from .relay import DEFAULT_WINDOW, Failure
 from .router import RouterClient
 from .spec import BridgeSpec, EgressSpec, IngressSpec
+from .stats import BridgeStats
 
 logger = logging.getLogger("tunnel")
 
@@ -32,6 +35,7 @@ class Settings:
     window: int = DEFAULT_WINDOW
     open_timeout: float = 15.0
     grace: float = DEFAULT_GRACE
+    admin: tuple[str, int] | None = None
 
 
 class App:
@@ -48,9 +52,14 @@ class App:
         self.router: RouterClient | None = None
         self.ingress: list[IngressBridge] = []
         self.stopping = asyncio.Event()
+        self.admin: AdminServer | None = None
 
     async def start(self) -> None:
         settings = self.settings
+        if settings.admin is not None:
+            # First, so that liveness answers while the rest comes up.
+            self.admin = AdminServer(registry_for(self), self.readiness)
+            await self.admin.start(*settings.admin)
         if self.direct is not None:
             await self.direct.start()
         endpoint = settings.router
@@ -81,6 +90,29 @@ class App:
             __version__, ", ".join(str(s) for s in settings.specs),
             endpoint.url if endpoint else "none", settings.router_source, verify,
         )
+
+    def bridge_stats(self) -> list[BridgeStats]:
+        return [b.stats for b in self.ingress] + [b.stats for b in self.egress.values()]
+
+    def readiness(self) -> list[str]:
+        """What keeps the process from being ready; empty when every bridge is up."""
+        missing = []
+        for spec in self.settings.specs:
+            if isinstance(spec, IngressSpec) and not any(
+                b.spec == spec and b.server is not None and b.server.sockets
+                for b in self.ingress
+            ):
+                missing.append(f"listener for {spec} not bound")
+        router = self.router
+        if router is not None and router.connection is None:
+            missing.append(f"router {router.endpoint.url} not connected")
+        for address, bridge in self.egress.items():
+            if self.settings.router is not None:
+                if router is None or address not in router.routes_active:
+                    missing.append(f"link route for {address!r} not active ({bridge.spec})")
+            elif self.direct is None or self.direct.server is None:
+                missing.append(f"direct-mode listener for {bridge.spec} not bound")
+        return missing
 
     def hosts(self) -> list[HostedTunnels]:
         """Every AMQP connection that tunnels run on."""
@@ -115,7 +147,7 @@ class App:
         # slow to answer the close would let the exit end each socket with a FIN.
         for host in self.hosts():
             for tunnel in list(host.tunnels):
-                tunnel.reset("shutting down")
+                tunnel.reset("shutting down", Failure.SHUTDOWN)
         for egress in self.egress.values():
             await egress.stop()
         if self.router is not None:
@@ -124,6 +156,8 @@ class App:
             self.direct.close_all()
         # Give the close frames and resets a moment to reach the wire.
         await asyncio.sleep(0.05)
+        if self.admin is not None:
+            self.admin.close()
         logger.info("tunnel stopped")
 
 

@@ -26,8 +26,9 @@ from proton import Link, Receiver, Sender
 from . import wire
 from .amqp_link import AmqpSocket
 from .engine import add_capability, capabilities
-from .relay import DEFAULT_WINDOW, Phase, Tunnel
+from .relay import DEFAULT_WINDOW, Failure, Phase, Tunnel
 from .spec import EgressSpec, IngressSpec
+from .stats import BridgeStats
 from .tcp_side import TcpSide
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,12 @@ class IngressTunnel(Tunnel):
         bridge = self.bridge
         self.name = link_name(transport.get_extra_info("peername"), bridge.site_id)
         self.log.extra = {"tunnel": self.name}
+        self.stats = bridge.stats
+        bridge.stats.tunnel_opened(self)
         super().on_tcp_connected(transport)
         live = bridge.router.current()
         if live is None:
-            self.reset("no router connection")
+            self.reset("no router connection", Failure.NO_ROUTER)
             return
         host, session = live
         self.host, self.session, self.amqp = host, session, host.socket
@@ -139,7 +142,7 @@ class IngressTunnel(Tunnel):
         """Attach the sender, carrying the reply link's dynamic address as its source."""
         address = receiver.remote_source.address
         if not address:
-            self.reset("the router gave no dynamic reply address")
+            self.reset("the router gave no dynamic reply address", Failure.FAR_END)
             return
         sender: Sender = receiver.session.sender(self.name)
         sender.target.address = self.bridge.spec.address
@@ -178,6 +181,7 @@ class IngressBridge:
         self.window = window
         self.open_timeout = open_timeout
         self.server: asyncio.Server | None = None
+        self.stats = BridgeStats(str(spec))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,6 +216,7 @@ class EgressBridge:
         self.spec = spec
         self.window = window
         self.tasks: set[asyncio.Task[None]] = set()
+        self.stats = BridgeStats(str(spec))
 
     def on_attach(self, receiver: Link, sender: Link, host: TunnelHost) -> None:
         """A client's sender reached us (routed or direct): start a tunnel for it.
@@ -231,6 +236,8 @@ class EgressBridge:
         receiver.max_message_size = MAX_MESSAGE_SIZE
         tunnel.peer_half_close = wire.HALF_CLOSE in capabilities(receiver.remote_source)
         tunnel.attach_links(sender, receiver)
+        tunnel.stats = self.stats
+        self.stats.tunnel_opened(tunnel)
         # The attach is answered once the backend is connected (see
         # Tunnel.on_tcp_connected), so the answer and the first credit
         # reach the client in one write.
@@ -256,7 +263,8 @@ class EgressBridge:
             tunnel.log.info(
                 "backend %s:%d unreachable: %s", self.spec.host, self.spec.port, reason
             )
-            tunnel.reset(f"backend {self.spec.host}:{self.spec.port} unreachable: {reason}")
+            tunnel.reset(f"backend {self.spec.host}:{self.spec.port} unreachable: {reason}",
+                         Failure.BACKEND)
 
     async def stop(self) -> None:
         for task in list(self.tasks):

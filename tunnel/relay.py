@@ -54,6 +54,7 @@ from . import tcp_side, wire
 from .engine import capabilities, close_link, receive_delivery, set_owner, wrap_delivery
 from .engine import raw_ffi as _ffi
 from .engine import raw_lib as _lib
+from .stats import BridgeStats
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,20 @@ class AmqpPort(Protocol):
     @property
     def write_paused(self) -> bool: ...
     def flush_soon(self) -> None: ...
+
+
+class Failure(enum.Enum):
+    """Why a tunnel was reset: a small fixed set, so metrics stay bounded."""
+
+    TCP_RESET = "tcp-reset"
+    FAR_END = "far-end-reset"
+    NOT_ACCEPTED = "delivery-not-accepted"
+    PROTOCOL = "protocol-error"
+    NO_CREDIT = "no-credit"
+    AMQP_LOST = "amqp-connection-lost"
+    NO_ROUTER = "no-router"
+    BACKEND = "backend-unreachable"
+    SHUTDOWN = "shutdown"
 
 
 class Phase(enum.Enum):
@@ -102,6 +117,7 @@ class Tunnel:
         "bytes_out",
         "eos_pending",
         "eos_sent",
+        "failure",
         "log",
         "max_delivery",
         "name",
@@ -114,6 +130,7 @@ class Tunnel:
         "routed_is_sender",
         "sender",
         "sender_ready",
+        "stats",
         "tcp",
         "tcp_write_paused",
         "unsettled",
@@ -137,6 +154,7 @@ class Tunnel:
         self.window = window
         self.max_delivery = max_delivery
         self.on_finished = on_finished
+        self.stats: BridgeStats | None = None
         self.log = TunnelLog(logger, {"tunnel": name})
         self.sender: Link | None = None
         self.receiver: Link | None = None
@@ -156,6 +174,7 @@ class Tunnel:
         self.eos_pending = False
         self.eos_sent = False
         self.unsettled = 0
+        self.failure: Failure | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self._parked: memoryview | None = None
@@ -195,7 +214,7 @@ class Tunnel:
         if self.phase is Phase.CLOSED:
             return
         if self._snd is None and self.sender_ready:
-            self.reset("TCP data arrived after the far end closed its side")
+            self.reset("TCP data arrived after the far end closed its side", Failure.FAR_END)
             return
         if self._parked is None:
             self._send_or_park(memoryview(data))
@@ -219,9 +238,9 @@ class Tunnel:
             return
         self.tcp = None
         if exc is not None:
-            self.reset(f"TCP connection failed: {exc}")
+            self.reset(f"TCP connection failed: {exc}", Failure.TCP_RESET)
         elif self.read_open or self.write_open or self.eos_pending or self.unsettled:
-            self.reset("TCP connection closed before the stream ended")
+            self.reset("TCP connection closed before the stream ended", Failure.TCP_RESET)
 
     def on_tcp_write_paused(self) -> None:
         self.tcp_write_paused = True
@@ -285,7 +304,8 @@ class Tunnel:
             and not self.routed_is_sender
         )
         if condition is not None and not lost_node:
-            self.reset(f"far end detached: {condition.name}: {condition.description or ''}")
+            self.reset(f"far end detached: {condition.name}: {condition.description or ''}",
+                       Failure.FAR_END)
         elif is_sender:
             self._on_sender_gone(routed)
         else:
@@ -294,7 +314,8 @@ class Tunnel:
     def on_open_timeout(self, seconds: float) -> None:
         """Nothing granted credit in time: nothing serves the address (§8.1)."""
         if self.phase is Phase.OPENING and not self._ever_credited:
-            self.reset(f"no credit within {seconds:g} s: nothing serves the address")
+            self.reset(f"no credit within {seconds:g} s: nothing serves the address",
+                       Failure.NO_CREDIT)
 
     def on_peer_closed(self) -> None:
         """The far end closed its whole AMQP connection cleanly.
@@ -307,7 +328,7 @@ class Tunnel:
         self._set_sender(None)
         self._set_receiver(None)
         if self.peer_half_close:
-            self.reset("far end closed its connection before the stream ended")
+            self.reset("far end closed its connection before the stream ended", Failure.FAR_END)
             return
         self.write_open = False
         if self.tcp is not None:
@@ -320,7 +341,7 @@ class Tunnel:
             return
         self._set_sender(None)
         self._set_receiver(None)
-        self.reset("AMQP connection lost")
+        self.reset("AMQP connection lost", Failure.AMQP_LOST)
 
     # -- sending --------------------------------------------------------------
     def _can_send(self) -> bool:
@@ -410,7 +431,8 @@ class Tunnel:
         _lib.pn_delivery_settle(delivery)
         self.unsettled -= 1
         if state not in (_ACCEPTED, 0):
-            self.reset(f"far end did not accept a delivery ({_outcome_name(state)})")
+            self.reset(f"far end did not accept a delivery ({_outcome_name(state)})",
+                       Failure.NOT_ACCEPTED)
             return
         self._pump()
         self._check_finished()
@@ -427,13 +449,13 @@ class Tunnel:
             wrapped.local.condition = Condition("amqp:decode-error", str(exc))
             wrapped.update(Delivery.REJECTED)
             wrapped.settle()
-            self.reset(f"undecodable message: {exc}")
+            self.reset(f"undecodable message: {exc}", Failure.PROTOCOL)
             return
         _lib.pn_delivery_update(delivery, _ACCEPTED)
         _lib.pn_delivery_settle(delivery)
         tcp = self.tcp
         if tcp is None or not self.write_open:
-            self.reset("data arrived after the end of the stream")
+            self.reset("data arrived after the end of the stream", Failure.PROTOCOL)
             return
         if body:
             tcp.write(body)
@@ -468,7 +490,7 @@ class Tunnel:
             except OSError as exc:
                 # The peer reset after its FIN, unseen: asyncio stops reading
                 # at EOF, so the reset surfaces only here.
-                self.reset(f"TCP connection failed: {exc}")
+                self.reset(f"TCP connection failed: {exc}", Failure.TCP_RESET)
                 return
         self._check_finished()
 
@@ -477,7 +499,7 @@ class Tunnel:
             self._check_finished()
             return
         if self.peer_half_close:
-            self.reset("far end closed without an end-of-stream marker")
+            self.reset("far end closed without an end-of-stream marker", Failure.FAR_END)
         elif routed:
             # A node ingress ends the tunnel as a whole (see _end_without_marker).
             self.write_open = False
@@ -493,13 +515,13 @@ class Tunnel:
             self._check_finished()
             return
         if self.peer_half_close or not routed:
-            self.reset("far end closed before our stream ended")
+            self.reset("far end closed before our stream ended", Failure.FAR_END)
             return
         # The node egress closes its links when its backend closes: that is
         # its end-of-stream. Our own client's later bytes cannot be carried,
         # and bytes it never acknowledged may be lost: that is a failure.
         if self.unsettled or self._parked is not None:
-            self.reset("far end closed with client bytes not yet delivered")
+            self.reset("far end closed with client bytes not yet delivered", Failure.FAR_END)
             return
         self.eos_sent = True
         self.eos_pending = False
@@ -541,14 +563,20 @@ class Tunnel:
     def _finish(self, why: str) -> None:
         self.phase = Phase.CLOSED
         self.log.info("closed (%s): %d bytes in, %d bytes out", why, self.bytes_in, self.bytes_out)
+        self._ended()
+
+    def _ended(self) -> None:
         self.amqp.flush_soon()
+        if self.stats is not None:
+            self.stats.tunnel_closed(self)
         if self.on_finished is not None:
             self.on_finished(self)
 
-    def reset(self, reason: str) -> None:
+    def reset(self, reason: str, failure: Failure) -> None:
         """Tear down both sides as a failure: RST on TCP, detach with an error on AMQP."""
         if self.phase is Phase.CLOSED:
             return
+        self.failure = failure
         self.log.debug("reset: %s", reason)
         tcp, self.tcp = self.tcp, None
         if tcp is not None:
@@ -559,9 +587,7 @@ class Tunnel:
         self.log.info(
             "reset (%s): %d bytes in, %d bytes out", reason, self.bytes_in, self.bytes_out
         )
-        self.amqp.flush_soon()
-        if self.on_finished is not None:
-            self.on_finished(self)
+        self._ended()
 
     def _close_links(self, condition: Condition | None) -> None:
         for link in (self.sender, self.receiver):

@@ -53,6 +53,9 @@ class RouterClient:
         self.container_id = container_id or f"{socket.gethostname()}-tunnel-{secrets.token_hex(4)}"
         self.ingress = ingress
         self.connection: RouterConnection | None = None
+        self.connects = 0
+        self.disconnects = 0
+        self.routes_active: set[str] = set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -82,6 +85,7 @@ class RouterClient:
                 if conn.opened:
                     delay = BACKOFF_FIRST
                     was_up = True
+                    self.disconnects += 1
                     logger.warning(
                         "router %s connection lost%s; reconnecting",
                         self.endpoint.url, f": {exc}" if exc else "",
@@ -162,6 +166,7 @@ class RouterConnection(HostedTunnels):
         client = self.client
         self.opened = True
         client.connection = self
+        client.connects += 1
         props = self.socket.engine.connection.remote_properties or {}
         logger.info(
             "router %s connected (%s %s)", client.endpoint.url,
@@ -213,6 +218,7 @@ class RouterConnection(HostedTunnels):
         client = self.client
         if client.connection is self:
             client.connection = None
+            client.routes_active.clear()
         self.reset_tunnels()
         if not self.lost.done():
             self.lost.set_result(exc)
@@ -347,6 +353,7 @@ class ManagementClient:
         if address is None:
             return
         if isinstance(status, int) and 200 <= status < 300:
+            self.conn.client.routes_active.add(address)
             logger.info("link route for %r active (%s)", address, status)
         else:
             logger.error(

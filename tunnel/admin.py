@@ -1,0 +1,108 @@
+"""``--admin HOST:PORT``: health, readiness and metrics over HTTP, on the tunnel's own loop.
+
+Three fixed GET paths and nothing else, so a minimal HTTP/1.1 responder is
+enough: it reads one request head (bounded), answers, and closes.
+
+- ``/healthz``: 200 while the process runs its loop.
+- ``/readyz``: 200 when every bridge is up, else 503 with a JSON body naming
+  what is missing.
+- ``/metrics``: the Prometheus text format (:mod:`tunnel.metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import cast
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"
+MAX_HEAD = 8192
+READ_TIMEOUT = 10.0
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+class AdminProtocol(asyncio.Protocol):
+    """One admin HTTP connection: one request, one response."""
+
+    def __init__(self, server: AdminServer) -> None:
+        self.server = server
+        self.head = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, self.transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        if b"\r\n\r\n" in self.head or b"\n\n" in self.head:
+            self._answer(*self.server.respond(self.head.split(b"\r\n", 1)[0]))
+        elif len(self.head) > MAX_HEAD:
+            self._answer(431, "text/plain", b"request head too large\n")
+
+    def _answer(self, status: int, content_type: str, body: bytes) -> None:
+        assert self.transport is not None
+        if self.timer is not None:
+            self.timer.cancel()
+        head = (
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+        self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class AdminServer:
+    """Answers the three paths; ``readiness`` returns what is missing, empty when ready."""
+
+    def __init__(self, registry: CollectorRegistry,
+                 readiness: Callable[[], list[str]]) -> None:
+        self.registry = registry
+        self.readiness = readiness
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: AdminProtocol(self), host, port, reuse_address=True
+        )
+        bound = self.server.sockets[0].getsockname()
+        logger.info("admin endpoint on http://%s:%d (%s, %s, %s)", bound[0], bound[1],
+                    HEALTH_PATH, READY_PATH, METRICS_PATH)
+
+    def respond(self, request_line: bytes) -> tuple[int, str, bytes]:
+        parts = request_line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return 400, "text/plain", b"bad request line\n"
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if target not in (HEALTH_PATH, READY_PATH, METRICS_PATH):
+            return 404, "text/plain", b"not found\n"
+        if method != "GET":
+            return 405, "text/plain", b"only GET\n"
+        if target == HEALTH_PATH:
+            return 200, "text/plain", b"ok\n"
+        if target == READY_PATH:
+            missing = self.readiness()
+            body = json.dumps({"ready": not missing, "missing": missing}).encode() + b"\n"
+            return (503 if missing else 200), "application/json", body
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()

@@ -1,0 +1,79 @@
+"""``/metrics``: the Prometheus view of the bridges and the router connection.
+
+A custom collector reads the plain counters in :mod:`tunnel.stats` at scrape
+time, so nothing is updated per chunk and a closed connection leaves no series
+behind. Labels are ``bridge`` (the spec, as given) and ``reason`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .relay import Failure
+
+if TYPE_CHECKING:
+    from .app import App
+
+#: Every metric, with its help text; the README's table is checked against it.
+METRICS = {
+    "tunnel_connections_opened_total": "TCP connections the bridge started tunnels for.",
+    "tunnel_connections_closed_total": "Tunnels that ended, cleanly or not.",
+    "tunnel_connections_active": "Tunnels open now.",
+    "tunnel_connection_failures_total": "Tunnels that ended in a reset, by reason.",
+    "tunnel_tcp_bytes_read_total": "Bytes read from the bridge's TCP peers and carried over AMQP.",
+    "tunnel_tcp_bytes_written_total": "Bytes carried over AMQP and written to the TCP peers.",
+    "tunnel_router_connects_total": "Times the router connection was opened.",
+    "tunnel_router_disconnects_total": "Times an open router connection was lost.",
+    "tunnel_router_connected": "1 while the router connection is open, else 0.",
+}
+
+
+def _family(kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str,
+            labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
+    base = name.removesuffix("_total") if kind is CounterMetricFamily else name
+    return kind(base, METRICS[name], labels=labels)
+
+
+class TunnelCollector(Collector):
+    """Reads the application's counters on each scrape."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        opened = _family(CounterMetricFamily, "tunnel_connections_opened_total", ["bridge"])
+        closed = _family(CounterMetricFamily, "tunnel_connections_closed_total", ["bridge"])
+        active = _family(GaugeMetricFamily, "tunnel_connections_active", ["bridge"])
+        failures = _family(CounterMetricFamily, "tunnel_connection_failures_total",
+                           ["bridge", "reason"])
+        read = _family(CounterMetricFamily, "tunnel_tcp_bytes_read_total", ["bridge"])
+        written = _family(CounterMetricFamily, "tunnel_tcp_bytes_written_total", ["bridge"])
+        for stats in self.app.bridge_stats():
+            opened.add_metric([stats.name], stats.opened)
+            closed.add_metric([stats.name], stats.closed)
+            active.add_metric([stats.name], len(stats.live))
+            # Every reason is listed, at zero too, so rates work from the start.
+            for reason in Failure:
+                failures.add_metric([stats.name, reason.value], stats.failures[reason.value])
+            read.add_metric([stats.name], stats.bytes_read())
+            written.add_metric([stats.name], stats.bytes_written())
+        yield from (opened, closed, active, failures, read, written)
+        router = self.app.router
+        connects = _family(CounterMetricFamily, "tunnel_router_connects_total", [])
+        disconnects = _family(CounterMetricFamily, "tunnel_router_disconnects_total", [])
+        connected = _family(GaugeMetricFamily, "tunnel_router_connected", [])
+        connects.add_metric([], router.connects if router else 0)
+        disconnects.add_metric([], router.disconnects if router else 0)
+        connected.add_metric([], 1 if router and router.connection is not None else 0)
+        yield from (connects, disconnects, connected)
+
+
+def registry_for(app: App) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TunnelCollector(app))
+    return registry

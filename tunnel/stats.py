@@ -1,0 +1,51 @@
+"""Per-bridge counters, kept as plain integers and read only when metrics are scraped.
+
+Nothing here runs per chunk: a tunnel's byte counts are its own attributes;
+they are added to its bridge's totals when it closes, and a scrape adds up
+the tunnels still open. So every total only ever grows, and the number of
+series depends on the bridges, never on the connections.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .relay import Tunnel
+
+
+class BridgeStats:
+    """What one bridge has done, for ``/metrics``."""
+
+    __slots__ = ("closed", "done_read", "done_written", "failures", "live", "name", "opened")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.opened = 0
+        self.closed = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        # Bytes of tunnels already closed: read from and written to TCP peers.
+        self.done_read = 0
+        self.done_written = 0
+        self.live: set[Tunnel] = set()
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        self.opened += 1
+        self.live.add(tunnel)
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        self.closed += 1
+        self.live.discard(tunnel)
+        self.done_read += tunnel.bytes_out
+        self.done_written += tunnel.bytes_in
+        if tunnel.failure is not None:
+            self.failures[tunnel.failure.value] += 1
+
+    def bytes_read(self) -> int:
+        """Bytes read from this bridge's TCP peers (client or backend), ever."""
+        return self.done_read + sum(t.bytes_out for t in self.live)
+
+    def bytes_written(self) -> int:
+        """Bytes written to this bridge's TCP peers, ever."""
+        return self.done_written + sum(t.bytes_in for t in self.live)
