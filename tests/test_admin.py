@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from helpers import LOOPBACK, TunnelProcess, echo_server, write_connect_json
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -123,10 +124,8 @@ async def test_failures_are_counted_by_reason(tmp_path: Path) -> None:
         await ingress.wait_for("connected")
         reader, writer = await asyncio.open_connection(LOOPBACK, port)
         writer.write(b"hello?")
-        try:
+        with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(), 10)
-        except ConnectionResetError:
-            pass
         writer.close()
         await ingress.wait_for(r"reset \(")
         ingress_metrics = samples((await get(base, "/metrics"))[1])
