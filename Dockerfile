@@ -1,16 +1,22 @@
-# The sidecar image: build in one stage, run from a slim one as a non-root user.
+# The sidecar image. Build: docker build -t tunnel .
+# Stage 1 builds the wheel, stage 2 installs it into a slim runtime; both
+# pip commands are the ones .ci/run runs, so CI exercises this install.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY tunnel ./tunnel
-RUN python -m venv /opt/tunnel \
- && /opt/tunnel/bin/pip install --quiet --disable-pip-version-check .
+RUN python -m pip wheel --quiet --no-deps --wheel-dir dist/wheels .
 
 FROM python:3.11-slim
-COPY --from=build /opt/tunnel /opt/tunnel
-RUN useradd --system --uid 10001 --no-create-home tunnel
+COPY --from=build /src/dist/wheels /tmp/wheels
+RUN python -m pip install --quiet --no-cache-dir /tmp/wheels/tunnel-*.whl \
+ && rm -rf /tmp/wheels \
+ && useradd --system --uid 10001 --no-create-home tunnel
 USER 10001
-ENV PATH=/opt/tunnel/bin:$PATH
-# In a cluster the router connection file is the secret mounted at /etc/messaging.
+# In a cluster the bridge specs come from $ICPROXY_CONFIG and the router
+# connection file from the secret mounted at /etc/messaging (connect.json),
+# both read by default; the admin endpoint serves the probes and metrics.
+ENV ICPROXY_CONFIG=""
+EXPOSE 9090
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "tunnel"]

@@ -13,6 +13,8 @@ import pytest
 from helpers import LOOPBACK, TunnelProcess, echo_server, write_connect_json
 from prometheus_client.parser import text_string_to_metric_families
 
+from tunnel.metrics import METRICS
+
 
 def _get(url: str) -> tuple[int, str]:
     try:
@@ -143,3 +145,10 @@ async def test_failures_are_counted_by_reason(tmp_path: Path) -> None:
         if ingress is not None:
             ingress.kill()
         egress.kill()
+
+
+def test_every_metric_is_documented() -> None:
+    """Each metric the collector produces has a row in the README's metrics table."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in METRICS:
+        assert f"| `{name}` |" in readme, name

@@ -36,6 +36,8 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+#: Where a cluster mounts the router secret (skupper-proxy's deployer does).
+SYSTEM_CONNECT_FILE = Path("/etc/messaging/connect.json")
 NAMED_PORTS = {"amqp": 5672, "amqps": 5671}
 
 
@@ -185,7 +187,7 @@ def find_connection_file(env: Mapping[str, str], home: Path | None = None) -> Pa
     for candidate in (
         Path.cwd() / "connect.json",
         home / ".config" / "messaging" / "connect.json",
-        Path("/etc/messaging/connect.json"),
+        SYSTEM_CONNECT_FILE,
     ):
         if candidate.is_file():
             return candidate
