@@ -429,3 +429,29 @@ async def test_sigterm_resets_even_when_the_peer_is_frozen(tmp_path: Path) -> No
         finally:
             pair.egress.proc.send_signal(signal.SIGCONT)
         writer.close()
+
+
+async def test_backend_reset_mid_stream_resets_client(tmp_path: Path) -> None:
+    """A backend that resets in the middle of a transfer gives the client an RST, not a FIN."""
+
+    async def resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        writer.write(b"partial reply")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(resetting, LOOPBACK, 0)
+    try:
+        async with processes(tmp_path, _egress_args(None, server.sockets[0].getsockname()[1])
+                             ) as pair:
+            await pair.ingress.wait_for("connected")
+            reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
+            writer.write(b"hello")
+            assert await reader.readexactly(13) == b"partial reply"
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+    finally:
+        server.close()

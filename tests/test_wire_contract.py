@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from proton import Delivery, Message
@@ -375,6 +376,29 @@ def test_ingress_resets_when_node_egress_connection_is_lost(harness: Harness) ->
     peer.send(receiver.name, Message(body=b"partial-resp"))
     assert recv_until(client, 12) == b"partial-resp"
     peer.detach(sender.name, "qd:routed-link-lost", "Connectivity to the peer container was lost")
+    with pytest.raises(ConnectionResetError):
+        while client.recv(65536):
+            pass
+
+
+@pytest.mark.parametrize("outcome", [Delivery.RELEASED, Delivery.REJECTED, Delivery.MODIFIED])
+def test_ingress_resets_client_on_unaccepted_delivery(harness: Harness, outcome: Any) -> None:
+    """A delivery released, rejected or modified resets the client (RST), never a FIN."""
+    peer, port = start_ingress(harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC],
+                                               target_capabilities={ADDRESS: (HALF_CLOSE,)},
+                                               hold_targets=frozenset({ADDRESS})))
+    client = harness.client(port)
+    _, sender = ingress_links(peer, client)
+    client.sendall(b"will not be accepted")
+    wait_data(peer, sender.name, 20)
+
+    def refuse(router: RouterPeer) -> None:
+        for delivery in router.held:
+            delivery.update(outcome)
+            delivery.settle()
+        router.held.clear()
+
+    peer.call(refuse)
     with pytest.raises(ConnectionResetError):
         while client.recv(65536):
             pass
