@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                         help="seconds open tunnels get to finish on SIGTERM (default %(default)s)")
+    parser.add_argument("--handshake-timeout", type=float, default=10.0,
+                        help="direct mode: seconds a new AMQP connection has to open "
+                        "(default %(default)s)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default %(default)s)")
     parser.add_argument("--version", action="version", version=f"tunnel {__version__}")
@@ -63,8 +66,10 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     specs = parse_specs(args.specs, env)
     if args.window < 1:
         raise ConfigError(f"--window {args.window}: must be at least 1")
-    if args.open_timeout <= 0 or args.grace < 0:
-        raise ConfigError("--open-timeout must be positive and --grace not negative")
+    if args.open_timeout <= 0 or args.grace < 0 or args.handshake_timeout <= 0:
+        raise ConfigError(
+            "--open-timeout and --handshake-timeout must be positive, --grace not negative"
+        )
     listen = None
     if args.listen:
         listen = ListenConfig.parse(args.listen, args.listen_cert, args.listen_key, args.listen_ca)
@@ -91,6 +96,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         specs=tuple(specs), router=router, router_source=source, listen=listen, site_id=site_id,
         window=args.window, open_timeout=args.open_timeout, grace=args.grace,
         admin=_admin_address(args.admin) if args.admin else None,
+        handshake_timeout=args.handshake_timeout,
     )
 
 

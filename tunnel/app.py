@@ -36,6 +36,7 @@ class Settings:
     open_timeout: float = 15.0
     grace: float = DEFAULT_GRACE
     admin: tuple[str, int] | None = None
+    handshake_timeout: float = 10.0
 
 
 class App:
@@ -48,7 +49,11 @@ class App:
             for spec in settings.specs
             if isinstance(spec, EgressSpec)
         }
-        self.direct = DirectListener(settings.listen, self.egress) if settings.listen else None
+        self.direct = (
+            DirectListener(settings.listen, self.egress,
+                           handshake_timeout=settings.handshake_timeout)
+            if settings.listen else None
+        )
         self.router: RouterClient | None = None
         self.ingress: list[IngressBridge] = []
         self.stopping = asyncio.Event()

@@ -30,13 +30,17 @@ from .router import _refuse
 
 logger = logging.getLogger(__name__)
 
+HANDSHAKE_TIMEOUT = 10.0
+
 
 class DirectListener:
     """The ``--listen`` server."""
 
-    def __init__(self, config: ListenConfig, egress: dict[str, EgressBridge]) -> None:
+    def __init__(self, config: ListenConfig, egress: dict[str, EgressBridge], *,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.config = config
         self.egress = egress
+        self.handshake_timeout = handshake_timeout
         self.server: asyncio.Server | None = None
         self.peers: set[DirectPeer] = set()
 
@@ -78,8 +82,22 @@ class DirectPeer(HostedTunnels):
         super().__init__()
         self.listener = listener
         self.dynamic: dict[str, Link] = {}
+        # A peer that never completes the AMQP open would hold a socket forever.
+        self.handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            listener.handshake_timeout, self._on_handshake_timeout
+        )
+
+    def _on_handshake_timeout(self) -> None:
+        self.handshake_timer = None
+        logger.info("direct-mode peer did not open an AMQP connection within %gs: closing",
+                    self.listener.handshake_timeout)
+        if self.socket.transport is not None:
+            self.socket.transport.abort()
 
     def on_connection_opened(self) -> None:
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
         logger.debug("direct-mode peer %s opened", self.socket.engine.connection.remote_container)
 
     def on_connection_closed(self, condition: Condition | None) -> None:
@@ -126,6 +144,9 @@ class DirectPeer(HostedTunnels):
         self.dynamic[address] = link
 
     def on_socket_lost(self, exc: Exception | None) -> None:
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
         self.reset_tunnels()
         self.dynamic.clear()
         self.listener.peers.discard(self)
