@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_certs
+from helpers import TunnelProcess, make_certs
 
 from tunnel.config import (
     ConnectionConfig,
@@ -186,3 +187,35 @@ def test_version() -> None:
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0
     assert result.stdout.startswith("tunnel ")
+
+
+async def test_secrets_never_reach_the_log(tmp_path: Path) -> None:
+    """A password in the connection file is used but never written to the log, even at DEBUG."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    path = _write(tmp_path, {"host": "127.0.0.1", "port": dead, "user": "u",
+                             "password": "s3cret-Passw0rd"})
+    process = TunnelProcess(["--config", str(path), "tcp:127.0.0.1:0=>amqp:a"],
+                            tmp_path / "tunnel.log")
+    try:
+        await process.wait_for("unreachable")
+        assert process.stop() == 0
+    finally:
+        process.kill()
+    log = process.log()
+    assert "PLAIN password without TLS" in log
+    assert "s3cret-Passw0rd" not in log
+
+
+async def test_listening_beyond_loopback_without_tls_warns(tmp_path: Path) -> None:
+    """--listen amqp:// on a non-loopback address logs a warning; on loopback it does not."""
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+        process = TunnelProcess(["--listen", f"amqp://{host}:0", "amqp:a=>tcp:127.0.0.1:9"],
+                                tmp_path / f"{host}.log")
+        try:
+            await process.wait_for("accepting AMQP")
+            assert process.stop() == 0
+        finally:
+            process.kill()
+        assert ("without TLS" in process.log()) is warned, process.log()

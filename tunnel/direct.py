@@ -16,6 +16,7 @@ sender of one tunnel must share a connection, as every ingress does.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 from typing import Any
@@ -52,6 +53,9 @@ class DirectListener:
         )
         logger.info("direct mode: accepting AMQP on %s://%s:%d", self.config.scheme,
                     self.config.host, self.bound_port)
+        if self.config.scheme == "amqp" and not _is_loopback(self.config.host):
+            logger.warning("direct mode listens on %s without TLS: anyone who can reach it "
+                           "can use the tunnels; use amqps:// with --listen-ca", self.config.host)
 
     @property
     def bound_port(self) -> int:
@@ -73,6 +77,15 @@ class DirectListener:
     def close_all(self) -> None:
         for peer in list(self.peers):
             peer.socket.close()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class DirectPeer(HostedTunnels):
