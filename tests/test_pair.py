@@ -81,8 +81,9 @@ async def processes(
         )
         pair.port = await pair.ingress.listen_port()
         yield pair
-        assert pair.ingress.stop() == 0, pair.ingress.log()
-        assert pair.egress.stop() == 0, pair.egress.log()
+        # Off the loop: the backends run on it and must keep answering meanwhile.
+        assert await asyncio.to_thread(pair.ingress.stop) == 0, pair.ingress.log()
+        assert await asyncio.to_thread(pair.egress.stop) == 0, pair.egress.log()
     finally:
         if pair.ingress is not None:
             pair.ingress.kill()

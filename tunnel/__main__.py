@@ -16,6 +16,7 @@ from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
 from .errors import ConfigError
+from .limits import DEFAULT_HALF_CLOSED_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Limits
 from .relay import DEFAULT_WINDOW
 from .spec import parse_specs
 
@@ -55,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--handshake-timeout", type=float, default=10.0,
                         help="direct mode: seconds a new AMQP connection has to open "
                         "(default %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="tunnels open at once per bridge; past it new connections are "
+                        "reset (default %(default)s)")
+    parser.add_argument("--idle-timeout", type=float, default=0.0,
+                        help="reset a tunnel that carries nothing for this many seconds "
+                        "(default 0: never)")
+    parser.add_argument("--half-closed-timeout", type=float,
+                        default=DEFAULT_HALF_CLOSED_TIMEOUT,
+                        help="reset a tunnel left half-closed and silent this long "
+                        "(default %(default)s; 0: never)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default %(default)s)")
     parser.add_argument("--version", action="version", version=f"tunnel {__version__}")
@@ -64,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     """Turn parsed arguments and the environment into settings; raises ConfigError."""
     specs = parse_specs(args.specs, env)
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
+    if args.idle_timeout < 0 or args.half_closed_timeout < 0:
+        raise ConfigError("--idle-timeout and --half-closed-timeout must not be negative")
     if args.window < 1:
         raise ConfigError(f"--window {args.window}: must be at least 1")
     if args.open_timeout <= 0 or args.grace < 0 or args.handshake_timeout <= 0:
@@ -97,6 +112,8 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         window=args.window, open_timeout=args.open_timeout, grace=args.grace,
         admin=_admin_address(args.admin) if args.admin else None,
         handshake_timeout=args.handshake_timeout,
+        limits=Limits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                      half_closed_timeout=args.half_closed_timeout),
     )
 
 

@@ -12,6 +12,7 @@ from .admin import AdminServer
 from .bridge import EgressBridge, HostedTunnels, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
+from .limits import DEFAULT_LIMITS, Limits
 from .metrics import registry_for
 from .relay import DEFAULT_WINDOW, Failure
 from .router import RouterClient
@@ -37,6 +38,7 @@ class Settings:
     grace: float = DEFAULT_GRACE
     admin: tuple[str, int] | None = None
     handshake_timeout: float = 10.0
+    limits: Limits = DEFAULT_LIMITS
 
 
 class App:
@@ -45,7 +47,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.egress = {
-            spec.address: EgressBridge(spec, window=settings.window)
+            spec.address: EgressBridge(spec, window=settings.window, limits=settings.limits)
             for spec in settings.specs
             if isinstance(spec, EgressSpec)
         }
@@ -84,6 +86,7 @@ class App:
                 bridge = IngressBridge(
                     spec, self.router, settings.site_id,
                     window=settings.window, open_timeout=settings.open_timeout,
+                    limits=settings.limits,
                 )
                 await bridge.start()
                 self.ingress.append(bridge)

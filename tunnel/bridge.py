@@ -26,6 +26,7 @@ from proton import Link, Receiver, Sender
 from . import wire
 from .amqp_link import AmqpSocket
 from .engine import add_capability, capabilities
+from .limits import DEFAULT_LIMITS, Limits, Sweeper
 from .relay import DEFAULT_WINDOW, Failure, Phase, Tunnel
 from .spec import EgressSpec, IngressSpec
 from .stats import BridgeStats
@@ -92,6 +93,11 @@ class IngressTunnel(Tunnel):
         self.log.extra = {"tunnel": self.name}
         self.stats = bridge.stats
         bridge.stats.tunnel_opened(self)
+        if len(bridge.stats.live) > bridge.limits.max_connections:
+            self.tcp = transport
+            self.reset(f"over the bridge's limit of {bridge.limits.max_connections} connections",
+                       Failure.LIMIT)
+            return
         super().on_tcp_connected(transport)
         live = bridge.router.current()
         if live is None:
@@ -174,14 +180,17 @@ class IngressBridge:
         *,
         window: int = DEFAULT_WINDOW,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.spec = spec
         self.router = router
         self.site_id = site_id
         self.window = window
         self.open_timeout = open_timeout
+        self.limits = limits
         self.server: asyncio.Server | None = None
         self.stats = BridgeStats(str(spec))
+        self.sweeper = Sweeper(self.stats, limits)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,10 +204,12 @@ class IngressBridge:
             backlog=LISTEN_BACKLOG,
         )
         logger.info("bridge %s listening on %s", self.spec, _addresses(self.server))
+        self.sweeper.start()
 
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+        self.sweeper.stop()
 
 
 def _addresses(server: asyncio.Server) -> str:
@@ -212,11 +223,14 @@ def _addresses(server: asyncio.Server) -> str:
 class EgressBridge:
     """``amqp:ADDRESS=>tcp:HOST:PORT``."""
 
-    def __init__(self, spec: EgressSpec, *, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, spec: EgressSpec, *, window: int = DEFAULT_WINDOW,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.spec = spec
         self.window = window
+        self.limits = limits
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = BridgeStats(str(spec))
+        self.sweeper = Sweeper(self.stats, limits)
 
     def on_attach(self, receiver: Link, sender: Link, host: TunnelHost) -> None:
         """A client's sender reached us (routed or direct): start a tunnel for it.
@@ -238,6 +252,11 @@ class EgressBridge:
         tunnel.attach_links(sender, receiver)
         tunnel.stats = self.stats
         self.stats.tunnel_opened(tunnel)
+        if len(self.stats.live) > self.limits.max_connections:
+            host.add_tunnel(tunnel)
+            tunnel.reset(f"over the bridge's limit of {self.limits.max_connections} connections",
+                         Failure.LIMIT)
+            return
         # The attach is answered once the backend is connected (see
         # Tunnel.on_tcp_connected), so the answer and the first credit
         # reach the client in one write.
@@ -267,6 +286,7 @@ class EgressBridge:
                          Failure.BACKEND)
 
     async def stop(self) -> None:
+        self.sweeper.stop()
         for task in list(self.tasks):
             task.cancel()
         for task in list(self.tasks):

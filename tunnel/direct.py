@@ -26,8 +26,7 @@ from proton import Condition, Link
 from .amqp_link import AmqpSocket
 from .bridge import LISTEN_BACKLOG, EgressBridge, HostedTunnels
 from .config import ListenConfig
-from .engine import AmqpEngine, EngineOptions, set_owner
-from .router import _refuse
+from .engine import AmqpEngine, EngineOptions, refuse_link, set_owner
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +131,11 @@ class DirectPeer(HostedTunnels):
         address = link.remote_target.address
         bridge = self.listener.egress.get(address) if address else None
         if bridge is None:
-            _refuse(link, "amqp:not-found", f"no egress bridge for address {address!r}")
+            refuse_link(link, "amqp:not-found", f"no egress bridge for address {address!r}")
             return
         reply = self.dynamic.pop(link.remote_source.address or "", None)
         if reply is None:
-            _refuse(link, "amqp:not-found",
+            refuse_link(link, "amqp:not-found",
                     f"reply address {link.remote_source.address!r} is not a dynamic address "
                     "of this connection")
             return
@@ -145,7 +144,7 @@ class DirectPeer(HostedTunnels):
 
     def _attach_reply_link(self, link: Link) -> None:
         if not link.remote_source.dynamic:
-            _refuse(link, "amqp:not-found",
+            refuse_link(link, "amqp:not-found",
                     f"cannot serve a receiver for {link.remote_source.address!r} in direct mode")
             return
         address = f"dynamic/{secrets.token_hex(8)}"

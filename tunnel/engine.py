@@ -408,6 +408,13 @@ def receive_delivery(link: Any, size: int) -> bytearray:
     return out
 
 
+def refuse_link(link: Link, name: str, description: str) -> None:
+    """Attach and at once detach with an error: how AMQP says no to a link."""
+    link.source.copy(link.remote_source)
+    link.target.copy(link.remote_target)
+    close_link(link, Condition(name, description))
+
+
 # -- terminus helpers --------------------------------------------------------
 def capabilities(terminus: Terminus) -> set[str]:
     """The symbols in a terminus's capabilities (a single symbol or an array)."""

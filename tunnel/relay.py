@@ -89,6 +89,8 @@ class Failure(enum.Enum):
     NO_ROUTER = "no-router"
     BACKEND = "backend-unreachable"
     SHUTDOWN = "shutdown"
+    LIMIT = "connection-limit"
+    IDLE = "idle-timeout"
 
 
 class Phase(enum.Enum):

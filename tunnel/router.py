@@ -28,7 +28,15 @@ from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
 from .amqp_link import AmqpSocket
 from .bridge import MAX_MESSAGE_SIZE, EgressBridge, HostedTunnels, TunnelHost
 from .config import RouterEndpoint
-from .engine import AmqpEngine, EngineOptions, close_link, set_owner, wrap_delivery, wrap_link
+from .engine import (
+    AmqpEngine,
+    EngineOptions,
+    close_link,
+    refuse_link,
+    set_owner,
+    wrap_delivery,
+    wrap_link,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +204,12 @@ class RouterConnection(HostedTunnels):
         address = link.remote_target.address if link.is_receiver else None
         bridge = self.client.egress.get(address) if address else None
         if bridge is None:
-            _refuse(link, "amqp:not-found", f"no egress bridge for address {address!r}")
+            refuse_link(link, "amqp:not-found", f"no egress bridge for address {address!r}")
             return
         reply_to = link.remote_source.address
         if not reply_to:
-            _refuse(link, "amqp:invalid-field", "routed attach has no source address to reply to")
+            refuse_link(link, "amqp:invalid-field",
+                        "routed attach has no source address to reply to")
             return
         sender = link.session.sender(f"{link.name}/reply")
         sender.target.address = reply_to
@@ -274,13 +283,6 @@ class ReplyPool:
         self.pending.discard(link.name)
         if link in self.ready:
             self.ready.remove(link)
-
-
-def _refuse(link: Link, name: str, description: str) -> None:
-    """Attach and immediately detach with an error: how AMQP says no to a link."""
-    link.source.copy(link.remote_source)
-    link.target.copy(link.remote_target)
-    close_link(link, Condition(name, description))
 
 
 class ManagementClient:
