@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -98,3 +99,56 @@ async def test_half_closed_tunnels_are_reset(tmp_path: Path) -> None:
             assert seen == [b"request"]
     finally:
         server.close()
+
+
+async def test_connections_wait_for_the_router_then_flow(tmp_path: Path) -> None:
+    """A client arriving while the router is away is held, and carried once it is back."""
+    holder = socket.socket()
+    holder.bind((LOOPBACK, 0))  # reserved, not listening: the router is "away"
+    amqp_port = holder.getsockname()[1]
+    config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": amqp_port})
+    ingress = TunnelProcess(["--config", str(config), "--hold-timeout", "10",
+                             f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+    egress: TunnelProcess | None = None
+    try:
+        port = await ingress.listen_port()
+        await ingress.wait_for("unreachable")
+        async with echo_server() as backend:
+            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+            writer.write(b"sent while the router was away")
+            holder.close()
+            egress = TunnelProcess(["--listen", f"amqp://{LOOPBACK}:{amqp_port}",
+                                    f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}"],
+                                   tmp_path / "egress.log")
+            assert await asyncio.wait_for(reader.readexactly(30), 15) == (
+                b"sent while the router was away")
+            writer.close()
+            assert await asyncio.to_thread(ingress.stop) == 0
+            assert await asyncio.to_thread(egress.stop) == 0
+    finally:
+        holder.close()
+        ingress.kill()
+        if egress is not None:
+            egress.kill()
+
+
+async def test_held_connections_are_reset_after_the_hold_timeout(tmp_path: Path) -> None:
+    """With no router for --hold-timeout, a held client is reset, not left hanging."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        dead = probe.getsockname()[1]
+    config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": dead})
+    ingress = TunnelProcess(["--config", str(config), "--hold-timeout", "1",
+                             f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+    try:
+        port = await ingress.listen_port()
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 10)
+        assert asyncio.get_running_loop().time() - started >= 0.9
+        writer.close()
+        await ingress.wait_for(r"no router connection within 1 s")
+        assert await asyncio.to_thread(ingress.stop) == 0
+    finally:
+        ingress.kill()

@@ -342,7 +342,7 @@ async def test_tls_refusals(tmp_path: Path, tls: dict[str, str], expect: str) ->
     certs = make_certs(tmp_path / "certs")
     async with echo_server() as backend:
         async with processes(
-            tmp_path, _egress_args(certs, backend.port),
+            tmp_path, _egress_args(certs, backend.port), ingress_args=("--hold-timeout", "0.5"),
             config=lambda port: write_connect_json(tmp_path / "certs" / "bad.json", {
                 "scheme": "amqps", "host": "localhost", "port": port, "tls": tls,
             }),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .app import DEFAULT_GRACE, Settings, run
-from .bridge import DEFAULT_OPEN_TIMEOUT
+from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
 from .errors import ConfigError
 from .limits import DEFAULT_HALF_CLOSED_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Limits
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--open-timeout", type=float, default=DEFAULT_OPEN_TIMEOUT,
                         help="seconds an ingress waits for credit before resetting the client "
                         "(default %(default)s)")
+    parser.add_argument("--hold-timeout", type=float, default=DEFAULT_HOLD_TIMEOUT,
+                        help="seconds a new connection is held while the router is away, "
+                        "before it is reset (default %(default)s)")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                         help="seconds open tunnels get to finish on SIGTERM (default %(default)s)")
     parser.add_argument("--handshake-timeout", type=float, default=10.0,
@@ -81,7 +84,8 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         raise ConfigError("--idle-timeout and --half-closed-timeout must not be negative")
     if args.window < 1:
         raise ConfigError(f"--window {args.window}: must be at least 1")
-    if args.open_timeout <= 0 or args.grace < 0 or args.handshake_timeout <= 0:
+    if (args.open_timeout <= 0 or args.grace < 0 or args.handshake_timeout <= 0
+            or args.hold_timeout < 0):
         raise ConfigError(
             "--open-timeout and --handshake-timeout must be positive, --grace not negative"
         )
@@ -111,7 +115,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         specs=tuple(specs), router=router, router_source=source, listen=listen, site_id=site_id,
         window=args.window, open_timeout=args.open_timeout, grace=args.grace,
         admin=_admin_address(args.admin) if args.admin else None,
-        handshake_timeout=args.handshake_timeout,
+        handshake_timeout=args.handshake_timeout, hold_timeout=args.hold_timeout,
         limits=Limits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
                       half_closed_timeout=args.half_closed_timeout),
     )

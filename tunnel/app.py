@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .admin import AdminServer
-from .bridge import EgressBridge, HostedTunnels, IngressBridge
+from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
 from .limits import DEFAULT_LIMITS, Limits
@@ -38,6 +38,7 @@ class Settings:
     grace: float = DEFAULT_GRACE
     admin: tuple[str, int] | None = None
     handshake_timeout: float = 10.0
+    hold_timeout: float = 10.0
     limits: Limits = DEFAULT_LIMITS
 
 
@@ -86,7 +87,7 @@ class App:
                 bridge = IngressBridge(
                     spec, self.router, settings.site_id,
                     window=settings.window, open_timeout=settings.open_timeout,
-                    limits=settings.limits,
+                    hold_timeout=settings.hold_timeout, limits=settings.limits,
                 )
                 await bridge.start()
                 self.ingress.append(bridge)
@@ -122,17 +123,8 @@ class App:
                 missing.append(f"direct-mode listener for {bridge.spec} not bound")
         return missing
 
-    def hosts(self) -> list[HostedTunnels]:
-        """Every AMQP connection that tunnels run on."""
-        found: list[HostedTunnels] = []
-        if self.router is not None and self.router.connection is not None:
-            found.append(self.router.connection)
-        if self.direct is not None:
-            found.extend(self.direct.peers)
-        return found
-
     def hosts_busy(self) -> int:
-        return sum(len(host.tunnels) for host in self.hosts())
+        return sum(len(stats.live) for stats in self.bridge_stats())
 
     async def shutdown(self) -> None:
         """Stop accepting, let open tunnels finish for the grace period, reset the rest."""
@@ -153,8 +145,8 @@ class App:
             logger.info("shutting down: resetting %d tunnels still open", left)
         # Reset here rather than leave it to the connections' closing: a peer
         # slow to answer the close would let the exit end each socket with a FIN.
-        for host in self.hosts():
-            for tunnel in list(host.tunnels):
+        for stats in self.bridge_stats():
+            for tunnel in list(stats.live):
                 tunnel.reset("shutting down", Failure.SHUTDOWN)
         for egress in self.egress.values():
             await egress.stop()

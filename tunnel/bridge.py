@@ -19,7 +19,8 @@ import itertools
 import logging
 import os
 import socket
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from proton import Link, Receiver, Sender
 
@@ -35,6 +36,7 @@ from .tcp_side import TcpSide
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPEN_TIMEOUT = 15.0
+DEFAULT_HOLD_TIMEOUT = 10.0
 LISTEN_BACKLOG = 4096
 BACKEND_CONNECT_TIMEOUT = 10.0
 # Bounds what a peer can make us gather for one delivery before we see it.
@@ -74,6 +76,12 @@ class RouterLink(Protocol):
         """The live connection and its session for tunnel links, or None while down."""
         ...
 
+    def wait_for_up(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the connection is (re)opened."""
+        ...
+
+    def stop_waiting(self, callback: Callable[[], None]) -> None: ...
+
 
 class IngressTunnel(Tunnel):
     """A tunnel for one accepted client: opens a dynamic receiver, then a sender to the address."""
@@ -99,13 +107,37 @@ class IngressTunnel(Tunnel):
                        Failure.LIMIT)
             return
         super().on_tcp_connected(transport)
+        self.on_finished = self._on_finished
         live = bridge.router.current()
         if live is None:
-            self.reset("no router connection", Failure.NO_ROUTER)
+            # Held, not refused: the router may well be back within the hold time.
+            self.log.debug("waiting up to %gs for the router", bridge.hold_timeout)
+            bridge.router.wait_for_up(self._on_router_up)
+            self.open_timer = asyncio.get_running_loop().call_later(
+                bridge.hold_timeout, self._on_hold_timeout
+            )
             return
-        host, session = live
+        self._open(*live)
+
+    def _on_router_up(self) -> None:
+        live = self.bridge.router.current()
+        if self.phase is Phase.CLOSED or live is None:
+            return
+        if self.open_timer is not None:
+            self.open_timer.cancel()
+            self.open_timer = None
+        self._open(*live)
+
+    def _on_hold_timeout(self) -> None:
+        self.open_timer = None
+        if self.host is None:
+            self.reset(f"no router connection within {self.bridge.hold_timeout:g} s",
+                       Failure.NO_ROUTER)
+
+    def _open(self, host: TunnelHost, session: Any) -> None:
+        """Open this tunnel's links on the live router connection."""
+        bridge = self.bridge
         self.host, self.session, self.amqp = host, session, host.socket
-        self.on_finished = self._on_finished
         host.add_tunnel(self)
         pooled = host.take_reply_link()
         if pooled is not None:
@@ -113,7 +145,7 @@ class IngressTunnel(Tunnel):
             self.attach_links(None, pooled)
             self._open_sender(pooled)
         else:
-            receiver: Receiver = session.receiver(f"{self.name}/reply")  # type: ignore[attr-defined]
+            receiver: Receiver = session.receiver(f"{self.name}/reply")
             receiver.source.dynamic = True
             receiver.max_message_size = MAX_MESSAGE_SIZE
             self.attach_links(None, receiver)
@@ -134,6 +166,7 @@ class IngressTunnel(Tunnel):
         if self.open_timer is not None:
             self.open_timer.cancel()
             self.open_timer = None
+        self.bridge.router.stop_waiting(self._on_router_up)
         if self.host is not None:
             self.host.forget_tunnel(self)
 
@@ -180,6 +213,7 @@ class IngressBridge:
         *,
         window: int = DEFAULT_WINDOW,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+        hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.spec = spec
@@ -187,6 +221,7 @@ class IngressBridge:
         self.site_id = site_id
         self.window = window
         self.open_timeout = open_timeout
+        self.hold_timeout = hold_timeout
         self.limits = limits
         self.server: asyncio.Server | None = None
         self.stats = BridgeStats(str(spec))

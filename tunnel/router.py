@@ -21,6 +21,7 @@ import logging
 import random
 import secrets
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
@@ -63,6 +64,7 @@ class RouterClient:
         self.connection: RouterConnection | None = None
         self.connects = 0
         self.disconnects = 0
+        self.waiting: set[Callable[[], None]] = set()
         self.routes_active: set[str] = set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -72,6 +74,12 @@ class RouterClient:
         if conn is None or not conn.opened or conn.session is None:
             return None
         return conn, conn.session
+
+    def wait_for_up(self, callback: Callable[[], None]) -> None:
+        self.waiting.add(callback)
+
+    def stop_waiting(self, callback: Callable[[], None]) -> None:
+        self.waiting.discard(callback)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="router client")
@@ -184,6 +192,9 @@ class RouterConnection(HostedTunnels):
         self.session.open()
         if client.ingress:
             self.reply_pool.refill(self.session)
+        waiting, client.waiting = client.waiting, set()
+        for callback in waiting:
+            callback()
         if client.egress:
             self.management = ManagementClient(self)
             self.management.start(self.session)
