@@ -158,6 +158,11 @@ def test_bad_listen_urls(url: str, message: str) -> None:
         (["--listen", "amqp://x", "tcp:1=>amqp:a"], "--listen"),
         (["--listen-ca", "ca.pem", "tcp:1=>amqp:a"], "need --listen"),
         (["--window", "0", "tcp:1=>amqp:a"], "--window"),
+        (["--max-frame-size", "100", "tcp:1=>amqp:a"], "--max-frame-size 100"),
+        (["--session-window", "1000", "tcp:1=>amqp:a"], "--session-window 1000"),
+        (["--max-connections", "0", "tcp:1=>amqp:a"], "--max-connections 0"),
+        (["--idle-timeout", "-1", "tcp:1=>amqp:a"], "--idle-timeout"),
+        (["--admin", "nowhere", "tcp:1=>amqp:a"], "--admin 'nowhere'"),
     ],
 )
 def test_cli_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:

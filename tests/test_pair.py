@@ -456,3 +456,35 @@ async def test_backend_reset_mid_stream_resets_client(tmp_path: Path) -> None:
             writer.close()
     finally:
         server.close()
+
+
+async def test_small_frames_and_session_window(tmp_path: Path) -> None:
+    """With 4 KiB frames and a 16 KiB session window both ways, 8 MiB still arrive intact."""
+    limits = ("--max-frame-size", "4096", "--session-window", "16384")
+    async with echo_server() as backend, processes(
+        tmp_path, [*limits, *_egress_args(None, backend.port)], ingress_args=limits,
+    ) as pair:
+        await pair.ingress.wait_for("connected")
+        payload = os.urandom(8 * MIB)
+        assert await round_trip(pair.port, payload) == payload
+
+
+async def test_tls_hostname_is_verified(tmp_path: Path) -> None:
+    """A router whose certificate does not name the host we dialled is refused."""
+    certs = make_certs(tmp_path / "certs")
+    async with echo_server() as backend:
+        # 127.0.0.2 is loopback too, but the certificate names localhost and 127.0.0.1 only.
+        egress_args = ["--listen", "amqps://127.0.0.2:0",
+                       "--listen-cert", str(certs.server_cert),
+                       "--listen-key", str(certs.server_key),
+                       f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}"]
+        async with processes(
+            tmp_path, egress_args, ingress_args=("--hold-timeout", "0.5"),
+            config=lambda port: write_connect_json(tmp_path / "certs" / "ip.json", {
+                "scheme": "amqps", "host": "127.0.0.2", "port": port,
+                "tls": {"ca": "test-ca.crt", "cert": "client.crt", "key": "client.key"},
+            }),
+        ) as pair:
+            await pair.ingress.wait_for("CERTIFICATE_VERIFY_FAILED")
+            assert "IP address mismatch" in pair.ingress.log()
+            await _expect_reset(pair.port)

@@ -15,6 +15,7 @@ from . import __version__
 from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
+from .engine import DEFAULT_MAX_FRAME_SIZE
 from .errors import ConfigError
 from .limits import DEFAULT_HALF_CLOSED_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Limits
 from .relay import DEFAULT_WINDOW
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                         default=DEFAULT_HALF_CLOSED_TIMEOUT,
                         help="reset a tunnel left half-closed and silent this long "
                         "(default %(default)s; 0: never)")
+    parser.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE,
+                        help="largest AMQP frame we accept, in bytes (default %(default)s)")
+    parser.add_argument("--session-window", type=int, default=0,
+                        help="bytes an AMQP session takes in before the peer must wait; "
+                        "at least the frame size (default 0: proton's)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default %(default)s)")
     parser.add_argument("--version", action="version", version=f"tunnel {__version__}")
@@ -78,17 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     """Turn parsed arguments and the environment into settings; raises ConfigError."""
     specs = parse_specs(args.specs, env)
-    if args.max_connections < 1:
-        raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
-    if args.idle_timeout < 0 or args.half_closed_timeout < 0:
-        raise ConfigError("--idle-timeout and --half-closed-timeout must not be negative")
-    if args.window < 1:
-        raise ConfigError(f"--window {args.window}: must be at least 1")
-    if (args.open_timeout <= 0 or args.grace < 0 or args.handshake_timeout <= 0
-            or args.hold_timeout < 0):
-        raise ConfigError(
-            "--open-timeout and --handshake-timeout must be positive, --grace not negative"
-        )
+    _check_numbers(args)
     listen = None
     if args.listen:
         listen = ListenConfig.parse(args.listen, args.listen_cert, args.listen_key, args.listen_ca)
@@ -116,6 +112,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         window=args.window, open_timeout=args.open_timeout, grace=args.grace,
         admin=_admin_address(args.admin) if args.admin else None,
         handshake_timeout=args.handshake_timeout, hold_timeout=args.hold_timeout,
+        max_frame_size=args.max_frame_size, session_window=args.session_window,
         limits=Limits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
                       half_closed_timeout=args.half_closed_timeout),
     )
@@ -127,6 +124,27 @@ def _admin_address(text: str) -> tuple[str, int]:
     if not colon or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"--admin {text!r}: expected HOST:PORT")
     return host, int(port)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric option in range, or a ConfigError naming it."""
+    # AMQP 1.0 §2.7.1: no peer may require frames smaller than 512 bytes.
+    if not 512 <= args.max_frame_size <= 1 << 30:
+        raise ConfigError(f"--max-frame-size {args.max_frame_size}: expected 512 to 2**30")
+    if args.session_window and args.session_window < args.max_frame_size:
+        raise ConfigError(f"--session-window {args.session_window}: must be 0 or at least "
+                          f"the frame size ({args.max_frame_size})")
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
+    if args.idle_timeout < 0 or args.half_closed_timeout < 0:
+        raise ConfigError("--idle-timeout and --half-closed-timeout must not be negative")
+    if args.window < 1:
+        raise ConfigError(f"--window {args.window}: must be at least 1")
+    if (args.open_timeout <= 0 or args.grace < 0 or args.handshake_timeout <= 0
+            or args.hold_timeout < 0):
+        raise ConfigError(
+            "--open-timeout and --handshake-timeout must be positive, --grace not negative"
+        )
 
 
 def _warn_insecure(conn: ConnectionConfig, source: str) -> None:

@@ -12,6 +12,7 @@ from .admin import AdminServer
 from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
+from .engine import DEFAULT_MAX_FRAME_SIZE
 from .limits import DEFAULT_LIMITS, Limits
 from .metrics import registry_for
 from .relay import DEFAULT_WINDOW, Failure
@@ -39,6 +40,8 @@ class Settings:
     admin: tuple[str, int] | None = None
     handshake_timeout: float = 10.0
     hold_timeout: float = 10.0
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    session_window: int = 0
     limits: Limits = DEFAULT_LIMITS
 
 
@@ -54,7 +57,9 @@ class App:
         }
         self.direct = (
             DirectListener(settings.listen, self.egress,
-                           handshake_timeout=settings.handshake_timeout)
+                           handshake_timeout=settings.handshake_timeout,
+                           max_frame_size=settings.max_frame_size,
+                           session_window=settings.session_window)
             if settings.listen else None
         )
         self.router: RouterClient | None = None
@@ -79,6 +84,7 @@ class App:
             self.router = RouterClient(
                 endpoint, self.egress if settings.router else {},
                 ingress=any(isinstance(s, IngressSpec) for s in settings.specs),
+                max_frame_size=settings.max_frame_size, session_window=settings.session_window,
             )
             self.router.start()
         for spec in settings.specs:

@@ -28,7 +28,7 @@ from . import wire
 from .amqp_link import AmqpSocket
 from .engine import add_capability, capabilities
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
-from .relay import DEFAULT_WINDOW, Failure, Phase, Tunnel
+from .relay import DEFAULT_WINDOW, MAX_MESSAGE_SIZE, Failure, Phase, Tunnel
 from .spec import EgressSpec, IngressSpec
 from .stats import BridgeStats
 from .tcp_side import TcpSide
@@ -39,8 +39,6 @@ DEFAULT_OPEN_TIMEOUT = 15.0
 DEFAULT_HOLD_TIMEOUT = 10.0
 LISTEN_BACKLOG = 4096
 BACKEND_CONNECT_TIMEOUT = 10.0
-# Bounds what a peer can make us gather for one delivery before we see it.
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 _PROCESS_TAG = os.urandom(3).hex()
 _sequence = itertools.count(1)

@@ -26,7 +26,13 @@ from proton import Condition, Link
 from .amqp_link import AmqpSocket
 from .bridge import LISTEN_BACKLOG, EgressBridge, HostedTunnels
 from .config import ListenConfig
-from .engine import AmqpEngine, EngineOptions, refuse_link, set_owner
+from .engine import (
+    DEFAULT_MAX_FRAME_SIZE,
+    AmqpEngine,
+    EngineOptions,
+    refuse_link,
+    set_owner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +43,11 @@ class DirectListener:
     """The ``--listen`` server."""
 
     def __init__(self, config: ListenConfig, egress: dict[str, EgressBridge], *,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, session_window: int = 0) -> None:
         self.config = config
+        self.max_frame_size = max_frame_size
+        self.session_window = session_window
         self.egress = egress
         self.handshake_timeout = handshake_timeout
         self.server: asyncio.Server | None = None
@@ -64,7 +73,10 @@ class DirectListener:
 
     def _accept(self) -> AmqpSocket:
         peer = DirectPeer(self)
-        engine = AmqpEngine(EngineOptions(server=True, outer_tls=self.config.scheme == "amqps"))
+        engine = AmqpEngine(EngineOptions(
+            server=True, outer_tls=self.config.scheme == "amqps",
+            max_frame_size=self.max_frame_size, session_window=self.session_window,
+        ))
         peer.socket = AmqpSocket(engine, peer)
         self.peers.add(peer)
         return peer.socket

@@ -61,6 +61,7 @@ DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
 DEFAULT_IDLE_TIMEOUT = 16.0
 OWNER_ATTR = "tunnel_owner"
 _FREED_ATTR = "tunnel_freed"
+_SESSION_WINDOW_ATTR = "tunnel_session_window"
 PRODUCT = "tunnel"
 
 
@@ -81,6 +82,8 @@ class EngineOptions:
     mechanisms: str = "ANONYMOUS"
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    #: Bytes a session takes in before the peer must wait for us (0: proton's default).
+    session_window: int = 0
     # Set when TLS is done outside proton: proton cannot see it and would
     # otherwise refuse PLAIN as if it were on a cleartext socket.
     outer_tls: bool = False
@@ -111,6 +114,7 @@ class AmqpEngine:
         }
         self.transport = Transport(Transport.SERVER if options.server else Transport.CLIENT)
         self.transport.max_frame_size = options.max_frame_size
+        setattr(self.connection, _SESSION_WINDOW_ATTR, options.session_window)
         self.transport.idle_timeout = options.idle_timeout
         sasl = self.transport.sasl()
         sasl.allowed_mechs(options.mechanisms)
@@ -324,7 +328,15 @@ def close_link(link: Link, condition: Condition | None = None) -> None:
 def _on_session_remote_open(event: Event, handler: ConnectionHandler) -> None:
     session = cast(Session, event.session)
     if session.state & Endpoint.LOCAL_UNINIT:
-        session.open()
+        open_session(session)
+
+
+def open_session(session: Session) -> None:
+    """Open ``session`` with the connection's configured incoming window."""
+    window = getattr(session.connection, _SESSION_WINDOW_ATTR, 0)
+    if window:
+        session.incoming_capacity = window
+    session.open()
 
 
 def _on_session_remote_close(event: Event, handler: ConnectionHandler) -> None:

@@ -64,6 +64,9 @@ DEFAULT_WINDOW = 2
 # With the window, what bounds the bytes in flight towards one tunnel:
 # window x max_delivery per direction.
 MAX_DELIVERY = 128 * 1024
+# The largest message we take in (our peers send at most MAX_DELIVERY, the
+# node proxy 64 KiB); advertised on our receivers as max-message-size.
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 # What a router puts on a routed link whose far end's connection closed
 # (protocols.md §8.1): a node ingress's only way to end its stream.
 ROUTED_LINK_LOST = "qd:routed-link-lost"
@@ -111,6 +114,7 @@ class Tunnel:
     __slots__ = (
         "_ever_credited",
         "_parked",
+        "_partial",
         "_rcv",
         "_snd",
         "_tag",
@@ -180,6 +184,8 @@ class Tunnel:
         self.bytes_in = 0
         self.bytes_out = 0
         self._parked: memoryview | None = None
+        # The start of a delivery still arriving; bounded by max-message-size.
+        self._partial: bytearray | None = None
         self._tag = 0
         self._ever_credited = False
 
@@ -441,9 +447,22 @@ class Tunnel:
 
     # -- receiving ------------------------------------------------------------
     def _on_message(self, link: Any, delivery: Any) -> None:
+        pending = _lib.pn_delivery_pending(delivery)
         if _lib.pn_delivery_partial(delivery):
-            return  # proton gathers the rest, bounded by our max-message-size
-        data = receive_delivery(link, _lib.pn_delivery_pending(delivery))
+            # Take what has arrived: left in proton it would hold the session
+            # window shut, and a delivery larger than the window would never end.
+            if pending:
+                part = receive_delivery(link, pending)
+                if self._partial is None:
+                    self._partial = part
+                else:
+                    self._partial += part
+                if len(self._partial) > MAX_MESSAGE_SIZE:
+                    self.reset(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
+            return
+        data = receive_delivery(link, pending)
+        if self._partial is not None:
+            data, self._partial = self._partial + data, None
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:

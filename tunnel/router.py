@@ -27,17 +27,20 @@ from typing import Any
 from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
 
 from .amqp_link import AmqpSocket
-from .bridge import MAX_MESSAGE_SIZE, EgressBridge, HostedTunnels, TunnelHost
+from .bridge import EgressBridge, HostedTunnels, TunnelHost
 from .config import RouterEndpoint
 from .engine import (
+    DEFAULT_MAX_FRAME_SIZE,
     AmqpEngine,
     EngineOptions,
     close_link,
+    open_session,
     refuse_link,
     set_owner,
     wrap_delivery,
     wrap_link,
 )
+from .relay import MAX_MESSAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,11 @@ class RouterClient:
         *,
         container_id: str | None = None,
         ingress: bool = True,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        session_window: int = 0,
     ) -> None:
+        self.max_frame_size = max_frame_size
+        self.session_window = session_window
         self.endpoint = endpoint
         self.egress = egress
         self.container_id = container_id or f"{socket.gethostname()}-tunnel-{secrets.token_hex(4)}"
@@ -128,6 +135,8 @@ class RouterClient:
                 password=ep.password,
                 mechanisms=_mechanisms(ep),
                 outer_tls=ep.ssl is not None,
+                max_frame_size=self.max_frame_size,
+                session_window=self.session_window,
             )
         )
         loop = asyncio.get_running_loop()
@@ -189,7 +198,7 @@ class RouterConnection(HostedTunnels):
             props.get("product", "unknown product"), props.get("version", "?"),
         )
         self.session = self.socket.engine.connection.session()
-        self.session.open()
+        open_session(self.session)
         if client.ingress:
             self.reply_pool.refill(self.session)
         waiting, client.waiting = client.waiting, set()
