@@ -19,6 +19,7 @@ import pytest
 from helpers import LOOPBACK, TunnelProcess, make_certs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from proton import SASL, Connection, Endpoint, Transport
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
@@ -186,3 +187,30 @@ def test_plaintext_to_a_tls_listener_is_closed(tmp_path: Path) -> None:
         assert process.stop() == 0
     finally:
         process.kill()
+
+
+def test_sasl_failure_closes_the_connection(listener: tuple[TunnelProcess, int]) -> None:
+    """A client insisting on a mechanism the listener does not offer is refused and closed."""
+    _, port = listener
+    connection = Connection()
+    transport = Transport()
+    sasl = transport.sasl()
+    sasl.allowed_mechs("PLAIN")
+    sasl.allow_insecure_mechs = True
+    connection.user, connection.password = "user", "not-offered"
+    transport.bind(connection)
+    connection.open()
+    with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not transport.closed:
+            pending = transport.pending()
+            if pending > 0:
+                sock.sendall(transport.peek(pending) or b"")
+                transport.pop(pending)
+            data = sock.recv(65536)
+            if not data:
+                transport.close_tail()
+                break
+            transport.push(data)
+    assert sasl.outcome not in (None, SASL.OK)
+    assert connection.state & Endpoint.REMOTE_UNINIT  # the AMQP open never came
