@@ -488,3 +488,4 @@ async def test_tls_hostname_is_verified(tmp_path: Path) -> None:
             await pair.ingress.wait_for("CERTIFICATE_VERIFY_FAILED")
             assert "IP address mismatch" in pair.ingress.log()
             await _expect_reset(pair.port)
+

@@ -222,7 +222,16 @@ class AmqpEngine:
             pop(collector)
 
     def release(self) -> None:
-        """Free proton's objects now, in the order proton needs, not at garbage collection."""
+        """Free proton's objects now, in the order proton needs, not at garbage collection.
+
+        Owners are cleared first: an owner kept in a link's record (which
+        proton holds, out of the garbage collector's sight) keeps its tunnel,
+        and through it this engine and its buffers, alive for good.
+        """
+        link = self.connection.link_head(0)
+        while link is not None:
+            set_owner(link, None)
+            link = link.next(0)
         self.collector.release()
         self.transport.unbind()
         self.connection.free()
