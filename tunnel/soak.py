@@ -28,7 +28,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+
+from .bench.servers import Echo
 
 
 @dataclass
@@ -40,26 +41,6 @@ class Report:
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     rss_start_kib: int = 0
     rss_end_kib: int = 0
-
-
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def pause_writing(self) -> None:
-        self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.transport.resume_reading()
-
-    def eof_received(self) -> bool:
-        self.transport.write_eof()
-        self.transport.close()
-        return True
 
 
 def _rss_kib(pid: int) -> int:
@@ -95,7 +76,7 @@ class Soak:
 
     async def start_backend(self) -> None:
         self.backend = await asyncio.get_running_loop().create_server(
-            _Echo, "127.0.0.1", self.backend_port, reuse_address=True)
+            Echo, "127.0.0.1", self.backend_port, reuse_address=True)
         self.backend_port = self.backend.sockets[0].getsockname()[1]
 
     async def start_egress(self) -> None:
