@@ -13,9 +13,9 @@ Theory of operation
   deadline (heartbeats, idle timeout) for the caller to arm a timer at.
 
 Everything proton reports (a link attached, credit arrived, a delivery
-changed) comes out of :meth:`AmqpEngine.next_event`; :func:`dispatch` routes
-each event either to the connection's handler or, for links that have one,
-to the link's owner (one :class:`LinkOwner` per tunnel), so per-tunnel code
+changed) is acted on by :meth:`AmqpEngine.run_events`, which routes each
+event either to the connection's handler or, for links that have one, to
+the link's owner (one :class:`LinkOwner` per tunnel), so per-tunnel code
 never sees another tunnel's events.
 
 This module imports no asyncio: the glue in :mod:`tunnel.amqp_link` moves
@@ -192,7 +192,7 @@ class AmqpEngine:
 
     # -- events ---------------------------------------------------------------
     def run_events(self, handler: ConnectionHandler) -> None:
-        """Act on every pending event; see :func:`dispatch`.
+        """Act on every pending event.
 
         Deliveries and credit, the per-chunk events, go to their link's owner
         as proton's C handles: wrapping them in proton's Python objects costs
@@ -214,10 +214,10 @@ class AmqpEngine:
                 _on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
             elif etype in _LINK_REMOTE_END:
                 _on_link_remote_close(wrap_link(_lib.pn_event_link(raw)), handler)
-            elif etype in _WANTED:
+            elif (action := _CONNECTION_EVENTS.get(etype)) is not None:
                 event: Event = Event.wrap(raw)  # type: ignore[no-untyped-call]
                 pop(collector)
-                dispatch(event, handler)
+                action(event, handler)
                 continue
             pop(collector)
 
@@ -376,30 +376,24 @@ def _on_transport_error(event: Event, handler: ConnectionHandler) -> None:
     handler.on_transport_error(cast(Transport, event.transport).condition)
 
 
-# Each handler may rely on its event's context object (a link event has a
-# link), hence the casts. Events not listed need nothing from us.
-_DISPATCH = {
-    Event.SESSION_REMOTE_OPEN: _on_session_remote_open,
-    Event.SESSION_REMOTE_CLOSE: _on_session_remote_close,
-    Event.CONNECTION_REMOTE_OPEN: _on_connection_remote_open,
-    Event.CONNECTION_REMOTE_CLOSE: _on_connection_remote_close,
-    Event.TRANSPORT_ERROR: _on_transport_error,
+# The rare events, by proton's event number, acted on with proton's Event
+# object. Each handler may rely on its event's context object (a session
+# event has a session), hence the casts. Events not listed need nothing.
+_CONNECTION_EVENTS = {
+    event_type.number: action
+    for event_type, action in (
+        (Event.SESSION_REMOTE_OPEN, _on_session_remote_open),
+        (Event.SESSION_REMOTE_CLOSE, _on_session_remote_close),
+        (Event.CONNECTION_REMOTE_OPEN, _on_connection_remote_open),
+        (Event.CONNECTION_REMOTE_CLOSE, _on_connection_remote_close),
+        (Event.TRANSPORT_ERROR, _on_transport_error),
+    )
 }
-
-
-_WANTED = frozenset(event_type.number for event_type in _DISPATCH)
 _DELIVERY = Event.DELIVERY.number
 _LINK_FLOW = Event.LINK_FLOW.number
 _LINK_REMOTE_OPEN = Event.LINK_REMOTE_OPEN.number
 _LINK_REMOTE_END = frozenset((Event.LINK_REMOTE_CLOSE.number, Event.LINK_REMOTE_DETACH.number))
 _RELEASED = int(Delivery.RELEASED)
-
-
-def dispatch(event: Event, handler: ConnectionHandler) -> None:
-    """Route one proton event to the link's owner or the connection's handler."""
-    action = _DISPATCH.get(event.type)
-    if action is not None:
-        action(event, handler)
 
 
 def _free_if_done(link: Link) -> None:
