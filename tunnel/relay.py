@@ -62,7 +62,7 @@ RESET_CONDITION = "tunnel:reset"
 _ACCEPTED = int(Delivery.ACCEPTED)
 DEFAULT_WINDOW = 2
 # With the window, what bounds the bytes in flight towards one tunnel:
-# window x max_delivery per direction.
+# window x MAX_DELIVERY per direction.
 MAX_DELIVERY = 128 * 1024
 # The largest message we take in (our peers send at most MAX_DELIVERY, the
 # node proxy 64 KiB); advertised on our receivers as max-message-size.
@@ -97,6 +97,8 @@ class Failure(enum.Enum):
 
 
 class Phase(enum.Enum):
+    """OPENING until the far end first grants credit, OPEN after, CLOSED once ended."""
+
     OPENING = "opening"
     OPEN = "open"
     CLOSED = "closed"
@@ -112,7 +114,6 @@ class Tunnel:
     """One TCP connection and its two AMQP links; see the module docstring."""
 
     __slots__ = (
-        "_ever_credited",
         "_parked",
         "_partial",
         "_rcv",
@@ -125,7 +126,6 @@ class Tunnel:
         "eos_sent",
         "failure",
         "log",
-        "max_delivery",
         "name",
         "on_finished",
         "peer_half_close",
@@ -151,14 +151,12 @@ class Tunnel:
         *,
         routed_is_sender: bool,
         window: int = DEFAULT_WINDOW,
-        max_delivery: int = MAX_DELIVERY,
         on_finished: Callable[[Tunnel], None] | None = None,
     ) -> None:
         self.name = name
         self.amqp = amqp
         self.routed_is_sender = routed_is_sender
         self.window = window
-        self.max_delivery = max_delivery
         self.on_finished = on_finished
         self.stats: BridgeStats | None = None
         self.log = TunnelLog(logger, {"tunnel": name})
@@ -187,7 +185,6 @@ class Tunnel:
         # The start of a delivery still arriving; bounded by max-message-size.
         self._partial: bytearray | None = None
         self._tag = 0
-        self._ever_credited = False
 
     # -- wiring ---------------------------------------------------------------
     def attach_links(self, sender: Link | None, receiver: Link | None) -> None:
@@ -275,8 +272,8 @@ class Tunnel:
 
     def on_link_flow(self, link: Any) -> None:
         if _lib.pn_link_is_sender(link):
-            if _lib.pn_link_credit(link) > 0:
-                self._ever_credited = True
+            if self.phase is Phase.OPENING and _lib.pn_link_credit(link) > 0:
+                self.phase = Phase.OPEN  # the far end is there and will take bytes
             self._pump()
 
     def on_amqp_writable(self) -> None:
@@ -321,7 +318,7 @@ class Tunnel:
 
     def on_open_timeout(self, seconds: float) -> None:
         """Nothing granted credit in time: nothing serves the address (§8.1)."""
-        if self.phase is Phase.OPENING and not self._ever_credited:
+        if self.phase is Phase.OPENING:
             self.reset(f"no credit within {seconds:g} s: nothing serves the address",
                        Failure.NO_CREDIT)
 
@@ -362,11 +359,11 @@ class Tunnel:
         )
 
     def _send_or_park(self, data: memoryview) -> None:
-        """Send ``data`` in deliveries of at most ``max_delivery`` while credit lasts.
+        """Send ``data`` in deliveries of at most ``MAX_DELIVERY`` while credit lasts.
 
         What credit does not cover is parked, to go on the next credit.
         """
-        limit = self.max_delivery
+        limit = MAX_DELIVERY
         while data:
             if not self._can_send():
                 self._parked = data
@@ -392,8 +389,6 @@ class Tunnel:
         """Move whatever can move now: parked bytes, then the end-of-stream."""
         if self.phase is Phase.CLOSED:
             return
-        if self.phase is Phase.OPENING and self._ever_credited:
-            self.phase = Phase.OPEN
         if self._parked is not None:
             self._send_or_park(self._parked)
         if self.eos_pending and self._parked is None:
