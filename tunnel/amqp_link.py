@@ -70,11 +70,19 @@ class AmqpSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._backlog:
             data = self._backlog + data
-        taken = self.engine.receive_bytes(data)
-        self._backlog = data[taken:]
-        # Events now, output once at the end of this loop iteration: whatever
-        # else arrives in the same iteration leaves in the same write.
-        self._run_events()
+        view = memoryview(data)
+        offset = 0
+        # A slice at a time, each followed by its events, so that received
+        # bytes leave proton as they land (see tunnel.engine on memory).
+        while offset < len(view):
+            taken = self.engine.receive_bytes(view[offset:])
+            offset += taken
+            self._run_events()
+            if not taken:
+                break
+        self._backlog = data[offset:]
+        # Output once at the end of this loop iteration: whatever else
+        # arrives in the same iteration leaves in the same write.
         self.flush_soon()
 
     def eof_received(self) -> bool:
@@ -127,7 +135,6 @@ class AmqpSocket(asyncio.Protocol):
         # copy in the transport's buffer.
         while not self._write_paused and (out := engine.bytes_to_send()) is not None:
             transport.write(out)
-            engine.bytes_sent(len(out))
         if self._backlog and engine.transport.capacity() > 0:
             self._loop.call_soon(self.data_received, b"")
         if engine.finished:

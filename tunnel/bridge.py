@@ -26,7 +26,7 @@ from proton import Link, Receiver, Sender
 
 from . import wire
 from .amqp_link import AmqpSocket
-from .engine import add_capability, capabilities
+from .engine import AmqpEngine, add_capability, capabilities
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
 from .relay import DEFAULT_WINDOW, MAX_MESSAGE_SIZE, Failure, Phase, Tunnel
 from .spec import EgressSpec, IngressSpec
@@ -194,7 +194,11 @@ class IngressTunnel(Tunnel):
 class _NoSocket:
     """Stands in for the AMQP socket until a tunnel has one."""
 
-    write_paused = True
+    write_paused = True  # so nothing is sent: the engine is never asked for
+
+    @property
+    def engine(self) -> AmqpEngine:
+        raise RuntimeError("a tunnel sent before it had an AMQP connection")
 
     def flush_soon(self) -> None:
         pass

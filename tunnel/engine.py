@@ -7,8 +7,7 @@ Theory of operation
 
 - bytes from the network go in with :meth:`AmqpEngine.receive_bytes`
   (and :meth:`AmqpEngine.eof_in` at end of input);
-- bytes for the network come out of :meth:`AmqpEngine.bytes_to_send` and are
-  acknowledged with :meth:`AmqpEngine.bytes_sent`;
+- bytes for the network come out of :meth:`AmqpEngine.bytes_to_send`;
 - time goes in through :meth:`AmqpEngine.tick`, which returns the next
   deadline (heartbeats, idle timeout) for the caller to arm a timer at.
 
@@ -18,6 +17,16 @@ event either to the connection's handler or, for links that have one, to
 the link's owner (one :class:`LinkOwner` per tunnel), so per-tunnel code
 never sees another tunnel's events.
 
+Memory: proton keeps a connection's settled deliveries in a pool for reuse,
+and a pooled delivery keeps its byte buffer at the largest size it ever
+held; the pool lives as long as the connection. So no delivery is let to
+hold much at once. :meth:`AmqpEngine.send_delivery` frames each
+:data:`SLICE` as it is written, moving proton's output aside to make room
+when it must, and input goes in slices of the same size with the events run
+in between (:meth:`AmqpEngine.receive_bytes` takes at most one slice), so
+received bytes are read out as each slice lands. Otherwise a long-lived
+connection grows by pool size x delivery size and never gives it back.
+
 This module imports no asyncio: the glue in :mod:`tunnel.amqp_link` moves
 the bytes and supplies the time.
 """
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -56,8 +66,10 @@ _lib = raw_lib = cproton.lib
 
 logger = logging.getLogger(__name__)
 
-# Large frames cost nothing when unused and let one TCP read travel as one frame.
+# Large frames cost nothing when unused; what we send is framed a SLICE at a time.
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
+# The most one delivery holds inside proton at once (see the module docstring).
+SLICE = 16 * 1024
 DEFAULT_IDLE_TIMEOUT = 16.0
 OWNER_ATTR = "tunnel_owner"
 _FREED_ATTR = "tunnel_freed"
@@ -99,6 +111,7 @@ class AmqpEngine:
     __slots__ = (
         "_collector_impl",
         "_ended_in",
+        "_outbox",
         "_transport_impl",
         "collector",
         "connection",
@@ -136,12 +149,18 @@ class AmqpEngine:
         self._collector_impl = self.collector._impl
         self.connection.collect(self.collector)
         self._ended_in = False
+        # Output taken out of proton early, to make room (see send_delivery).
+        self._outbox: deque[bytearray] = deque()
 
     # -- bytes in -------------------------------------------------------------
     def receive_bytes(self, data: bytes | memoryview) -> int:
-        """Feed network input; returns how many bytes proton took (may be fewer)."""
+        """Feed network input, at most one :data:`SLICE`; returns how many bytes proton took.
+
+        Run the events before feeding more, so received bytes leave proton
+        slice by slice.
+        """
         impl = self._transport_impl
-        view = memoryview(data)
+        view = memoryview(data)[:SLICE]
         taken = 0
         total = len(view)
         while taken < total:
@@ -162,18 +181,55 @@ class AmqpEngine:
             self.transport.close_tail()
 
     # -- bytes out ------------------------------------------------------------
-    def bytes_to_send(self, limit: int = 1 << 20) -> bytearray | None:
-        """Up to ``limit`` bytes of proton's pending output, copied once into a new buffer."""
-        impl = self._transport_impl
-        pending = min(_lib.pn_transport_pending(impl), limit)
-        if pending <= 0:
-            return None
-        out = bytearray(pending)
-        _lib.pn_transport_peek(impl, _ffi.from_buffer(out), pending)
-        return out
+    def bytes_to_send(self) -> bytearray | None:
+        """The next piece of output, for the caller to write; ``None`` if there is none.
 
-    def bytes_sent(self, count: int) -> None:
-        _lib.pn_transport_pop(self._transport_impl, count)
+        proton hands its output out one buffer at a time; call until ``None``.
+        """
+        if not self._outbox:
+            self._take_output()
+            if not self._outbox:
+                return None
+        return self._outbox.popleft()
+
+    def _take_output(self) -> None:
+        """Move proton's pending output (one buffer of it) to the outbox, copied once."""
+        impl = self._transport_impl
+        pending = _lib.pn_transport_pending(impl)
+        if pending > 0:
+            out = bytearray(pending)
+            _lib.pn_transport_peek(impl, _ffi.from_buffer(out), pending)
+            _lib.pn_transport_pop(impl, pending)
+            self._outbox.append(out)
+
+    # -- sending --------------------------------------------------------------
+    def send_delivery(self, link: Any, tag: bytes, head: bytes,
+                      body: bytes | memoryview = b"") -> None:
+        """One whole delivery on a C sender handle: ``head`` then ``body``, uncopied.
+
+        Each slice is framed as soon as it is in, taking proton's output
+        aside when its buffer is full, so the delivery never holds more than
+        a slice unless the peer's session window is shut.
+        """
+        delivery = cproton.pn_delivery(link, tag)
+        _lib.pn_link_send(link, _ffi.from_buffer(head), len(head))
+        self._send_sliced(link, delivery, body, SLICE - len(head))
+        _lib.pn_link_advance(link)
+
+    def _send_sliced(self, link: Any, delivery: Any, data: bytes | memoryview,
+                     first: int) -> None:
+        start, end, total = 0, first, len(data)
+        while start < total:
+            _lib.pn_link_send(link, _ffi.from_buffer(data[start:end]), min(end, total) - start)
+            self._frame(delivery)
+            start, end = end, end + SLICE
+
+    def _frame(self, delivery: Any) -> None:
+        impl = self._transport_impl
+        _lib.pn_transport_pending(impl)
+        if _lib.pn_delivery_pending(delivery):
+            self._take_output()
+            _lib.pn_transport_pending(impl)
 
     def eof_out(self) -> None:
         """The network can take no more output."""

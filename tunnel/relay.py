@@ -47,12 +47,17 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import cproton
 from proton import Condition, Delivery, Link
 
 from . import tcp_side, wire
-from .engine import capabilities, close_link, receive_delivery, set_owner, wrap_delivery
-from .engine import raw_ffi as _ffi
+from .engine import (
+    AmqpEngine,
+    capabilities,
+    close_link,
+    receive_delivery,
+    set_owner,
+    wrap_delivery,
+)
 from .engine import raw_lib as _lib
 from .stats import BridgeStats
 
@@ -77,6 +82,8 @@ class AmqpPort(Protocol):
 
     @property
     def write_paused(self) -> bool: ...
+    @property
+    def engine(self) -> AmqpEngine: ...
     def flush_soon(self) -> None: ...
 
 
@@ -375,13 +382,8 @@ class Tunnel:
 
     def _deliver(self, head: bytes, body: bytes | memoryview = b"") -> None:
         """One unsettled delivery on the sender: ``head`` then ``body``, uncopied."""
-        snd = self._snd
         self._tag += 1
-        cproton.pn_delivery(snd, b"%x" % self._tag)
-        _lib.pn_link_send(snd, _ffi.from_buffer(head), len(head))
-        if body:
-            _lib.pn_link_send(snd, _ffi.from_buffer(body), len(body))
-        _lib.pn_link_advance(snd)
+        self.amqp.engine.send_delivery(self._snd, b"%x" % self._tag, head, body)
         self.unsettled += 1
         self.amqp.flush_soon()
 

@@ -41,6 +41,9 @@ class Report:
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     rss_start_kib: int = 0
     rss_end_kib: int = 0
+    #: The ingress's RSS once a minute, to tell a leak (steady growth) from
+    #: buffers and pools filling up once.
+    rss_each_minute_kib: list[int] = field(default_factory=list)
 
 
 def _rss_kib(pid: int) -> int:
@@ -188,8 +191,10 @@ class Soak:
         workers = [self.worker(kind) for kind in
                    ("bulk", "bulk", "churn", "churn", "churn", "pingpong", "pingpong")]
         warm = asyncio.create_task(self._record_start())
+        sampler = asyncio.create_task(self._sample_rss())
         await asyncio.gather(self.chaos(), *workers)
         await warm
+        sampler.cancel()
         self.report.rss_end_kib = _rss_kib(self.ingress.pid)
         return self.report
 
@@ -198,6 +203,12 @@ class Soak:
         await asyncio.sleep(min(30.0, max(0.0, self.deadline - time.monotonic()) / 4))
         assert self.ingress is not None
         self.report.rss_start_kib = _rss_kib(self.ingress.pid)
+
+    async def _sample_rss(self) -> None:
+        assert self.ingress is not None
+        while True:
+            await asyncio.sleep(60)
+            self.report.rss_each_minute_kib.append(_rss_kib(self.ingress.pid))
 
     def stop(self) -> None:
         for proc in (self.ingress, self.egress):
@@ -236,6 +247,7 @@ def main() -> int:
         "ingress_rss_start_kib": report.rss_start_kib,
         "ingress_rss_end_kib": report.rss_end_kib,
         "ingress_rss_growth": round(growth, 3),
+        "ingress_rss_each_minute_kib": report.rss_each_minute_kib,
     }
     print(json.dumps(summary, indent=2))
     if args.json:
