@@ -547,22 +547,13 @@ class Tunnel:
 
     # -- ending ---------------------------------------------------------------
     def _update_reading(self) -> None:
-        tcp = self.tcp
-        if tcp is None or tcp.is_closing():
-            return
         want = (
             self._parked is None
             and self.read_open
             and self.phase is not Phase.CLOSED
             and self._can_send()
         )
-        # Ask the transport, not a flag of ours: uvloop starts reading after
-        # connection_made even if the protocol paused it there.
-        if want != tcp.is_reading():
-            if want:
-                tcp.resume_reading()
-            else:
-                tcp.pause_reading()
+        tcp_side.set_reading(self.tcp, want)
 
     def _check_finished(self) -> None:
         if (

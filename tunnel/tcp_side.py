@@ -63,6 +63,20 @@ class TcpSide(asyncio.Protocol):
         self.events.on_tcp_write_resumed()
 
 
+def set_reading(transport: asyncio.Transport | None, want: bool) -> None:
+    """Read from ``transport`` only while ``want`` holds.
+
+    Asks the transport, not a flag of ours: uvloop starts reading after
+    connection_made even if the protocol paused it there.
+    """
+    if transport is None or transport.is_closing() or want == transport.is_reading():
+        return
+    if want:
+        transport.resume_reading()
+    else:
+        transport.pause_reading()
+
+
 def reset(transport: asyncio.Transport) -> None:
     """Close with an RST, not a FIN, so the peer cannot mistake a failure for a clean end."""
     sock = transport.get_extra_info("socket")
