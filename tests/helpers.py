@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
@@ -244,3 +245,25 @@ def make_certs(folder: Path) -> Certs:
 def write_connect_json(path: Path, content: dict[str, object]) -> Path:
     path.write_text(json.dumps(content))
     return path
+
+
+async def echo_exact(port: int, payload: bytes, chunk: int = 1024 * 1024) -> tuple[int, str]:
+    """Send ``payload`` in chunks, half-close, and read to EOF: (bytes back, their SHA-256)."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for offset in range(0, len(view), chunk):
+            writer.write(view[offset : offset + chunk])
+            await writer.drain()
+        writer.write_eof()
+
+    sending = asyncio.create_task(send())
+    digest = hashlib.sha256()
+    received = 0
+    while data := await asyncio.wait_for(reader.read(chunk), 30):
+        digest.update(data)
+        received += len(data)
+    await sending
+    writer.close()
+    return received, digest.hexdigest()

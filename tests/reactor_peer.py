@@ -7,17 +7,13 @@ peer answers what a link-routing router (Qpid Dispatch, protocols.md §1.1
 and §8.1) would answer, and records everything the daemon does as
 immutable snapshots that the test thread can inspect.
 
-Threading: proton objects live in the reactor thread only. The test thread
-reads snapshots (:meth:`RouterPeer.wait_for`, :meth:`RouterPeer.events`) and
-acts through :meth:`RouterPeer.call`, which runs a function in the reactor
-thread by way of an ``EventInjector``.
+Threading is :mod:`tests.reactor_thread`'s; :meth:`RouterPeer.wait_for`
+also waits for one kind of event.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import contextlib
 import json
 import os
 import re
@@ -34,17 +30,15 @@ from typing import Any, Literal, TypeVar
 
 from proton import Condition, Data, Delivery, Endpoint, Message, symbol
 from proton.handlers import MessagingHandler
-from proton.reactor import ApplicationEvent, Container, EventInjector
+from reactor_thread import ReactorThread
 
 HALF_CLOSE = "tunnel:half-close"
 EOS_PROPERTY = "tunnel:eos"
 MANAGEMENT = "$management"
 LINK_ROUTE_TYPE = "org.apache.qpid.dispatch.router.connection.linkRoute"
 
-T = TypeVar("T")
 E = TypeVar("E")
 
-_CALL_EVENT = "peer_call"
 
 
 # -- snapshots (safe to read from any thread) ---------------------------------
@@ -205,24 +199,16 @@ class Policy:
     hold_targets: frozenset[str] = frozenset()
 
 
-class RouterPeer(MessagingHandler):
+class RouterPeer(ReactorThread, MessagingHandler):
     """Plays the router for one daemon connection; see the module docstring."""
 
+    container_id = "reactor-peer-router"
+
     def __init__(self, policy: Policy | None = None) -> None:
-        super().__init__(prefetch=0, auto_accept=False, auto_settle=True)
+        MessagingHandler.__init__(self, prefetch=0, auto_accept=False, auto_settle=True)
+        ReactorThread.__init__(self)
         self.policy = policy or Policy()
-        self.port = 0
-        self._cond = threading.Condition()
-        self._events: list[PeerEvent] = []
-        self._calls: collections.deque[
-            tuple[Callable[[RouterPeer], Any], concurrent.futures.Future[Any]]
-        ] = collections.deque()
-        self._container: Any = None
-        self._acceptor: Any = None
-        self._injector: Any = None
-        self._thread: threading.Thread | None = None
         self._dynamic_count = 0
-        self.crashed: BaseException | None = None
         # Reactor-thread state.
         self.connection: Any = None
         self.links: dict[str, Any] = {}
@@ -231,71 +217,13 @@ class RouterPeer(MessagingHandler):
         )
         self.held: list[Any] = []
 
-    # -- lifecycle (test thread) ------------------------------------------------
-    def start(self) -> int:
-        """Listen on 127.0.0.1 (OS-chosen port), run the reactor thread; returns the port."""
-        container = Container(self)
-        container.container_id = "reactor-peer-router"
-        self._acceptor = container.acceptor("127.0.0.1", "0")
-        # Acceptor keeps its listening socket as the delegate of its selectable.
-        self.port = int(self._acceptor._selectable.getsockname()[1])
-        self._injector = EventInjector()
-        container.selectable(self._injector)
-        self._container = container
-        self._thread = threading.Thread(target=self._run, name="reactor-peer", daemon=True)
-        self._thread.start()
-        return self.port
-
-    def _run(self) -> None:
-        try:
-            self._container.run()
-        except BaseException as exc:
-            self.crashed = exc
-            raise
-        finally:
-            with self._cond:
-                self._cond.notify_all()
-
-    def _check_alive(self) -> None:
-        if self.crashed is not None:
-            raise RuntimeError(f"the reactor thread crashed: {self.crashed!r}") from self.crashed
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Close everything the peer holds and let the reactor thread end."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            return
-
-        def shut(peer: RouterPeer) -> None:
-            if peer.connection is not None and not peer.connection.state & Endpoint.LOCAL_CLOSED:
-                peer.connection.close()
-            peer._acceptor.close()
-
-        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-            self.call(shut, timeout=timeout)
-        self._injector.close()
-        thread.join(timeout)
-        if thread.is_alive():
-            # The daemon never answered the close: stop the reactor outright.
-            self._injector = None
-            self._container.stop()
-            thread.join(timeout)
-
-    def call(self, fn: Callable[[RouterPeer], T], timeout: float = 5.0) -> T:
-        """Run ``fn(self)`` in the reactor thread and return its result."""
-        self._check_alive()
-        if self._thread is None or not self._thread.is_alive():
-            raise RuntimeError("the reactor thread is not running")
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._calls.append((fn, future))
-        self._injector.trigger(ApplicationEvent(_CALL_EVENT))
-        return future.result(timeout)
+    # -- lifecycle --------------------------------------------------------------
+    def shut_down(self) -> None:
+        if self.connection is not None and not self.connection.state & Endpoint.LOCAL_CLOSED:
+            self.connection.close()
+        super().shut_down()
 
     # -- observation (test thread) --------------------------------------------
-    def events(self) -> list[PeerEvent]:
-        with self._cond:
-            return list(self._events)
-
     def wait_for(
         self,
         kind: type[E],
@@ -316,18 +244,6 @@ class RouterPeer(MessagingHandler):
                     raise TimeoutError(
                         f"no {kind.__name__} matching after {timeout}s; seen:\n  {seen}"
                     )
-                self._cond.wait(left)
-
-    def wait_until(self, check: Callable[[list[PeerEvent]], bool], timeout: float = 10.0) -> None:
-        """Wait until ``check(events)`` holds."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not check(self._events):
-                self._check_alive()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    seen = "\n  ".join(repr(e) for e in self._events)
-                    raise TimeoutError(f"condition not met after {timeout}s; seen:\n  {seen}")
                 self._cond.wait(left)
 
     def received(self, link: str) -> list[Received]:
@@ -390,19 +306,6 @@ class RouterPeer(MessagingHandler):
         return self.call(act)
 
     # -- reactor thread ---------------------------------------------------------
-    def _record(self, event: PeerEvent) -> None:
-        with self._cond:
-            self._events.append(event)
-            self._cond.notify_all()
-
-    def on_peer_call(self, _event: Any) -> None:
-        while self._calls:
-            fn, future = self._calls.popleft()
-            try:
-                future.set_result(fn(self))
-            except Exception as exc:  # handed to the calling thread
-                future.set_exception(exc)
-
     def on_connection_opening(self, event: Any) -> None:
         self.connection = event.connection
         event.connection.container = "reactor-peer-router"

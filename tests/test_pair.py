@@ -20,6 +20,7 @@ from helpers import (
     Certs,
     EchoServer,
     TunnelProcess,
+    echo_exact,
     echo_server,
     make_certs,
     write_connect_json,
@@ -135,25 +136,8 @@ async def test_echo_round_trip(pair: Pair) -> None:
 async def test_64_mib_each_way(pair: Pair) -> None:
     """64 MiB through the pair and back arrive byte-exact (SHA-256)."""
     payload = os.urandom(64 * MIB)
-    reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
-
-    async def send() -> None:
-        view = memoryview(payload)
-        for offset in range(0, len(view), MIB):
-            writer.write(view[offset : offset + MIB])
-            await writer.drain()
-        writer.write_eof()
-
-    sending = asyncio.create_task(send())
-    digest = hashlib.sha256()
-    received = 0
-    while chunk := await asyncio.wait_for(reader.read(MIB), 30):
-        digest.update(chunk)
-        received += len(chunk)
-    await sending
-    writer.close()
-    assert received == len(payload)
-    assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert await echo_exact(pair.port, payload) == (
+        len(payload), hashlib.sha256(payload).hexdigest())
 
 
 async def test_200_concurrent_connections(pair: Pair) -> None:
