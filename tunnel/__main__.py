@@ -19,6 +19,7 @@ from .engine import DEFAULT_MAX_FRAME_SIZE
 from .errors import ConfigError
 from .limits import DEFAULT_HALF_CLOSED_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Limits
 from .relay import DEFAULT_WINDOW
+from .router import Dialect
 from .spec import parse_specs
 
 logger = logging.getLogger("tunnel")
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-window", type=int, default=0,
                         help="bytes an AMQP session takes in before the peer must wait; "
                         "at least the frame size (default 0: proton's)")
+    parser.add_argument("--dialect", choices=[d.value for d in Dialect], default="auto",
+                        help="how TCP travels through the router: link-route (Qpid Dispatch, "
+                        "skupper-proxy's messages), tcp-adaptor (skupper-router 3.x streams), "
+                        "or auto: chosen from the router's Open (default %(default)s)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default %(default)s)")
     parser.add_argument("--version", action="version", version=f"tunnel {__version__}")
@@ -115,6 +120,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         max_frame_size=args.max_frame_size, session_window=args.session_window,
         limits=Limits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
                       half_closed_timeout=args.half_closed_timeout),
+        dialect=Dialect(args.dialect),
     )
 
 

@@ -16,7 +16,7 @@ from .engine import DEFAULT_MAX_FRAME_SIZE
 from .limits import DEFAULT_LIMITS, Limits
 from .metrics import registry_for
 from .relay import DEFAULT_WINDOW, Failure
-from .router import RouterClient
+from .router import Dialect, RouterClient
 from .spec import BridgeSpec, EgressSpec, IngressSpec
 from .stats import BridgeStats
 
@@ -43,6 +43,7 @@ class Settings:
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     session_window: int = 0
     limits: Limits = DEFAULT_LIMITS
+    dialect: Dialect = Dialect.AUTO
 
 
 class App:
@@ -85,6 +86,7 @@ class App:
                 endpoint, self.egress if settings.router else {},
                 ingress=any(isinstance(s, IngressSpec) for s in settings.specs),
                 max_frame_size=settings.max_frame_size, session_window=settings.session_window,
+                dialect=settings.dialect,
             )
             self.router.start()
         for spec in settings.specs:
@@ -121,10 +123,13 @@ class App:
         router = self.router
         if router is not None and router.connection is None:
             missing.append(f"router {router.endpoint.url} not connected")
+        adaptor = (router is not None and router.connection is not None
+                   and router.connection.dialect is Dialect.TCP_ADAPTOR)
         for address, bridge in self.egress.items():
             if self.settings.router is not None:
                 if router is None or address not in router.routes_active:
-                    missing.append(f"link route for {address!r} not active ({bridge.spec})")
+                    what = "consumer" if adaptor else "link route"
+                    missing.append(f"{what} for {address!r} not active ({bridge.spec})")
             elif self.direct is None or self.direct.server is None:
                 missing.append(f"direct-mode listener for {bridge.spec} not bound")
         return missing

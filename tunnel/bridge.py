@@ -25,6 +25,8 @@ from typing import Any, Protocol
 from proton import Link, Receiver, Sender
 
 from . import wire
+from .adaptor_flow import Flow, Role, StreamDispatcher
+from .adaptor_wire import StreamHeader
 from .amqp_link import AmqpSocket
 from .engine import AmqpEngine, add_capability, capabilities
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
@@ -64,6 +66,10 @@ class TunnelHost(Protocol):
     def forget_tunnel(self, tunnel: Tunnel) -> None: ...
     def take_reply_link(self) -> Link | None:
         """A dynamic receiver attached in advance, or None."""
+        ...
+
+    def stream_dispatcher(self) -> StreamDispatcher | None:
+        """Set when the connection speaks skupper-router's TCP adaptor dialect."""
         ...
 
 
@@ -135,6 +141,10 @@ class IngressTunnel(Tunnel):
     def _open(self, host: TunnelHost, session: Any) -> None:
         """Open this tunnel's links on the live router connection."""
         bridge = self.bridge
+        dispatcher = host.stream_dispatcher()
+        if dispatcher is not None:
+            self._hand_over(host, dispatcher, session)
+            return
         self.host, self.session, self.amqp = host, session, host.socket
         host.add_tunnel(self)
         pooled = host.take_reply_link()
@@ -153,6 +163,18 @@ class IngressTunnel(Tunnel):
             bridge.open_timeout, self.on_open_timeout, bridge.open_timeout
         )
         self.amqp.flush_soon()
+
+    def _hand_over(self, host: TunnelHost, dispatcher: StreamDispatcher, session: Any) -> None:
+        """skupper-router's dialect: from here a :class:`Flow` carries this connection."""
+        bridge, tcp = self.bridge, self.tcp
+        assert tcp is not None
+        flow = Flow(self.name, host, dispatcher, Role.LISTENER, bridge.spec.address)
+        flow.stats = bridge.stats
+        bridge.stats.hand_over(self, flow)
+        self.tcp, self.phase, self.on_finished = None, Phase.CLOSED, None
+        tcp.set_protocol(TcpSide(flow))
+        parked = bytes(self._parked) if self._parked is not None else b""
+        flow.start_listener(session, tcp, bridge.open_timeout, parked, self.read_open)
 
     def on_link_flow(self, link: Link) -> None:
         super().on_link_flow(link)
@@ -307,7 +329,23 @@ class EgressBridge:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _connect(self, tunnel: Tunnel) -> None:
+    def on_client_stream(self, host: TunnelHost, dispatcher: StreamDispatcher, delivery: Any,
+                         header: StreamHeader) -> Flow:
+        """skupper-router's dialect: a client stream for our address; connect to the backend."""
+        assert header.reply_to is not None
+        name = f"{header.correlation_id or 'stream'}@{_PROCESS_TAG}-{next(_sequence)}"
+        flow = Flow(name, host, dispatcher, Role.CONNECTOR, header.reply_to, stats=self.stats)
+        flow.start_connector(delivery, header)
+        if len(self.stats.live) > self.limits.max_connections:
+            flow.reset(f"over the bridge's limit of {self.limits.max_connections} connections",
+                       Failure.LIMIT)
+            return flow
+        task = asyncio.get_running_loop().create_task(self._connect(flow), name=f"connect {name}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return flow
+
+    async def _connect(self, tunnel: Tunnel | Flow) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(BACKEND_CONNECT_TIMEOUT):
@@ -331,21 +369,31 @@ class EgressBridge:
                 await task
 
 
+class Hosted(Protocol):
+    """A tunnel or flow, as the connection it runs on sees it."""
+
+    def on_amqp_writable(self) -> None: ...
+    def on_amqp_lost(self) -> None: ...
+
+
 class HostedTunnels:
     """The tunnels running on one AMQP connection: woken together, reset together."""
 
     socket: AmqpSocket
 
     def __init__(self) -> None:
-        self.tunnels: set[Tunnel] = set()
+        self.tunnels: set[Hosted] = set()
 
     def take_reply_link(self) -> Link | None:
         return None
 
-    def add_tunnel(self, tunnel: Tunnel) -> None:
+    def stream_dispatcher(self) -> StreamDispatcher | None:
+        return None
+
+    def add_tunnel(self, tunnel: Hosted) -> None:
         self.tunnels.add(tunnel)
 
-    def forget_tunnel(self, tunnel: Tunnel) -> None:
+    def forget_tunnel(self, tunnel: Hosted) -> None:
         self.tunnels.discard(tunnel)
 
     def on_socket_writable(self) -> None:

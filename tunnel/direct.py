@@ -33,6 +33,7 @@ from .engine import (
     refuse_link,
     set_owner,
 )
+from .relay import Tunnel
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class DirectPeer(HostedTunnels):
                         condition.name, condition.description)
             return
         for tunnel in list(self.tunnels):
-            tunnel.on_peer_closed()
+            if isinstance(tunnel, Tunnel):  # the only kind direct mode runs
+                tunnel.on_peer_closed()
 
     def on_transport_error(self, condition: Condition | None) -> None:
         if condition is not None:

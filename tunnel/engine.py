@@ -51,6 +51,7 @@ from proton import (
     Event,
     Link,
     Session,
+    SymbolList,
     Terminus,
     Transport,
     symbol,
@@ -99,6 +100,8 @@ class EngineOptions:
     # Set when TLS is done outside proton: proton cannot see it and would
     # otherwise refuse PLAIN as if it were on a cleartext socket.
     outer_tls: bool = False
+    #: Connection capabilities offered in our Open.
+    offered_capabilities: tuple[str, ...] = ()
 
 
 class AmqpEngine:
@@ -125,6 +128,8 @@ class AmqpEngine:
             symbol("product"): PRODUCT,
             symbol("version"): __version__,
         }
+        if options.offered_capabilities:
+            self.connection.offered_capabilities = SymbolList(list(options.offered_capabilities))
         self.transport = Transport(Transport.SERVER if options.server else Transport.CLIENT)
         self.transport.max_frame_size = options.max_frame_size
         setattr(self.connection, _SESSION_WINDOW_ATTR, options.session_window)
@@ -215,6 +220,10 @@ class AmqpEngine:
         _lib.pn_link_send(link, _ffi.from_buffer(head), len(head))
         self._send_sliced(link, delivery, body, SLICE - len(head))
         _lib.pn_link_advance(link)
+
+    def stream(self, link: Any, delivery: Any, data: bytes | memoryview) -> None:
+        """Add ``data`` to ``delivery``, the current one on ``link``, leaving it open."""
+        self._send_sliced(link, delivery, data, SLICE)
 
     def _send_sliced(self, link: Any, delivery: Any, data: bytes | memoryview,
                      first: int) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from .relay import Failure, Phase, Tunnel
-from .stats import BridgeStats
+from .relay import Failure, Phase
+from .stats import BridgeStats, Carried
 
 DEFAULT_MAX_CONNECTIONS = 16384
 DEFAULT_HALF_CLOSED_TIMEOUT = 300.0
@@ -38,7 +38,7 @@ class Sweeper:
     def __init__(self, stats: BridgeStats, limits: Limits) -> None:
         self.stats = stats
         self.limits = limits
-        self.seen: dict[Tunnel, tuple[int, float]] = {}
+        self.seen: dict[Carried, tuple[int, float]] = {}
         timeouts = [t for t in (limits.idle_timeout, limits.half_closed_timeout) if t > 0]
         self.period = min(timeouts) / 4 if timeouts else 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -54,7 +54,7 @@ class Sweeper:
 
     def sweep(self) -> None:
         now = asyncio.get_running_loop().time()
-        seen: dict[Tunnel, tuple[int, float]] = {}
+        seen: dict[Carried, tuple[int, float]] = {}
         for tunnel in list(self.stats.live):
             if tunnel.phase is Phase.CLOSED:
                 continue

@@ -5,10 +5,24 @@ keeps the connection, and reconnects with capped exponential backoff and
 jitter when it is lost, logging the loss once rather than once per retry.
 Every tunnel that used a lost connection is reset.
 
-After every (re)connect it asks the router, over ``$management``, for a
-connection-scoped link route per egress address (skupper-proxy's contract,
-protocols.md §1.1): sender attaches for that address anywhere in the
-network are then routed to this connection and handed to the egress bridge.
+The router's Open says who it is (protocols.md §8.3), and that picks the
+dialect (:class:`Dialect`) unless ``--dialect`` did:
+
+- a Qpid Dispatch router, or any other peer: skupper-proxy's contract
+  (§1). After every (re)connect we ask the router, over ``$management``,
+  for a connection-scoped link route per egress address: sender attaches
+  for that address anywhere in the network are then routed to this
+  connection and handed to the egress bridge;
+- skupper-router 3.x, which has no link routes: its TCP adaptor's
+  encoding (§4, :mod:`tunnel.adaptor_flow`). Each egress address gets a
+  consumer link, and streams are told apart by their headers.
+
+Our Open must offer ``qd.streaming-links`` for skupper-router to carry
+concurrent streams, but it leaves before the router's arrives, and
+offering it to a Qpid Dispatch router would have it open links our
+link-route dialect does not expect. So without ``--dialect`` the first
+connection offers nothing, and on finding skupper-router we reconnect at
+once offering it, and go on offering it for that endpoint.
 """
 
 from __future__ import annotations
@@ -16,16 +30,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import itertools
 import logging
 import random
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
 
+from . import adaptor_wire
+from .adaptor_flow import Flow, StreamDispatcher
 from .amqp_link import AmqpSocket
 from .bridge import EgressBridge, HostedTunnels, TunnelHost
 from .config import RouterEndpoint
@@ -49,6 +66,31 @@ BACKOFF_CAP = 10.0
 LINK_ROUTE_TYPE = "org.apache.qpid.dispatch.router.connection.linkRoute"
 
 
+class Dialect(enum.Enum):
+    """How TCP connections travel on the router connection."""
+
+    AUTO = "auto"
+    #: skupper-proxy's messages over Qpid Dispatch link routes (protocols.md §1).
+    LINK_ROUTE = "link-route"
+    #: skupper-router 3.x's TCP adaptor streams (protocols.md §4).
+    TCP_ADAPTOR = "tcp-adaptor"
+
+
+def choose_dialect(properties: Mapping[Any, Any]) -> tuple[Dialect, str]:
+    """The dialect for a router that sent these Open properties, and why."""
+    product = str(properties.get("product", ""))
+    version = str(properties.get("version", ""))
+    if product == "skupper-router":
+        major = version.split(".", maxsplit=1)[0]
+        if major.isdigit() and int(major) < 3:
+            return Dialect.TCP_ADAPTOR, (f"skupper-router {version}: 2.x defaults to a legacy "
+                                         "encapsulation we do not speak; trying 3.x's")
+        return Dialect.TCP_ADAPTOR, f"skupper-router {version}"
+    if product == "qpid-dispatch-router":
+        return Dialect.LINK_ROUTE, f"Qpid Dispatch {version}"
+    return Dialect.LINK_ROUTE, f"{product or 'unknown product'} {version or '?'}".strip()
+
+
 class RouterClient:
     """Keeps one live AMQP connection to the router; see the module docstring."""
 
@@ -61,7 +103,11 @@ class RouterClient:
         ingress: bool = True,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         session_window: int = 0,
+        dialect: Dialect = Dialect.AUTO,
     ) -> None:
+        self.dialect = dialect
+        # What AUTO found at this endpoint, for the next connection's Open.
+        self.found: Dialect | None = None
         self.max_frame_size = max_frame_size
         self.session_window = session_window
         self.endpoint = endpoint
@@ -105,6 +151,8 @@ class RouterClient:
                     was_up = False
             else:
                 exc = await lost
+                if conn.redial:
+                    continue
                 if conn.opened:
                     delay = BACKOFF_FIRST
                     was_up = True
@@ -137,6 +185,9 @@ class RouterClient:
                 outer_tls=ep.ssl is not None,
                 max_frame_size=self.max_frame_size,
                 session_window=self.session_window,
+                offered_capabilities=(
+                    (adaptor_wire.STREAMING_LINKS,) if self.offers_streaming_links() else ()
+                ),
             )
         )
         loop = asyncio.get_running_loop()
@@ -147,6 +198,9 @@ class RouterClient:
             ),
             timeout=10.0,
         )
+
+    def offers_streaming_links(self) -> bool:
+        return Dialect.TCP_ADAPTOR in (self.dialect, self.found)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -180,6 +234,10 @@ class RouterConnection(HostedTunnels):
         self.session: Session | None = None
         self.failure: str | None = None
         self.management: ManagementClient | None = None
+        self.dialect = Dialect.LINK_ROUTE
+        self.dispatcher: StreamDispatcher | None = None
+        # Set when this connection is closed only to reconnect with another Open.
+        self.redial = False
 
     def make_socket(self, engine: AmqpEngine) -> AmqpSocket:
         self.socket = AmqpSocket(engine, self)
@@ -189,16 +247,28 @@ class RouterConnection(HostedTunnels):
     # -- ConnectionHandler ------------------------------------------------------
     def on_connection_opened(self) -> None:
         client = self.client
+        props = self.socket.engine.connection.remote_properties or {}
+        dialect, who = choose_dialect(props)
+        if client.dialect is not Dialect.AUTO:
+            dialect, who = client.dialect, f"{who}; chosen by --dialect"
+        elif dialect is Dialect.TCP_ADAPTOR and not client.offers_streaming_links():
+            client.found = dialect
+            logger.info("router %s is %s: reconnecting to offer %s", client.endpoint.url, who,
+                        adaptor_wire.STREAMING_LINKS)
+            self.redial = True
+            self.socket.close()
+            return
         self.opened = True
         client.connection = self
         client.connects += 1
-        props = self.socket.engine.connection.remote_properties or {}
-        logger.info(
-            "router %s connected (%s %s)", client.endpoint.url,
-            props.get("product", "unknown product"), props.get("version", "?"),
-        )
+        self.dialect = dialect
+        logger.info("router %s connected (%s): %s dialect", client.endpoint.url, who,
+                    dialect.value)
         self.session = self.socket.engine.connection.session()
         open_session(self.session)
+        if dialect is Dialect.TCP_ADAPTOR:
+            self._start_streams(self.session)
+            return
         if client.ingress:
             self.reply_pool.refill(self.session)
         waiting, client.waiting = client.waiting, set()
@@ -220,7 +290,32 @@ class RouterConnection(HostedTunnels):
             self.failure = failure
             logger.debug("transport error: %s", failure)
 
+    def _start_streams(self, session: Session) -> None:
+        self.dispatcher = StreamDispatcher(session, self._on_client_stream,
+                                           self.client.routes_active.add)
+        for address in self.client.egress:
+            self.dispatcher.consume(address)
+        waiting, self.client.waiting = self.client.waiting, set()
+        for callback in waiting:
+            callback()
+
+    def _on_client_stream(self, address: str, delivery: Any,
+                          header: adaptor_wire.StreamHeader) -> Flow | None:
+        bridge = self.client.egress.get(address)
+        if bridge is None or self.dispatcher is None:
+            return None
+        return bridge.on_client_stream(self, self.dispatcher, delivery, header)
+
+    def stream_dispatcher(self) -> StreamDispatcher | None:
+        return self.dispatcher
+
     def on_link_attach(self, link: Link) -> None:
+        if self.dispatcher is not None:
+            if link.is_receiver:
+                self.dispatcher.accept_link(link)  # a link per stream (qd.streaming-links)
+            else:
+                refuse_link(link, "amqp:not-allowed", "no link routes in this dialect")
+            return
         address = link.remote_target.address if link.is_receiver else None
         bridge = self.client.egress.get(address) if address else None
         if bridge is None:

@@ -9,10 +9,24 @@ series depends on the bridges, never on the connections.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .relay import Tunnel
+    from .relay import Failure, Phase
+
+
+class Carried(Protocol):
+    """One TCP connection a bridge carries, in either dialect, as stats and limits see it."""
+
+    phase: Phase
+    failure: Failure | None
+    #: Bytes written to the TCP peer, and read from it.
+    bytes_in: int
+    bytes_out: int
+    read_open: bool
+    write_open: bool
+
+    def reset(self, reason: str, failure: Failure) -> None: ...
 
 
 class BridgeStats:
@@ -28,13 +42,18 @@ class BridgeStats:
         # Bytes of tunnels already closed: read from and written to TCP peers.
         self.done_read = 0
         self.done_written = 0
-        self.live: set[Tunnel] = set()
+        self.live: set[Carried] = set()
 
-    def tunnel_opened(self, tunnel: Tunnel) -> None:
+    def tunnel_opened(self, tunnel: Carried) -> None:
         self.opened += 1
         self.live.add(tunnel)
 
-    def tunnel_closed(self, tunnel: Tunnel) -> None:
+    def hand_over(self, old: Carried, new: Carried) -> None:
+        """``new`` carries from now on the connection that ``old`` accepted."""
+        self.live.discard(old)
+        self.live.add(new)
+
+    def tunnel_closed(self, tunnel: Carried) -> None:
         self.closed += 1
         self.live.discard(tunnel)
         self.done_read += tunnel.bytes_out
