@@ -68,6 +68,13 @@ class StreamEnded:
     forwarded: int
 
 
+@dataclass(frozen=True)
+class Originated:
+    """The consumer's outcome for a stream the peer sent itself, as a tcpListener would."""
+
+    outcome: int
+
+
 @dataclass
 class Policy:
     forward_acks: bool = True
@@ -142,6 +149,8 @@ class SkRouterPeer(ReactorThread, Handler):
         self.waiting_links: dict[Any, list[_Stream]] = collections.defaultdict(list)
         self.waiting_senders: list[Any] = []
         self.links_opened = 0
+        self.originating: dict[Any, bytes] = {}
+        self.originated: set[Any] = set()
 
     def shut_down(self) -> None:
         for conn in list(self.streaming_conns) + [
@@ -152,6 +161,19 @@ class SkRouterPeer(ReactorThread, Handler):
         super().shut_down()
 
     # -- actions (test thread) --------------------------------------------------------
+    def originate(self, address: str, message: bytes) -> None:
+        """Send ``message``, a whole stream, to the consumer of ``address`` on a new link."""
+
+        def act(peer: SkRouterPeer) -> None:
+            conn = peer.consumers[address][0].connection
+            session = conn.session()
+            session.open()
+            link = session.sender(f"qdlink.{next(peer._numbers)}")
+            link.open()
+            peer.originating[link] = message
+
+        self.call(act)
+
     def set_forward_acks(self, on: bool) -> None:
         def act(peer: SkRouterPeer) -> None:
             peer.policy.forward_acks = on
@@ -227,6 +249,10 @@ class SkRouterPeer(ReactorThread, Handler):
         if link.is_sender:
             for stream in list(self.waiting_links.get(link, [])):
                 self._start_out(stream)
+            if link in self.originating and link.credit > 0:
+                self.originated.add(link.delivery(str(next(self._numbers))))
+                link.stream(self.originating.pop(link))
+                link.advance()
 
     def on_delivery(self, event: Any) -> None:
         delivery, link = event.delivery, event.link
@@ -330,6 +356,11 @@ class SkRouterPeer(ReactorThread, Handler):
 
     # -- the consumer's answers -----------------------------------------------------------
     def _on_consumer_update(self, delivery: Any) -> None:
+        if delivery in self.originated and delivery.settled:
+            self.originated.discard(delivery)
+            self._record(Originated(int(delivery.remote_state)))
+            delivery.settle()
+            return
         stream = self.by_out.get(delivery)
         if stream is None:
             return

@@ -29,6 +29,7 @@ from skrouter_peer import (
     CONTENT_TYPE,
     STREAMING_DELIVERIES,
     WINDOW,
+    Originated,
     Policy,
     SkRouterPeer,
     StreamEnded,
@@ -313,6 +314,43 @@ async def test_forced_dialect_offers_streaming_links_at_once(tmp_path: Path) -> 
         await ingress.wait_for(r"chosen by --dialect\): tcp-adaptor dialect")
         assert "reconnecting to offer" not in ingress.log()
         assert peer.call(lambda p: len(p.streaming_conns)) == 1
+        assert await asyncio.to_thread(ingress.stop) == 0
+    finally:
+        ingress.kill()
+        peer.stop()
+
+
+def _client_stream(content_type: bytes, data: bytes) -> bytes:
+    """A client stream as a tcpListener would send it, with any content-type (str8)."""
+    fields = (b"\x40\x40" + b"\xa1\x04echo" + b"\x40" + b"\xa1\x06nobody" + b"\xa1\x01x"
+              + b"\xa1" + bytes((len(content_type),)) + content_type)
+    return (b"\x00\x53\x73\xc0" + bytes((len(fields) + 1, 7)) + fields
+            + b"\x00\x53\x77\x40" + data)
+
+
+async def test_another_encapsulation_is_released(tmp_path: Path) -> None:
+    """A stream whose content-type is not ours is released, for another connector to take."""
+    async with adaptor_pair(tmp_path) as pair:
+        pair.peer.originate("echo", _client_stream(b"text/plain", b"hello"))
+        pair.peer.wait_until(lambda events: any(isinstance(e, Originated) for e in events))
+        outcomes = [e.outcome for e in pair.peer.events() if isinstance(e, Originated)]
+        assert outcomes == [0x26]  # RELEASED
+        assert pair.backend.accepted == 0
+        await pair.egress.wait_for(r"stream refused \(released\): content-type 'text/plain'")
+
+
+async def test_no_counter_stream_resets_the_client(tmp_path: Path) -> None:
+    """With nobody serving the address, the client is reset after --open-timeout."""
+    peer = SkRouterPeer()
+    port = peer.start()
+    config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": port})
+    ingress = TunnelProcess(["--config", str(config), "--open-timeout", "1",
+                             f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+    try:
+        listen = await ingress.listen_port()
+        await ingress.wait_for("tcp-adaptor dialect")
+        await _expect_reset(listen)
+        await ingress.wait_for(r"no counter-stream within 1 s")
         assert await asyncio.to_thread(ingress.stop) == 0
     finally:
         ingress.kill()
