@@ -529,7 +529,8 @@ class StreamDispatcher:
         self.on_consumer_ready = on_consumer_ready
         self.replies: dict[str, Flow] = {}
         self.flows: dict[Any, Flow] = {}
-        self.heads: dict[Any, bytearray] = {}
+        # Streams whose header is still arriving, with the link they arrive on.
+        self.heads: dict[Any, tuple[Any, bytearray]] = {}
         self.consumers: dict[str, Link] = {}
         self._consumer_links: set[Any] = set()
 
@@ -570,6 +571,10 @@ class StreamDispatcher:
         pass
 
     def on_link_closed(self, link: Link) -> None:
+        # proton reuses a freed delivery's memory: forget the link's unfinished headers.
+        gone = link._impl
+        for delivery in [d for d, (on, _) in self.heads.items() if on == gone]:
+            del self.heads[delivery]
         condition = link.remote_condition
         if condition is not None and link.name.startswith("tunnel-consumer-"):
             logger.error("router closed the consumer link %s: %s: %s", link.name,
@@ -586,7 +591,12 @@ class StreamDispatcher:
         self._check_end(link, delivery, flow)
 
     def _on_new_stream(self, link: Any, delivery: Any) -> None:
-        buf = self.heads.setdefault(delivery, bytearray())
+        if _lib.pn_delivery_aborted(delivery) or _lib.pn_delivery_settled(delivery):
+            # Given up by the far end before we knew whose it was.
+            self.heads.pop(delivery, None)
+            _lib.pn_delivery_settle(delivery)
+            return
+        buf = self.heads.setdefault(delivery, (link, bytearray()))[1]
         pending = _lib.pn_delivery_pending(delivery)
         if pending:
             buf += receive_delivery(link, pending)
