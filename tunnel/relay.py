@@ -459,7 +459,8 @@ class Tunnel:
             return
         data = receive_delivery(link, pending)
         if self._partial is not None:
-            data, self._partial = self._partial + data, None
+            self._partial += data
+            data, self._partial = self._partial, None
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:
