@@ -14,6 +14,7 @@ from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
 from .engine import DEFAULT_MAX_FRAME_SIZE
 from .limits import DEFAULT_LIMITS, Limits
+from .memory import MemoryReleaser
 from .metrics import registry_for
 from .relay import DEFAULT_WINDOW, Failure
 from .router import Dialect, RouterClient
@@ -67,9 +68,11 @@ class App:
         self.ingress: list[IngressBridge] = []
         self.stopping = asyncio.Event()
         self.admin: AdminServer | None = None
+        self.memory = MemoryReleaser()
 
     async def start(self) -> None:
         settings = self.settings
+        self.memory.start()
         if settings.admin is not None:
             # First, so that liveness answers while the rest comes up.
             self.admin = AdminServer(registry_for(self), self.readiness)
@@ -139,6 +142,7 @@ class App:
 
     async def shutdown(self) -> None:
         """Stop accepting, let open tunnels finish for the grace period, reset the rest."""
+        self.memory.stop()
         for bridge in self.ingress:
             bridge.stop_accepting()
         if self.direct is not None:
