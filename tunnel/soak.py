@@ -9,6 +9,11 @@ Each transfer sends a random payload, half-closes, and expects the same
 bytes back and then EOF. An RST or a refused connection during a fault is
 an accepted failure, counted by reason; a clean EOF after fewer bytes than
 were sent, or different bytes, is a *truncation*, which must never happen.
+
+The ingress's RSS is read at the start (after a warm-up) and at the end
+with nothing in flight (:meth:`Soak.quiet_rss`), so that the two compare
+what the process keeps rather than what a bulk transfer happens to hold
+at that instant; under load it is also sampled once a minute.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bench.servers import Echo
+from .memory import PERIOD as MEMORY_RELEASE_PERIOD
+
+QUIET_SECONDS = MEMORY_RELEASE_PERIOD + 2
 
 
 @dataclass
@@ -63,6 +71,10 @@ class Soak:
         self.egress: subprocess.Popen[bytes] | None = None
         self.ingress: subprocess.Popen[bytes] | None = None
         self.port = 0
+        # Cleared while the RSS is read with nothing in flight.
+        self.running = asyncio.Event()
+        self.running.set()
+        self.busy = 0
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with (self.folder / log).open("ab") as sink:
@@ -161,16 +173,38 @@ class Soak:
 
     async def worker(self, kind: str) -> None:
         while time.monotonic() < self.deadline:
-            if kind == "bulk":
-                await self.transfer(self.rng.randint(1, 8 << 20))
-            elif kind == "churn":
-                await self.transfer(self.rng.randint(1, 2000))
-            else:
-                await self.ping_pong()
+            await self.running.wait()
+            self.busy += 1
+            try:
+                if kind == "bulk":
+                    await self.transfer(self.rng.randint(1, 8 << 20))
+                elif kind == "churn":
+                    await self.transfer(self.rng.randint(1, 2000))
+                else:
+                    await self.ping_pong()
+            finally:
+                self.busy -= 1
+
+    async def quiet_rss(self) -> int:
+        """The ingress's RSS with nothing in flight: what it keeps, not what it is using.
+
+        New work waits while the connections under way finish, then for
+        longer than the tunnel's memory release period.
+        """
+        assert self.ingress is not None
+        self.running.clear()
+        try:
+            while self.busy:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(QUIET_SECONDS)
+            return _rss_kib(self.ingress.pid)
+        finally:
+            self.running.set()
 
     async def chaos(self) -> None:
         while time.monotonic() < self.deadline - 20:
             await asyncio.sleep(self.rng.uniform(15, 40))
+            await self.running.wait()
             if self.rng.random() < 0.5:
                 assert self.egress is not None
                 self.egress.kill()
@@ -195,14 +229,13 @@ class Soak:
         await asyncio.gather(self.chaos(), *workers)
         await warm
         sampler.cancel()
-        self.report.rss_end_kib = _rss_kib(self.ingress.pid)
+        self.report.rss_end_kib = await self.quiet_rss()
         return self.report
 
     async def _record_start(self) -> None:
         # After warm-up: the first connections grow pools and buffers once.
         await asyncio.sleep(min(30.0, max(0.0, self.deadline - time.monotonic()) / 4))
-        assert self.ingress is not None
-        self.report.rss_start_kib = _rss_kib(self.ingress.pid)
+        self.report.rss_start_kib = await self.quiet_rss()
 
     async def _sample_rss(self) -> None:
         assert self.ingress is not None
