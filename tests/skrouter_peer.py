@@ -12,8 +12,8 @@ them as protocols.md §4 and §8.2 describe skrouterd 3.5.1 doing it:
 - a stream is passed on as it arrives only if its sender's target carries
   ``qd.streaming-deliveries``; otherwise it is held until it is complete;
 - towards a connection that offered ``qd.streaming-links`` every stream
-  goes on a new link the peer opens (``qdlink.N``); otherwise on the
-  consumer's link, one stream at a time;
+  goes on a new link the peer opens (``qdlink.N``, all on one session it
+  opens for them); otherwise on the consumer's link, one stream at a time;
 - it stops passing bytes on at ``WINDOW`` unacknowledged bytes, as the
   router's adaptor does, and forwards ``received`` acknowledgements and
   outcomes back to the stream's sender.
@@ -149,6 +149,7 @@ class SkRouterPeer(ReactorThread, Handler):
         self.waiting_links: dict[Any, list[_Stream]] = collections.defaultdict(list)
         self.waiting_senders: list[Any] = []
         self.links_opened = 0
+        self.streaming_sessions: dict[Any, Any] = {}
         self.originating: dict[Any, bytes] = {}
         self.originated: set[Any] = set()
 
@@ -166,9 +167,7 @@ class SkRouterPeer(ReactorThread, Handler):
 
         def act(peer: SkRouterPeer) -> None:
             conn = peer.consumers[address][0].connection
-            session = conn.session()
-            session.open()
-            link = session.sender(f"qdlink.{next(peer._numbers)}")
+            link = peer._streaming_session(conn).sender(f"qdlink.{next(peer._numbers)}")
             link.open()
             peer.originating[link] = message
 
@@ -209,6 +208,7 @@ class SkRouterPeer(ReactorThread, Handler):
     def on_transport_closed(self, event: Any) -> None:
         conn = event.connection
         self.streaming_conns.discard(conn)
+        self.streaming_sessions.pop(conn, None)
         for links in self.consumers.values():
             links[:] = [link for link in links if link.connection is not conn]
 
@@ -307,9 +307,7 @@ class SkRouterPeer(ReactorThread, Handler):
         consumer = consumers[0]
         conn = consumer.connection
         if conn in self.streaming_conns:
-            session = conn.session()
-            session.open()
-            out = session.sender(f"qdlink.{next(self._numbers)}")
+            out = self._streaming_session(conn).sender(f"qdlink.{next(self._numbers)}")
             out.open()
             self.links_opened += 1
             stream.out_link = out
@@ -317,6 +315,14 @@ class SkRouterPeer(ReactorThread, Handler):
             stream.out_link = consumer
         self.waiting_links[stream.out_link].append(stream)
         self._start_out(stream)
+
+    def _streaming_session(self, conn: Any) -> Any:
+        """The one session a connection's per-stream links share."""
+        session = self.streaming_sessions.get(conn)
+        if session is None:
+            session = self.streaming_sessions[conn] = conn.session()
+            session.open()
+        return session
 
     def _start_out(self, stream: _Stream) -> None:
         link = stream.out_link

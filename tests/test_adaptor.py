@@ -355,3 +355,27 @@ async def test_no_counter_stream_resets_the_client(tmp_path: Path) -> None:
     finally:
         ingress.kill()
         peer.stop()
+
+
+async def test_many_flows_in_bursts_leave_nothing_behind(tmp_path: Path) -> None:
+    """Bursts of 400 flows all echo, none is refused, and RSS stays flat after warm-up.
+
+    proton reports on a stream once more after it is answered; taken for a
+    new stream, that used to reject a later flow under load.
+    """
+    async with adaptor_pair(tmp_path) as pair:
+
+        async def burst() -> None:
+            payloads = [os.urandom(5000) + b"%d" % i for i in range(400)]
+            results = await asyncio.gather(*(round_trip(pair.port, p) for p in payloads))
+            assert results == payloads
+
+        await burst()
+        warm = (pair.ingress.rss_kib(), pair.egress.rss_kib())
+        for _ in range(3):
+            await burst()
+        after = (pair.ingress.rss_kib(), pair.egress.rss_kib())
+        growth = [(a - w) / 1024 for a, w in zip(after, warm, strict=True)]
+        assert max(growth) < 6, f"RSS grew by {growth} MiB over 1200 flows"
+        for proc in (pair.ingress, pair.egress):
+            assert "stream refused" not in proc.log()

@@ -320,6 +320,7 @@ class Flow:
         if self.tcp.can_write_eof():
             self.tcp.write_eof()
         self.log.debug("far end finished its stream")
+        self.dispatcher.release(self.in_delivery)
         _settle(self.in_delivery, _ACCEPTED)
         self.in_delivery = None
         self.amqp.flush_soon()
@@ -481,6 +482,7 @@ class Flow:
             else:
                 _lib.pn_delivery_abort(self.out)
         if self.in_delivery is not None:
+            self.dispatcher.release(self.in_delivery)
             _settle(self.in_delivery, _MODIFIED, failed=True)
             self.in_delivery = None
         self._close_links(Condition(RESET_CONDITION, reason))
@@ -528,7 +530,11 @@ class StreamDispatcher:
         self.on_client_stream = on_client_stream
         self.on_consumer_ready = on_consumer_ready
         self.replies: dict[str, Flow] = {}
+        # Every stream handed to a flow, until the flow settles it: proton
+        # may report on it again after its last byte, and reuses its memory
+        # for a new delivery only once it is settled.
         self.flows: dict[Any, Flow] = {}
+        self.ended: set[Any] = set()
         # Streams whose header is still arriving, with the link they arrive on.
         self.heads: dict[Any, tuple[Any, bytearray]] = {}
         self.consumers: dict[str, Link] = {}
@@ -555,11 +561,16 @@ class StreamDispatcher:
         self.replies[address] = flow
         set_owner(link, self)
 
+    def release(self, delivery: Any) -> None:
+        """``delivery`` is about to be settled by its flow."""
+        self.flows.pop(delivery, None)
+        self.ended.discard(delivery)
+
     def forget(self, flow: Flow) -> None:
         if flow.reply_to is not None and self.replies.get(flow.reply_to) is flow:
             del self.replies[flow.reply_to]
         for delivery in [d for d, f in self.flows.items() if f is flow]:
-            del self.flows[delivery]
+            self.release(delivery)
 
     # -- LinkOwner ----------------------------------------------------------------
     def on_link_opened(self, link: Link) -> None:
@@ -585,12 +596,18 @@ class StreamDispatcher:
         if flow is None:
             self._on_new_stream(link, delivery)
             return
+        if delivery in self.ended:
+            return  # read to the end; its flow settles it
         pending = _lib.pn_delivery_pending(delivery)
         if pending:
             flow.on_in_data(receive_delivery(link, pending))
         self._check_end(link, delivery, flow)
 
     def _on_new_stream(self, link: Any, delivery: Any) -> None:
+        if _lib.pn_delivery_local_state(delivery):
+            # One we answered already: proton may report on it once more
+            # (the far end settling it, its link closing) before freeing it.
+            return
         if _lib.pn_delivery_aborted(delivery) or _lib.pn_delivery_settled(delivery):
             # Given up by the far end before we knew whose it was.
             self.heads.pop(delivery, None)
@@ -611,29 +628,37 @@ class StreamDispatcher:
             return
         header, start = parsed
         del self.heads[delivery]
+        flow = self._flow_for(link, delivery, header)
+        if flow is not None and flow.phase is not Phase.CLOSED:
+            self.flows[delivery] = flow
+            self._top_up(link)
+            flow.on_in_stream(delivery, header, memoryview(buf)[start:])
+            self._check_end(link, delivery, flow)
+
+    def _flow_for(self, link: Any, delivery: Any,
+                  header: adaptor_wire.StreamHeader) -> Flow | None:
+        """A listener's counter-stream, or a new connector flow; None once refused."""
         flow = self.replies.get(header.to or "")
+        if flow is not None:
+            return flow
+        if not header.reply_to:
+            self._refuse(link, delivery, _REJECTED, "a client stream without a reply-to")
+            return None
+        if header.content_type != adaptor_wire.CONTENT_TYPE:
+            # Another encapsulation: the router may have a connector that speaks it.
+            self._refuse(link, delivery, _RELEASED,
+                         f"content-type {header.content_type!r} is not ours")
+            return None
+        flow = self.on_client_stream(header.to or "", delivery, header)
         if flow is None:
-            if not header.reply_to:
-                self._refuse(link, delivery, _REJECTED, "a client stream without a reply-to")
-                return
-            if header.content_type != adaptor_wire.CONTENT_TYPE:
-                # Another encapsulation: the router may have a connector that speaks it.
-                self._refuse(link, delivery, _RELEASED,
-                             f"content-type {header.content_type!r} is not ours")
-                return
-            flow = self.on_client_stream(header.to or "", delivery, header)
-            if flow is None:
-                self._refuse(link, delivery, _RELEASED, f"no bridge for address {header.to!r}")
-                return
-        self.flows[delivery] = flow
-        self._top_up(link)
-        flow.on_in_stream(delivery, header, memoryview(buf)[start:])
-        self._check_end(link, delivery, flow)
+            self._refuse(link, delivery, _RELEASED, f"no bridge for address {header.to!r}")
+        return flow
 
     def _check_end(self, link: Any, delivery: Any, flow: Flow) -> None:
-        if _lib.pn_delivery_partial(delivery) or _lib.pn_delivery_pending(delivery):
+        if (_lib.pn_delivery_partial(delivery) or _lib.pn_delivery_pending(delivery)
+                or delivery not in self.flows):
             return
-        self.flows.pop(delivery, None)
+        self.ended.add(delivery)
         flow.on_in_end(bool(_lib.pn_delivery_aborted(delivery)))
         self._top_up(link)
 
