@@ -124,12 +124,10 @@ class Flow:
         "reply_to",
         "role",
         "sender",
-        "sent",
         "stats",
         "tcp",
         "tcp_write_paused",
         "write_open",
-        "written",
     )
 
     def __init__(self, name: str, host: FlowHost, dispatcher: StreamDispatcher, role: Role,
@@ -158,12 +156,12 @@ class Flow:
         self.out: Any = None
         self.out_ended = False
         self.out_settled = False
-        self.sent = 0
         self.peer_acked = 0
         self.in_delivery: Any = None
         self.in_ended = False
-        self.written = 0
         self.acked = 0
+        # Bytes written to TCP and read from it: also the stream offsets that
+        # acknowledgements count.
         self.bytes_in = 0
         self.bytes_out = 0
         # TCP reads that were under way when reading paused.
@@ -299,7 +297,6 @@ class Flow:
             self._early.append(bytes(data))
             return
         tcp.write(data)
-        self.written += len(data)
         self.bytes_in += len(data)
         self._acknowledge(ACK_EVERY)
 
@@ -317,8 +314,12 @@ class Flow:
     def _end_write(self) -> None:
         assert self.tcp is not None
         self.write_open = False
-        if self.tcp.can_write_eof():
+        try:
             self.tcp.write_eof()
+        except OSError as exc:
+            # As in the relay: a reset after the peer's own FIN surfaces only here.
+            self.reset(f"TCP connection failed: {exc}", Failure.TCP_RESET)
+            return
         self.log.debug("far end finished its stream")
         self.dispatcher.release(self.in_delivery)
         _settle(self.in_delivery, _ACCEPTED)
@@ -328,13 +329,13 @@ class Flow:
 
     def _acknowledge(self, every: int) -> None:
         delivery = self.in_delivery
-        if delivery is None or self.tcp_write_paused or self.written - self.acked < every:
+        if delivery is None or self.tcp_write_paused or self.bytes_in - self.acked < every:
             return
         local = _lib.pn_delivery_local(delivery)
         _lib.pn_disposition_set_section_number(local, 0)
-        _lib.pn_disposition_set_section_offset(local, self.written)
+        _lib.pn_disposition_set_section_offset(local, self.bytes_in)
         _lib.pn_delivery_update(delivery, _RECEIVED)
-        self.acked = self.written
+        self.acked = self.bytes_in
         self.amqp.flush_soon()
 
     # -- TCP events -------------------------------------------------------------------
@@ -423,13 +424,12 @@ class Flow:
             self.out is not None
             and not self.out_ended
             and self.phase is Phase.OPEN
-            and self.sent - self.peer_acked < WINDOW
+            and self.bytes_out - self.peer_acked < WINDOW
             and not self.amqp.write_paused
         )
 
     def _send(self, data: bytes) -> None:
         self.amqp.engine.stream(self._snd, self.out, data)
-        self.sent += len(data)
         self.bytes_out += len(data)
         self.amqp.flush_soon()
 

@@ -105,10 +105,9 @@ class IngressTunnel(Tunnel):
         self.log.extra = {"tunnel": self.name}
         self.stats = bridge.stats
         bridge.stats.tunnel_opened(self)
-        if len(bridge.stats.live) > bridge.limits.max_connections:
+        if (refusal := bridge.limits.refusal(bridge.stats)) is not None:
             self.tcp = transport
-            self.reset(f"over the bridge's limit of {bridge.limits.max_connections} connections",
-                       Failure.LIMIT)
+            self.reset(refusal, Failure.LIMIT)
             return
         super().on_tcp_connected(transport)
         self.on_finished = self._on_finished
@@ -311,10 +310,9 @@ class EgressBridge:
         tunnel.attach_links(sender, receiver)
         tunnel.stats = self.stats
         self.stats.tunnel_opened(tunnel)
-        if len(self.stats.live) > self.limits.max_connections:
+        if (refusal := self.limits.refusal(self.stats)) is not None:
             host.add_tunnel(tunnel)
-            tunnel.reset(f"over the bridge's limit of {self.limits.max_connections} connections",
-                         Failure.LIMIT)
+            tunnel.reset(refusal, Failure.LIMIT)
             return
         # The attach is answered once the backend is connected (see
         # Tunnel.on_tcp_connected), so the answer and the first credit
@@ -336,9 +334,8 @@ class EgressBridge:
         name = f"{header.correlation_id or 'stream'}@{_PROCESS_TAG}-{next(_sequence)}"
         flow = Flow(name, host, dispatcher, Role.CONNECTOR, header.reply_to, stats=self.stats)
         flow.start_connector(delivery, header)
-        if len(self.stats.live) > self.limits.max_connections:
-            flow.reset(f"over the bridge's limit of {self.limits.max_connections} connections",
-                       Failure.LIMIT)
+        if (refusal := self.limits.refusal(self.stats)) is not None:
+            flow.reset(refusal, Failure.LIMIT)
             return flow
         task = asyncio.get_running_loop().create_task(self._connect(flow), name=f"connect {name}")
         self.tasks.add(task)

@@ -28,6 +28,12 @@ class Limits:
     #: Seconds a tunnel may stay with one direction ended and no byte moving.
     half_closed_timeout: float = DEFAULT_HALF_CLOSED_TIMEOUT
 
+    def refusal(self, stats: BridgeStats) -> str | None:
+        """Why the connection just counted in ``stats`` must be refused, or None."""
+        if len(stats.live) > self.max_connections:
+            return f"over the bridge's limit of {self.max_connections} connections"
+        return None
+
 
 DEFAULT_LIMITS = Limits()
 

@@ -268,13 +268,13 @@ class RouterConnection(HostedTunnels):
         open_session(self.session)
         if dialect is Dialect.TCP_ADAPTOR:
             self._start_streams(self.session)
-            return
-        if client.ingress:
+        elif client.ingress:
             self.reply_pool.refill(self.session)
+        # Ingress clients held while the router was away go on now.
         waiting, client.waiting = client.waiting, set()
         for callback in waiting:
             callback()
-        if client.egress:
+        if client.egress and dialect is Dialect.LINK_ROUTE:
             self.management = ManagementClient(self)
             self.management.start(self.session)
 
@@ -295,9 +295,6 @@ class RouterConnection(HostedTunnels):
                                            self.client.routes_active.add)
         for address in self.client.egress:
             self.dispatcher.consume(address)
-        waiting, self.client.waiting = self.client.waiting, set()
-        for callback in waiting:
-            callback()
 
     def _on_client_stream(self, address: str, delivery: Any,
                           header: adaptor_wire.StreamHeader) -> Flow | None:
