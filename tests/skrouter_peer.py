@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import itertools
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from proton import Data, Delivery, Described, Endpoint, Handler, SymbolList, symbol
 from reactor_peer import terminus_info
@@ -40,14 +40,12 @@ CONTENT_TYPE = "application/octet-stream"
 # The router's TCP_MAX_CAPACITY_BYTES (protocols.md §4.3).
 WINDOW = 1_042_432
 
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class StreamSeen:
     """The header of a stream as the peer decoded it."""
 
-    link: str
     target_capabilities: frozenset[str]
     to: str | None
     reply_to: str | None
@@ -56,16 +54,13 @@ class StreamSeen:
     content_type_is_symbol: bool
     application_properties: dict[str, object]
     body: object
-    header_size: int
 
 
 @dataclass(frozen=True)
 class StreamEnded:
     """A stream's delivery was settled; ``outcome`` is the consumer's outcome."""
 
-    to: str | None
     outcome: int
-    forwarded: int
 
 
 @dataclass(frozen=True)
@@ -184,7 +179,7 @@ class SkRouterPeer(ReactorThread, Handler):
 
     def on_connection_init(self, event: Any) -> None:
         conn = event.connection
-        conn.container = "skrouter-peer"
+        conn.container = self.container_id
         conn.properties = {symbol("product"): "skupper-router", symbol("version"): "3.5.1",
                            symbol("qd.conn-id"): next(self._numbers)}
         conn.offered_capabilities = SymbolList(["ANONYMOUS-RELAY", STREAMING_LINKS])
@@ -281,13 +276,13 @@ class SkRouterPeer(ReactorThread, Handler):
             caps = terminus_info(link.remote_target).capabilities
             content_type = fields.get("content_type")
             stream.header = StreamSeen(
-                link=link.name, target_capabilities=frozenset(caps), to=fields.get("to"),
+                target_capabilities=caps, to=fields.get("to"),
                 reply_to=fields.get("reply_to"), correlation_id=fields.get("correlation_id"),
                 content_type=str(content_type) if content_type is not None else None,
                 content_type_is_symbol=isinstance(content_type, symbol),
                 application_properties={str(k): v for k, v in
                                         fields.get("application_properties", {}).items()},
-                body=fields.get("body"), header_size=size,
+                body=fields.get("body"),
             )
             self._record(stream.header)
             stream.pending.extend(stream.buf[size:])
@@ -394,8 +389,7 @@ class SkRouterPeer(ReactorThread, Handler):
                 link.close()
             elif self.waiting_links[link]:
                 self._start_out(self.waiting_links[link][0])
-            self._record(StreamEnded(stream.header.to if stream.header else None, int(state),
-                                     stream.forwarded))
+            self._record(StreamEnded(int(state)))
 
     def _ack_upstream(self, stream: _Stream) -> None:
         if not self.policy.forward_acks or stream.consumer_acked <= stream.last_ack:

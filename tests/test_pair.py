@@ -423,6 +423,9 @@ async def test_backend_reset_mid_stream_resets_client(tmp_path: Path) -> None:
         await reader.readexactly(5)
         writer.write(b"partial reply")
         await writer.drain()
+        # Reset only once the client has the partial reply: an RST discards
+        # what the client's kernel holds unread.
+        await reader.readexactly(2)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
@@ -435,6 +438,7 @@ async def test_backend_reset_mid_stream_resets_client(tmp_path: Path) -> None:
             reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
             writer.write(b"hello")
             assert await reader.readexactly(13) == b"partial reply"
+            writer.write(b"ok")
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(reader.read(), 10)
             writer.close()

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -26,10 +27,6 @@ READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 MAX_HEAD = 8192
 READ_TIMEOUT = 10.0
-
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
-
 
 class AdminProtocol(asyncio.Protocol):
     """One admin HTTP connection: one request, one response."""
@@ -56,13 +53,12 @@ class AdminProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         head = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         )
         self.transport.write(head.encode() + body)
         self.transport.close()
-        self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

@@ -208,7 +208,7 @@ class Soak:
             if self.rng.random() < 0.5:
                 assert self.egress is not None
                 self.egress.kill()
-                self.egress.wait()
+                await asyncio.to_thread(self.egress.wait)
                 self.report.faults["egress killed"] += 1
                 await asyncio.sleep(self.rng.uniform(0.1, 3))
                 await self.start_egress()
