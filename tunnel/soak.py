@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bench import rss_kib
 from .bench.servers import Echo
 from .memory import PERIOD as MEMORY_RELEASE_PERIOD
 
@@ -52,11 +53,6 @@ class Report:
     #: The ingress's RSS once a minute, to tell a leak (steady growth) from
     #: buffers and pools filling up once.
     rss_each_minute_kib: list[int] = field(default_factory=list)
-
-
-def _rss_kib(pid: int) -> int:
-    match = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) if match else 0
 
 
 class Soak:
@@ -197,7 +193,7 @@ class Soak:
             while self.busy:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(QUIET_SECONDS)
-            return _rss_kib(self.ingress.pid)
+            return rss_kib(self.ingress)
         finally:
             self.running.set()
 
@@ -241,7 +237,7 @@ class Soak:
         assert self.ingress is not None
         while True:
             await asyncio.sleep(60)
-            self.report.rss_each_minute_kib.append(_rss_kib(self.ingress.pid))
+            self.report.rss_each_minute_kib.append(rss_kib(self.ingress))
 
     def stop(self) -> None:
         for proc in (self.ingress, self.egress):

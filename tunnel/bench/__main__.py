@@ -39,6 +39,7 @@ from typing import cast
 import uvloop
 
 from .. import __version__
+from . import rss_kib
 
 _COUNT = struct.Struct(">Q")
 MB = 1_000_000
@@ -125,7 +126,7 @@ def relay_path(servers: dict[str, int]) -> Iterator[Route]:
 @contextlib.contextmanager
 def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iterator[Route]:
     egress_log, ingress_log = folder / "egress.log", folder / "ingress.log"
-    common = [sys.executable, "-m", "tunnel", "--log-level", "WARNING"]
+    common = [sys.executable, "-m", "tunnel", "--log-level", "INFO"]
     egress_specs = [f"amqp:bench-{t}=>tcp:127.0.0.1:{servers[t]}" for t in TARGETS]
     ingress_specs = [f"tcp:127.0.0.1:0=>amqp:bench-{t}" for t in TARGETS]
     if amqp:
@@ -137,7 +138,7 @@ def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iter
     else:
         egress_args = ["--listen", "amqp://127.0.0.1:0", *egress_specs]
     with egress_log.open("wb") as sink:
-        egress = subprocess.Popen([*common[:-2], "--log-level", "INFO", *egress_args],
+        egress = subprocess.Popen([*common, *egress_args],
                                   stderr=sink, stdin=subprocess.DEVNULL)
     ingress = None
     try:
@@ -149,8 +150,7 @@ def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iter
             config = folder / "connect.json"
             config.write_text(json.dumps({"host": "127.0.0.1", "port": int(amqp_port)}))
         with ingress_log.open("wb") as sink:
-            ingress = subprocess.Popen([*common[:-2], "--log-level", "INFO", "--config",
-                                        str(config), *ingress_specs],
+            ingress = subprocess.Popen([*common, "--config", str(config), *ingress_specs],
                                        stderr=sink, stdin=subprocess.DEVNULL)
         _wait_log(ingress_log, r"router \S+ connected", ingress)
         found = _wait_log(ingress_log, r"amqp:bench-(\w+) listening on 127\.0\.0\.1:(\d+)",
@@ -165,12 +165,6 @@ def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iter
         _stop(egress)
 
 
-def rss_kib(proc: subprocess.Popen[bytes]) -> int:
-    status = Path(f"/proc/{proc.pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    return int(match.group(1)) if match else 0
-
-
 # -- client protocols -------------------------------------------------------------
 class Counter(asyncio.Protocol):
     """Counts what it reads until EOF."""
@@ -178,9 +172,6 @@ class Counter(asyncio.Protocol):
     def __init__(self) -> None:
         self.count = 0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
@@ -226,7 +217,6 @@ class SlowReader(asyncio.Protocol):
     def __init__(self, budget: int = 64 * 1024, period: float = 0.1) -> None:
         self.budget, self.period = budget, period
         self.window = 0
-        self.total = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -234,7 +224,6 @@ class SlowReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.window += len(data)
-        self.total += len(data)
         if self.window >= self.budget:
             self.transport.pause_reading()
             asyncio.get_running_loop().call_later(self.period, self._resume)
@@ -355,7 +344,7 @@ async def concurrent(port: int, count: int, hops: list[subprocess.Popen[bytes]]
 
 
 async def slow_readers(port: int, conns: int, seconds: float,
-                       hops: list[subprocess.Popen[bytes]]) -> tuple[list[float], int]:
+                       hops: list[subprocess.Popen[bytes]]) -> list[float]:
     loop = asyncio.get_running_loop()
     opened = [await loop.create_connection(SlowReader, "127.0.0.1", port)
               for _ in range(conns)]
@@ -364,10 +353,9 @@ async def slow_readers(port: int, conns: int, seconds: float,
     while loop.time() < deadline:
         await asyncio.sleep(0.05)
         peak = [max(a, rss_kib(p)) for a, p in zip(peak, hops, strict=True)]
-    total = sum(reader.total for _, reader in opened)
     for transport, _ in opened:
         transport.abort()
-    return [kib / 1024 for kib in peak], total
+    return [kib / 1024 for kib in peak]
 
 
 def _pct(samples: list[float], pct: int) -> float:
@@ -430,7 +418,7 @@ async def measure_memory(path: Route, sizes: Sizes, rows: dict[str, Row],
             put(f"concurrent_per_conn_{hop}", per_conn[index] if hops else None)
     else:
         log(f"{name}: slow readers")
-        peak, _ = await slow_readers(ports["source"], sizes.slow_conns, sizes.slow_seconds,
+        peak = await slow_readers(ports["source"], sizes.slow_conns, sizes.slow_seconds,
                                      hops)
         for index, hop in enumerate(("near", "far")):
             put(f"slow_peak_{hop}", peak[index] if hops else None)
