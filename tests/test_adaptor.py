@@ -25,6 +25,7 @@ from helpers import (
     echo_server,
     write_connect_json,
 )
+from reactor_peer import free_port
 from skrouter_peer import (
     CONTENT_TYPE,
     STREAMING_DELIVERIES,
@@ -222,9 +223,7 @@ async def test_50_concurrent_flows(tmp_path: Path) -> None:
 
 async def test_backend_refused_resets_client(tmp_path: Path) -> None:
     """A refused backend: MODIFIED on the client stream, and the client gets an RST."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        dead_port = probe.getsockname()[1]
+    dead_port = free_port()
     async with adaptor_pair(tmp_path, dead_port) as pair:
         await _expect_reset(pair.port)
         pair.peer.wait_until(lambda events: any(isinstance(e, StreamEnded) for e in events))

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import LOOPBACK, TunnelProcess, echo_server, write_connect_json
 from prometheus_client.parser import text_string_to_metric_families
+from reactor_peer import free_port
+from test_pair import round_trip
 
 from tunnel.metrics import METRICS
 
@@ -39,15 +41,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
-
-
-async def round_trip(port: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    writer.write(payload)
-    writer.write_eof()
-    data = await asyncio.wait_for(reader.read(), 20)
-    writer.close()
-    return data
 
 
 async def test_readiness_follows_the_router_and_metrics_count_a_transfer(tmp_path: Path) -> None:
@@ -109,9 +102,7 @@ async def test_readiness_follows_the_router_and_metrics_count_a_transfer(tmp_pat
 
 async def test_failures_are_counted_by_reason(tmp_path: Path) -> None:
     """A refused backend counts once on each side, under a fixed reason label."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        dead = probe.getsockname()[1]
+    dead = free_port()
     egress = TunnelProcess(["--admin", f"{LOOPBACK}:0", "--listen", f"amqp://{LOOPBACK}:0",
                             f"amqp:echo=>tcp:{LOOPBACK}:{dead}"], tmp_path / "egress.log")
     ingress: TunnelProcess | None = None

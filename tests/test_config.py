@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import TunnelProcess, make_certs
+from reactor_peer import free_port
 
 from tunnel.config import (
     ConnectionConfig,
@@ -196,9 +196,7 @@ def test_version() -> None:
 
 async def test_secrets_never_reach_the_log(tmp_path: Path) -> None:
     """A password in the connection file is used but never written to the log, even at DEBUG."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
+    dead = free_port()
     path = _write(tmp_path, {"host": "127.0.0.1", "port": dead, "user": "u",
                              "password": "s3cret-Passw0rd"})
     process = TunnelProcess(["--config", str(path), "tcp:127.0.0.1:0=>amqp:a"],

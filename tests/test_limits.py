@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import LOOPBACK, TunnelProcess, echo_server, write_connect_json
+from reactor_peer import free_port
 
 
 @contextlib.asynccontextmanager
@@ -141,9 +142,7 @@ async def test_connections_wait_for_the_router_then_flow(tmp_path: Path) -> None
 
 async def test_held_connections_are_reset_after_the_hold_timeout(tmp_path: Path) -> None:
     """With no router for --hold-timeout, a held client is reset, not left hanging."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        dead = probe.getsockname()[1]
+    dead = free_port()
     config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": dead})
     ingress = TunnelProcess(["--config", str(config), "--hold-timeout", "1",
                              f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")

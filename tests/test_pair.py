@@ -25,6 +25,7 @@ from helpers import (
     make_certs,
     write_connect_json,
 )
+from reactor_peer import free_port
 
 MIB = 1024 * 1024
 
@@ -191,9 +192,7 @@ async def _expect_reset(port: int) -> None:
 
 async def test_backend_refused_resets_client(tmp_path: Path) -> None:
     """When the egress cannot reach its backend, the client gets an RST, not a clean close."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        dead_port = probe.getsockname()[1]
+    dead_port = free_port()
     async with processes(tmp_path, _egress_args(None, dead_port)) as pair:
         await pair.ingress.wait_for("connected")
         await _expect_reset(pair.port)
