@@ -146,11 +146,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError("--idle-timeout and --half-closed-timeout must not be negative")
     if args.window < 1:
         raise ConfigError(f"--window {args.window}: must be at least 1")
-    if (args.open_timeout <= 0 or args.grace < 0 or args.handshake_timeout <= 0
-            or args.hold_timeout < 0):
-        raise ConfigError(
-            "--open-timeout and --handshake-timeout must be positive, --grace not negative"
-        )
+    for flag, value, least in (("--open-timeout", args.open_timeout, "above 0"),
+                               ("--handshake-timeout", args.handshake_timeout, "above 0"),
+                               ("--grace", args.grace, "0 or more"),
+                               ("--hold-timeout", args.hold_timeout, "0 or more")):
+        if value < 0 or (value == 0 and least == "above 0"):
+            raise ConfigError(f"{flag} {value:g}: must be {least}")
 
 
 def _warn_insecure(conn: ConnectionConfig, source: str) -> None:
