@@ -28,7 +28,7 @@ class Half(asyncio.Protocol):
         self.peer = peer
         self.transport: asyncio.Transport | None = None
         self.early: list[bytes] = []
-        self.early_eof = False
+        self.got_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -44,12 +44,23 @@ class Half(asyncio.Protocol):
         peer.transport.write(data)
 
     def eof_received(self) -> bool:
-        peer = self.peer
-        if peer is None or peer.transport is None:
-            self.early_eof = True
-        else:
-            peer.transport.write_eof()
+        self.got_eof = True
+        if self.peer is not None and self.peer.transport is not None:
+            self.forward_eof(self.peer)
         return True
+
+    def forward_eof(self, peer: Half) -> None:
+        """Carry our FIN to ``peer``; once both ways have ended, close both.
+
+        A connection left open after both FINs is referenced only by its own
+        protocol cycle, and uvloop crashes if the garbage collector frees a
+        transport whose shutdown request is still pending.
+        """
+        assert self.transport is not None and peer.transport is not None
+        peer.transport.write_eof()
+        if peer.got_eof:
+            self.transport.close()
+            peer.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         peer = self.peer
@@ -92,8 +103,8 @@ class Inbound(Half):
         for chunk in self.early:
             outbound.transport.write(chunk)
         self.early.clear()
-        if self.early_eof:
-            outbound.transport.write_eof()
+        if self.got_eof:
+            self.forward_eof(outbound)
         self.transport.resume_reading()
 
 

@@ -63,6 +63,7 @@ class Source(asyncio.Protocol):
         self.request = b""
         self.left = -1
         self.paused = False
+        self.got_eof = False
 
     def data_received(self, data: bytes) -> None:
         if self.left >= 0:
@@ -81,6 +82,8 @@ class Source(asyncio.Protocol):
         if self.left == 0 and not transport.is_closing():
             transport.write_eof()
             self.left = -2
+            if self.got_eof:
+                transport.close()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -90,7 +93,9 @@ class Source(asyncio.Protocol):
         self._push()
 
     def eof_received(self) -> bool:
-        return True
+        # Closed once both ways have ended: see tunnel.bench.relay.Half.forward_eof.
+        self.got_eof = True
+        return self.left != -2
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.left = 0
