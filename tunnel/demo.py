@@ -25,21 +25,10 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import cast
+
+from tunnel.bench.servers import Echo
 
 MESSAGE = b"hello through the tunnel\n"
-
-
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def eof_received(self) -> bool:
-        self.transport.write_eof()
-        return True
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +58,7 @@ async def _wait_for(log: Path, pattern: str, proc: asyncio.subprocess.Process) -
 
 async def demo(tunnel: list[str]) -> int:
     loop = asyncio.get_running_loop()
-    echo = await loop.create_server(_Echo, "127.0.0.1", 0)
+    echo = await loop.create_server(Echo, "127.0.0.1", 0)
     echo_port = echo.sockets[0].getsockname()[1]
     with tempfile.TemporaryDirectory() as folder:
         egress_log, ingress_log = Path(folder) / "egress.log", Path(folder) / "ingress.log"
