@@ -83,6 +83,8 @@ class Received:
     reply_to: str | None
     correlation_id: object
     settled_on_arrival: bool
+    #: The whole message, for the checks the fields above do not cover.
+    message: Message | None = None
 
     @property
     def eos(self) -> bool:
@@ -408,6 +410,7 @@ class RouterPeer(ReactorThread, MessagingHandler):
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
             settled_on_arrival=bool(delivery.settled),
+            message=message,
         ))
         target = link.remote_target.address
         if target in self.policy.hold_targets and not delivery.settled:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, http_egress
 from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel",
         description="Carry TCP connections over AMQP 1.0 (skupper-proxy compatible).",
-        epilog="SPEC is tcp:[HOST:]PORT=>amqp:ADDRESS or amqp:ADDRESS=>tcp:[HOST:]PORT; "
-        "several may be joined with commas. Without SPEC, $ICPROXY_CONFIG is read.",
+        epilog="SPEC is tcp:[HOST:]PORT=>amqp:ADDRESS or amqp:ADDRESS=>tcp:[HOST:]PORT, "
+        "or the same with http: for HTTP/1.1 bridges; several may be joined with commas. "
+        "Without SPEC, $ICPROXY_CONFIG is read.",
     )
     parser.add_argument("specs", nargs="*", metavar="SPEC", help="bridge spec(s)")
     parser.add_argument("--config", metavar="PATH", help="router connection file (connect.json)")
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how TCP travels through the router: link-route (Qpid Dispatch, "
                         "skupper-proxy's messages), tcp-adaptor (skupper-router 3.x streams), "
                         "or auto: chosen from the router's Open (default %(default)s)")
+    parser.add_argument("--http-timeout", type=float, default=http_egress.DEFAULT_TIMEOUT,
+                        help="HTTP bridges: seconds a request may take before it is answered "
+                        "504 (default %(default)s)")
+    parser.add_argument("--http-max-body", type=int, default=http_egress.DEFAULT_MAX_BODY,
+                        help="HTTP bridges: largest request or response body, in bytes; larger "
+                        "requests get 413, larger responses 502 (default %(default)s)")
+    parser.add_argument("--http-window", type=int, default=http_egress.DEFAULT_WINDOW,
+                        help="HTTP egress: requests in hand at once per consumer link "
+                        "(default %(default)s)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default %(default)s)")
     parser.add_argument("--version", action="version", version=f"tunnel {__version__}")
@@ -121,6 +131,8 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         limits=Limits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
                       half_closed_timeout=args.half_closed_timeout),
         dialect=Dialect(args.dialect),
+        http=http_egress.HttpSettings(timeout=args.http_timeout, max_body=args.http_max_body,
+                                      window=args.http_window),
     )
 
 
@@ -144,10 +156,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
     if args.idle_timeout < 0 or args.half_closed_timeout < 0:
         raise ConfigError("--idle-timeout and --half-closed-timeout must not be negative")
-    if args.window < 1:
-        raise ConfigError(f"--window {args.window}: must be at least 1")
+    for flag, count in (("--window", args.window), ("--http-window", args.http_window),
+                        ("--http-max-body", args.http_max_body)):
+        if count < 1:
+            raise ConfigError(f"{flag} {count}: must be at least 1")
     for flag, value, least in (("--open-timeout", args.open_timeout, "above 0"),
                                ("--handshake-timeout", args.handshake_timeout, "above 0"),
+                               ("--http-timeout", args.http_timeout, "above 0"),
                                ("--grace", args.grace, "0 or more"),
                                ("--hold-timeout", args.hold_timeout, "0 or more")):
         if value < 0 or (value == 0 and least == "above 0"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import __version__
 from .admin import AdminServer
@@ -13,12 +13,14 @@ from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
 from .engine import DEFAULT_MAX_FRAME_SIZE
+from .http_egress import HttpEgressBridge, HttpSettings, RoutedEgress
+from .http_ingress import HttpIngressBridge
 from .limits import DEFAULT_LIMITS, Limits
 from .memory import MemoryReleaser
 from .metrics import registry_for
 from .relay import DEFAULT_WINDOW, Failure
 from .router import Dialect, RouterClient
-from .spec import BridgeSpec, EgressSpec, IngressSpec
+from .spec import BridgeSpec, EgressSpec, HttpEgressSpec, HttpIngressSpec, IngressSpec
 from .stats import BridgeStats
 
 logger = logging.getLogger("tunnel")
@@ -45,6 +47,7 @@ class Settings:
     session_window: int = 0
     limits: Limits = DEFAULT_LIMITS
     dialect: Dialect = Dialect.AUTO
+    http: HttpSettings = field(default_factory=HttpSettings)
 
 
 class App:
@@ -57,8 +60,22 @@ class App:
             for spec in settings.specs
             if isinstance(spec, EgressSpec)
         }
+        self.http_egress = {
+            spec.address: HttpEgressBridge(spec, settings.site_id, settings.http)
+            for spec in settings.specs
+            if isinstance(spec, HttpEgressSpec)
+        }
+        self.http_ingress = [
+            HttpIngressBridge(spec, settings.site_id, settings.http,
+                              settings.limits.max_connections)
+            for spec in settings.specs
+            if isinstance(spec, HttpIngressSpec)
+        ]
+        # Through a router, HTTP egress bridges consume their addresses there.
+        self.routed_http = [RoutedEgress(bridge) for bridge in self.http_egress.values()
+                            if settings.router is not None]
         self.direct = (
-            DirectListener(settings.listen, self.egress,
+            DirectListener(settings.listen, self.egress, http_egress=self.http_egress,
                            handshake_timeout=settings.handshake_timeout,
                            max_frame_size=settings.max_frame_size,
                            session_window=settings.session_window)
@@ -80,7 +97,7 @@ class App:
         if self.direct is not None:
             await self.direct.start()
         endpoint = settings.router
-        wants_router = any(isinstance(s, IngressSpec) for s in settings.specs)
+        wants_router = any(isinstance(s, (IngressSpec, HttpIngressSpec)) for s in settings.specs)
         if endpoint is None and self.direct is not None and settings.listen and wants_router:
             endpoint = settings.listen.self_endpoint(self.direct.bound_port)
         if endpoint is not None:
@@ -90,6 +107,7 @@ class App:
                 ingress=any(isinstance(s, IngressSpec) for s in settings.specs),
                 max_frame_size=settings.max_frame_size, session_window=settings.session_window,
                 dialect=settings.dialect,
+                messaging=[*self.http_ingress, *self.routed_http],
             )
             self.router.start()
         for spec in settings.specs:
@@ -102,6 +120,8 @@ class App:
                 )
                 await bridge.start()
                 self.ingress.append(bridge)
+        for http in self.http_ingress:
+            await http.start()
         verify = "n/a"
         if endpoint is not None and endpoint.ssl is not None:
             verify = "on" if endpoint.ssl.verify_mode != 0 else "OFF"
@@ -123,6 +143,15 @@ class App:
                 for b in self.ingress
             ):
                 missing.append(f"listener for {spec} not bound")
+        for http in self.http_ingress:
+            if http.server is None or not http.server.sockets:
+                missing.append(f"listener for {http.spec} not bound")
+            elif http.links is None or http.links.reply_to is None:
+                missing.append(f"reply address for {http.spec} not assigned")
+        for routed in self.routed_http:
+            if not routed.active:
+                missing.append(f"consumer for {routed.bridge.spec.address!r} not active "
+                               f"({routed.bridge.spec})")
         router = self.router
         if router is not None and router.connection is None:
             missing.append(f"router {router.endpoint.url} not connected")
@@ -138,15 +167,22 @@ class App:
         return missing
 
     def hosts_busy(self) -> int:
-        return sum(len(stats.live) for stats in self.bridge_stats())
+        return (sum(len(stats.live) for stats in self.bridge_stats())
+                + sum(http.busy() for http in self.http_ingress)
+                + sum(len(http.tasks) for http in self.http_egress.values()))
+
+    def _stop_accepting(self) -> None:
+        for bridge in self.ingress:
+            bridge.stop_accepting()
+        for http in self.http_ingress:
+            http.stop_accepting()
+        if self.direct is not None:
+            self.direct.stop_accepting()
 
     async def shutdown(self) -> None:
         """Stop accepting, let open tunnels finish for the grace period, reset the rest."""
         self.memory.stop()
-        for bridge in self.ingress:
-            bridge.stop_accepting()
-        if self.direct is not None:
-            self.direct.stop_accepting()
+        self._stop_accepting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.grace
         busy = self.hosts_busy()
@@ -163,8 +199,12 @@ class App:
         for stats in self.bridge_stats():
             for tunnel in list(stats.live):
                 tunnel.reset("shutting down", Failure.SHUTDOWN)
+        for http in self.http_ingress:
+            http.close_all()
         for egress in self.egress.values():
             await egress.stop()
+        for http_egress in self.http_egress.values():
+            await http_egress.stop()
         if self.router is not None:
             await self.router.stop()
         if self.direct is not None:

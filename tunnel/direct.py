@@ -7,6 +7,9 @@ with a link route for each local egress address would:
 - a sender attach whose target is an egress address is handed to that
   egress bridge, and the way back is the ingress's own dynamic receiver
   link, found by the address the attach carries as its source;
+- a sender attach whose target is an HTTP egress address carries request
+  messages to that bridge; each response goes back on the dynamic receiver
+  link of this connection named by the request's ``reply_to``;
 - any other attach is refused with ``amqp:not-found``.
 
 Nothing is forwarded between connections, so the dynamic receiver and the
@@ -33,6 +36,8 @@ from .engine import (
     refuse_link,
     set_owner,
 )
+from .http_egress import HttpEgressBridge
+from .messaging import MessageSender
 from .relay import Tunnel
 
 logger = logging.getLogger(__name__)
@@ -44,12 +49,14 @@ class DirectListener:
     """The ``--listen`` server."""
 
     def __init__(self, config: ListenConfig, egress: dict[str, EgressBridge], *,
+                 http_egress: dict[str, HttpEgressBridge] | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, session_window: int = 0) -> None:
         self.config = config
         self.max_frame_size = max_frame_size
         self.session_window = session_window
         self.egress = egress
+        self.http_egress = http_egress or {}
         self.handshake_timeout = handshake_timeout
         self.server: asyncio.Server | None = None
         self.peers: set[DirectPeer] = set()
@@ -107,6 +114,7 @@ class DirectPeer(HostedTunnels):
         super().__init__()
         self.listener = listener
         self.dynamic: dict[str, Link] = {}
+        self.reply_senders: dict[str, MessageSender] = {}
         # A peer that never completes the AMQP open would hold a socket forever.
         self.handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             listener.handshake_timeout, self._on_handshake_timeout
@@ -143,6 +151,14 @@ class DirectPeer(HostedTunnels):
             self._attach_reply_link(link)
             return
         address = link.remote_target.address
+        http = self.listener.http_egress.get(address) if address else None
+        if http is not None:
+            link.source.copy(link.remote_source)
+            link.target.copy(link.remote_target)
+            http.consume(link, self.socket, self._reply)
+            link.open()
+            self.socket.flush_soon()
+            return
         bridge = self.listener.egress.get(address) if address else None
         if bridge is None:
             refuse_link(link, "amqp:not-found", f"no egress bridge for address {address!r}")
@@ -169,12 +185,26 @@ class DirectPeer(HostedTunnels):
         link.open()
         self.dynamic[address] = link
 
+    def _reply(self, to: str, data: bytes) -> bool:
+        """Send an HTTP response on the dynamic link whose address is ``to``."""
+        sender = self.reply_senders.get(to)
+        if sender is None:
+            link = self.dynamic.pop(to, None)
+            if link is None:
+                return False
+            sender = MessageSender(link, self.socket,
+                                   on_closed=lambda _: self.reply_senders.pop(to, None))
+            self.reply_senders[to] = sender
+        sender.send(data)
+        return True
+
     def on_socket_lost(self, exc: Exception | None) -> None:
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
             self.handshake_timer = None
         self.reset_tunnels()
         self.dynamic.clear()
+        self.reply_senders.clear()
         self.listener.peers.discard(self)
 
 

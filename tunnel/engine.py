@@ -209,8 +209,8 @@ class AmqpEngine:
 
     # -- sending --------------------------------------------------------------
     def send_delivery(self, link: Any, tag: bytes, head: bytes,
-                      body: bytes | memoryview = b"") -> None:
-        """One whole delivery on a C sender handle: ``head`` then ``body``, uncopied.
+                      body: bytes | memoryview = b"") -> Any:
+        """One whole delivery on a C sender handle: ``head`` then ``body``, uncopied; returns it.
 
         Each slice is framed as soon as it is in, taking proton's output
         aside when its buffer is full, so the delivery never holds more than
@@ -220,6 +220,7 @@ class AmqpEngine:
         _lib.pn_link_send(link, _ffi.from_buffer(head), len(head))
         self._send_sliced(link, delivery, body, SLICE - len(head))
         _lib.pn_link_advance(link)
+        return delivery
 
     def stream(self, link: Any, delivery: Any, data: bytes | memoryview) -> None:
         """Add ``data`` to ``delivery``, the current one on ``link``, leaving it open."""

@@ -36,8 +36,8 @@ import logging
 import random
 import secrets
 import socket
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
 
@@ -57,6 +57,7 @@ from .engine import (
     wrap_delivery,
     wrap_link,
 )
+from .messaging import AmqpHost
 from .relay import MAX_MESSAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,13 @@ def choose_dialect(properties: Mapping[Any, Any]) -> tuple[Dialect, str]:
     return Dialect.LINK_ROUTE, f"{product or 'unknown product'} {version or '?'}".strip()
 
 
+class MessageBridge(Protocol):
+    """A bridge that exchanges whole messages (HTTP): its links live on each live connection."""
+
+    def on_router_up(self, host: AmqpHost, session: Session) -> None: ...
+    def on_router_down(self) -> None: ...
+
+
 class RouterClient:
     """Keeps one live AMQP connection to the router; see the module docstring."""
 
@@ -104,8 +112,10 @@ class RouterClient:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         session_window: int = 0,
         dialect: Dialect = Dialect.AUTO,
+        messaging: Sequence[MessageBridge] = (),
     ) -> None:
         self.dialect = dialect
+        self.messaging = messaging
         # What AUTO found at this endpoint, for the next connection's Open.
         self.found: Dialect | None = None
         self.max_frame_size = max_frame_size
@@ -270,6 +280,8 @@ class RouterConnection(HostedTunnels):
             self._start_streams(self.session)
         elif client.ingress:
             self.reply_pool.refill(self.session)
+        for bridge in client.messaging:
+            bridge.on_router_up(self.socket, self.session)
         # Ingress clients held while the router was away go on now.
         waiting, client.waiting = client.waiting, set()
         for callback in waiting:
@@ -340,6 +352,8 @@ class RouterConnection(HostedTunnels):
         if client.connection is self:
             client.connection = None
             client.routes_active.clear()
+            for bridge in client.messaging:
+                bridge.on_router_down()
         self.reset_tunnels()
         if not self.lost.done():
             self.lost.set_result(exc)

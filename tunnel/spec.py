@@ -3,13 +3,15 @@
 Grammar (one spec; several may be joined with ``,`` in one argument)::
 
     spec     := ingress | egress
-    ingress  := "tcp:" [host ":"] port "=>" "amqp:" address
-    egress   := "amqp:" address "=>" "tcp:" [host ":"] port
+    ingress  := ("tcp:" | "http:") [host ":"] port "=>" "amqp:" address
+    egress   := "amqp:" address "=>" ("tcp:" | "http:") [host ":"] port
 
 Examples: ``tcp:2000=>amqp:echo`` listens on every interface, port 2000, and
 carries each connection to whoever serves ``echo``; ``amqp:echo=>tcp:2000``
 serves ``echo`` by connecting to ``$ICPROXY_BRIDGE_HOST`` (else ``localhost``)
 port 2000. IPv6 hosts are written in brackets: ``tcp:[::1]:2000``.
+``http:8080=>amqp:web`` and ``amqp:web=>http:8080`` carry HTTP/1.1, one
+message per request and one per response (:mod:`tunnel.http_message`).
 
 Unlike ``simple.js``, which silently drops what it cannot parse, every
 malformed spec raises :class:`~tunnel.errors.ConfigError` naming the bad part.
@@ -57,7 +59,37 @@ class EgressSpec(BaseModel):
         return f"amqp:{self.address}=>tcp:{_join_host(self.host, self.port)}"
 
 
-BridgeSpec = IngressSpec | EgressSpec
+class HttpIngressSpec(BaseModel):
+    """``http:[HOST:]PORT=>amqp:ADDRESS``: serve HTTP, each request a message to ``address``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["http-ingress"] = "http-ingress"
+    host: str | None = Field(default=None, description="Bind address; None binds every interface.")
+    port: Annotated[int, Field(ge=0, le=65535, description="0 lets the OS choose (logged).")]
+    address: str = Field(min_length=1)
+
+    def __str__(self) -> str:
+        return f"http:{_join_host(self.host, self.port)}=>amqp:{self.address}"
+
+
+class HttpEgressSpec(BaseModel):
+    """``amqp:ADDRESS=>http:[HOST:]PORT``: answer requests to ``address`` from an HTTP server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["http-egress"] = "http-egress"
+    address: str = Field(min_length=1)
+    host: str = Field(min_length=1)
+    port: Port
+
+    def __str__(self) -> str:
+        return f"amqp:{self.address}=>http:{_join_host(self.host, self.port)}"
+
+
+BridgeSpec = IngressSpec | EgressSpec | HttpIngressSpec | HttpEgressSpec
+ListenerSpec = IngressSpec | HttpIngressSpec
+ServerSpec = EgressSpec | HttpEgressSpec
 
 
 def _join_host(host: str | None, port: int) -> str:
@@ -74,18 +106,18 @@ def _parse_endpoint(text: str, spec: str, *, listener: bool) -> tuple[str | None
     if text.startswith("["):
         end = text.find("]")
         if end < 0 or text[end + 1 : end + 2] != ":":
-            raise ConfigError(f"bad tcp endpoint {text!r} in spec {spec!r}: expected [IPV6]:PORT")
+            raise ConfigError(f"bad endpoint {text!r} in spec {spec!r}: expected [IPV6]:PORT")
         host, port_text = text[1:end], text[end + 2 :]
     elif ":" in text:
         host, _, port_text = text.rpartition(":")
         if ":" in host:
             raise ConfigError(
-                f"bad tcp endpoint {text!r} in spec {spec!r}: write IPv6 hosts as [HOST]:PORT"
+                f"bad endpoint {text!r} in spec {spec!r}: write IPv6 hosts as [HOST]:PORT"
             )
     else:
         host, port_text = None, text
     if host is not None and not host:
-        raise ConfigError(f"empty host in tcp endpoint {text!r} of spec {spec!r}")
+        raise ConfigError(f"empty host in endpoint {text!r} of spec {spec!r}")
     lowest = 0 if listener else 1
     if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
         raise ConfigError(f"bad port {port_text!r} in spec {spec!r}: expected {lowest}-65535")
@@ -95,10 +127,12 @@ def _parse_endpoint(text: str, spec: str, *, listener: bool) -> tuple[str | None
 def _split_side(side: str, spec: str) -> tuple[str, str]:
     scheme, sep, rest = side.partition(":")
     if not sep:
-        raise ConfigError(f"{side!r} in spec {spec!r} has no scheme: expected tcp:... or amqp:...")
-    if scheme not in ("tcp", "amqp"):
         raise ConfigError(
-            f"unsupported scheme {scheme!r} in spec {spec!r}: expected 'tcp' or 'amqp'"
+            f"{side!r} in spec {spec!r} has no scheme: expected tcp:..., http:... or amqp:..."
+        )
+    if scheme not in ("tcp", "http", "amqp"):
+        raise ConfigError(
+            f"unsupported scheme {scheme!r} in spec {spec!r}: expected 'tcp', 'http' or 'amqp'"
         )
     if not rest:
         raise ConfigError(f"{side!r} in spec {spec!r} is empty after {scheme!r}:")
@@ -115,17 +149,19 @@ def parse_spec(spec: str, bridge_host: str = DEFAULT_BRIDGE_HOST) -> BridgeSpec:
         raise ConfigError(f"spec {spec!r} is missing its {'source' if not source else 'target'}")
     src_scheme, src = _split_side(source, spec)
     dst_scheme, dst = _split_side(target, spec)
-    if (src_scheme, dst_scheme) == ("tcp", "amqp"):
+    if src_scheme in ("tcp", "http") and dst_scheme == "amqp":
         host, port = _parse_endpoint(src, spec, listener=True)
-        return IngressSpec(host=host, port=port, address=_check_address(dst, spec))
-    if (src_scheme, dst_scheme) == ("amqp", "tcp"):
+        listener = IngressSpec if src_scheme == "tcp" else HttpIngressSpec
+        return listener(host=host, port=port, address=_check_address(dst, spec))
+    if src_scheme == "amqp" and dst_scheme in ("tcp", "http"):
         egress_host, port = _parse_endpoint(dst, spec, listener=False)
-        return EgressSpec(
+        server = EgressSpec if dst_scheme == "tcp" else HttpEgressSpec
+        return server(
             address=_check_address(src, spec), host=egress_host or bridge_host, port=port
         )
     raise ConfigError(
-        f"spec {spec!r} bridges {src_scheme!r} to {dst_scheme!r}: "
-        "expected tcp:...=>amqp:... or amqp:...=>tcp:..."
+        f"spec {spec!r} bridges {src_scheme!r} to {dst_scheme!r}: expected tcp:...=>amqp:..., "
+        "amqp:...=>tcp:..., http:...=>amqp:... or amqp:...=>http:..."
     )
 
 
@@ -163,7 +199,7 @@ def _check_unique(specs: list[BridgeSpec]) -> None:
     listeners: dict[tuple[str | None, int], BridgeSpec] = {}
     addresses: dict[str, BridgeSpec] = {}
     for spec in specs:
-        if isinstance(spec, IngressSpec):
+        if isinstance(spec, (IngressSpec, HttpIngressSpec)):
             key = (spec.host, spec.port)
             if key in listeners and spec.port != 0:
                 raise ConfigError(

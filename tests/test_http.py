@@ -1,0 +1,355 @@
+"""HTTP/1.1 bridges through a direct-mode pair: real clients, a real server, two real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers import LOOPBACK, TunnelProcess, write_connect_json
+from reactor_peer import free_port
+
+MIB = 1024 * 1024
+TIMEOUT = 4.0
+MAX_BODY = 9 * MIB
+
+
+class Backend(BaseHTTPRequestHandler):
+    """The HTTP server behind the egress: each path is one behaviour."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            raise AssertionError("the egress forwarded a chunked body")
+        return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+    def _send(self, status: int, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._route(b"")
+
+    def do_POST(self) -> None:
+        self._route(self._body())
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "1234")
+        self.end_headers()
+
+    def _route(self, body: bytes) -> None:
+        path = self.path.split("?")[0]
+        if path == "/echo":
+            self._send(200, body, [("content-type", self.headers.get("content-type", "x/none")),
+                                   ("x-method", self.command)])
+        elif path == "/headers":
+            seen = {name.lower(): self.headers.get_all(name) for name in set(self.headers)}
+            self._send(200, json.dumps({"headers": seen, "path": self.path,
+                                        "version": self.request_version}).encode(),
+                       [("content-type", "application/json")])
+        elif path == "/cookies":
+            self._send(200, b"two cookies", [("set-cookie", "a=1; Expires=Wed, 21 Oct 2037 "
+                                              "07:28:00 GMT"), ("set-cookie", "b=2")])
+        elif path == "/chunked":
+            self.send_response(200)
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for part in (b"first,", b"second,", b"third"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        elif path == "/slow":
+            time.sleep(TIMEOUT + 2)
+            self._send(200, b"too late")
+        elif path == "/big":
+            self._send(200, bytes(MAX_BODY + 1))
+        else:
+            self._send(404, b"no such path")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # /slow writes after the egress gave up on it; that is the point
+
+
+@contextlib.contextmanager
+def backend() -> Iterator[ThreadingHTTPServer]:
+    server = _Server((LOOPBACK, 0), Backend)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
+class HttpPair:
+    port: int
+    ingress: TunnelProcess
+    egress: TunnelProcess
+
+
+@contextlib.asynccontextmanager
+async def http_pair(tmp: Path, backend_port: int) -> AsyncIterator[HttpPair]:
+    """An HTTP egress in direct mode and an HTTP ingress connected to it."""
+    limits = ["--http-timeout", str(TIMEOUT), "--http-max-body", str(MAX_BODY)]
+    egress = TunnelProcess(["--listen", f"amqp://{LOOPBACK}:0", *limits,
+                            f"amqp:web=>http:{LOOPBACK}:{backend_port}"], tmp / "egress.log")
+    ingress = None
+    try:
+        amqp_port = await egress.amqp_port()
+        config = write_connect_json(tmp / "connect.json",
+                                    {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port})
+        ingress = TunnelProcess(["--config", str(config), *limits,
+                                 f"http:{LOOPBACK}:0=>amqp:web"], tmp / "ingress.log")
+        port = await ingress.listen_port()
+        await ingress.wait_for(r"router amqp://\S+ connected")
+        yield HttpPair(port, ingress, egress)
+        assert await asyncio.to_thread(ingress.stop) == 0, ingress.log()
+        assert await asyncio.to_thread(egress.stop) == 0, egress.log()
+    finally:
+        if ingress is not None:
+            ingress.kill()
+        egress.kill()
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[HttpPair]:
+    with backend() as server:
+        async with http_pair(tmp_path, server.server_address[1]) as running:
+            yield running
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            headers: Sequence[tuple[str, str]] = ()) -> tuple[int, http.client.HTTPMessage, bytes]:
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    try:
+        conn.putrequest(method, path)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.msg, response.read()
+    finally:
+        conn.close()
+
+
+async def test_get_through_the_pair(pair: HttpPair) -> None:
+    """A GET reaches the backend with its path and query, and its answer comes back whole."""
+    status, headers, body = await asyncio.to_thread(request, pair.port, "GET", "/headers?x=1&y=2")
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    seen = json.loads(body)
+    assert seen["path"] == "/headers?x=1&y=2"
+    assert seen["headers"]["host"] == [f"{LOOPBACK}:{pair.port}"]
+
+
+@pytest.mark.parametrize("size", [0, 1024, 8 * MIB])
+async def test_post_bodies_arrive_exactly(pair: HttpPair, size: int) -> None:
+    """POST bodies of 0 B, 1 KiB and 8 MiB reach the backend and come back byte for byte."""
+    payload = hashlib.sha256(b"seed").digest() * (size // 32) + b"x" * (size % 32)
+    status, headers, body = await asyncio.to_thread(
+        request, pair.port, "POST", "/echo", payload, [("content-type", "application/x-test")])
+    assert status == 200
+    assert headers["x-method"] == "POST"
+    assert headers["content-type"] == "application/x-test"
+    assert len(body) == size
+    assert hashlib.sha256(body).digest() == hashlib.sha256(payload).digest()
+
+
+def _chunked_post(port: int) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    try:
+        conn.request("POST", "/echo", body=iter([b"one,", b"two,", b"three"]),
+                     encode_chunked=True)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+async def test_chunked_request_and_response_bodies(pair: HttpPair) -> None:
+    """A chunked request body is carried whole, and a chunked response reaches the client whole."""
+    status, body = await asyncio.to_thread(_chunked_post, pair.port)
+    assert (status, body) == (200, b"one,two,three")
+    status, _, body = await asyncio.to_thread(request, pair.port, "GET", "/chunked")
+    assert (status, body) == (200, b"first,second,third")
+
+
+def _keep_alive(port: int, count: int) -> list[bytes]:
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    conn.auto_open = 0  # a closed connection fails the test instead of being reopened
+    conn.connect()
+    bodies = []
+    try:
+        for n in range(count):
+            conn.request("POST", "/echo", body=f"request {n}".encode())
+            response = conn.getresponse()
+            assert response.status == 200
+            bodies.append(response.read())
+    finally:
+        conn.close()
+    return bodies
+
+
+async def test_keep_alive_100_requests_on_one_connection(pair: HttpPair) -> None:
+    """100 sequential requests share one client connection and each gets its own answer."""
+    bodies = await asyncio.to_thread(_keep_alive, pair.port, 100)
+    assert bodies == [f"request {n}".encode() for n in range(100)]
+
+
+class _KeptOpen(io.BufferedReader):
+    """One buffered reader for several responses: each HTTPResponse closes its file when done."""
+
+    def close(self) -> None:
+        pass
+
+
+def _pipelined(port: int) -> list[tuple[int, bytes]]:
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        sock.sendall(b"".join(
+            b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body) for body in (b"first", b"second", b"third")))
+        stream = _KeptOpen(socket.SocketIO(sock, "rb"))
+
+        class _Reader:
+            def makefile(self, *_: object, **__: object) -> object:
+                return stream
+
+        answers = []
+        for _ in range(3):
+            response = http.client.HTTPResponse(_Reader())  # type: ignore[arg-type]
+            response.begin()
+            answers.append((response.status, response.read()))
+        return answers
+
+
+async def test_pipelined_requests_are_answered_in_order(pair: HttpPair) -> None:
+    """Three requests sent at once on one connection are answered in order."""
+    answers = await asyncio.to_thread(_pipelined, pair.port)
+    assert answers == [(200, b"first"), (200, b"second"), (200, b"third")]
+
+
+async def _raw_request(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(data)
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    return answer
+
+
+async def test_50_concurrent_clients(pair: HttpPair) -> None:
+    """50 clients at once each get their own answer."""
+    async def one(n: int) -> bytes:
+        body = f"client {n}".encode() * 100
+        answer = await _raw_request(pair.port, b"POST /echo HTTP/1.1\r\nHost: web\r\n"
+                                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                    % (len(body), body))
+        head, _, received = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        return received
+
+    bodies = await asyncio.gather(*(one(n) for n in range(50)))
+    assert bodies == [f"client {n}".encode() * 100 for n in range(50)]
+
+
+async def test_multi_valued_headers_survive(pair: HttpPair) -> None:
+    """A repeated request field reaches the backend with every value; two Set-Cookie
+    fields reach the client as two fields, the comma inside one intact."""
+    _, _, body = await asyncio.to_thread(
+        request, pair.port, "GET", "/headers", None, [("x-multi", "a"), ("x-multi", "b")])
+    values = json.loads(body)["headers"]["x-multi"]
+    assert ", ".join(values) == "a, b"
+    _, headers, _ = await asyncio.to_thread(request, pair.port, "GET", "/cookies")
+    assert headers.get_all("set-cookie") == [
+        "a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT", "b=2"]
+
+
+async def test_request_without_host(pair: HttpPair) -> None:
+    """An HTTP/1.0 request without Host is served; an HTTP/1.1 one gets 400 naming Host."""
+    answer = await _raw_request(pair.port, b"GET /headers HTTP/1.0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer
+    assert json.loads(body)["path"] == "/headers"
+    answer = await _raw_request(pair.port, b"GET /headers HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"Host" in answer
+
+
+async def test_head_keeps_no_body(pair: HttpPair) -> None:
+    """A HEAD request is answered without a body, and the connection stays usable."""
+    def head_then_get(port: int) -> tuple[int, bytes, int]:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+        conn.auto_open = 0
+        conn.connect()
+        try:
+            conn.request("HEAD", "/anything")
+            first = conn.getresponse()
+            first_body = first.read()
+            conn.request("GET", "/echo")
+            second = conn.getresponse()
+            second.read()
+            return first.status, first_body, second.status
+        finally:
+            conn.close()
+
+    assert await asyncio.to_thread(head_then_get, pair.port) == (200, b"", 200)
+
+
+async def test_backend_down_is_502(tmp_path: Path) -> None:
+    """A backend nobody listens on: every retry is refused, and the client gets 502."""
+    started = time.monotonic()
+    async with http_pair(tmp_path, free_port()) as running:
+        status, headers, body = await asyncio.to_thread(request, running.port, "GET", "/")
+        assert status == 502
+        assert headers["content-type"].startswith("text/plain")
+        assert b"amqp:web did not take the request (11 attempts)" in body
+        assert "cannot connect to" in running.egress.log()
+    assert time.monotonic() - started < 30
+
+
+async def test_slow_backend_is_504(pair: HttpPair) -> None:
+    """A backend slower than --http-timeout: 504 with the reason, after about the timeout."""
+    started = time.monotonic()
+    status, _, body = await asyncio.to_thread(request, pair.port, "GET", "/slow")
+    took = time.monotonic() - started
+    assert status == 504
+    assert b"within 4 s" in body
+    assert TIMEOUT - 0.5 < took < TIMEOUT + 2
+
+
+async def test_oversized_bodies(pair: HttpPair) -> None:
+    """A request body over --http-max-body gets 413; a response body over it gets 502."""
+    status, headers, body = await asyncio.to_thread(
+        request, pair.port, "POST", "/echo", bytes(MAX_BODY + 1))
+    assert status == 413
+    assert headers["connection"] == "close"
+    assert f"limited to {MAX_BODY} bytes".encode() in body
+    status, _, body = await asyncio.to_thread(request, pair.port, "GET", "/big")
+    assert status == 502
+    assert f"over the limit of {MAX_BODY} bytes".encode() in body

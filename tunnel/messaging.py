@@ -1,0 +1,228 @@
+"""Whole messages on AMQP links: a sender with a queue, a receiver that reassembles.
+
+The TCP tunnels stream; the HTTP bridges exchange whole messages, one per
+request and one per response, and need two things from a link:
+
+- :class:`MessageSender` queues encoded messages and sends them as credit
+  arrives (a router grants none while nobody consumes the address, so the
+  queue is where a request waits); each message's outcome goes to its own
+  callback once the peer settles it.
+- :class:`MessageReceiver` grants a fixed credit window, gathers each
+  delivery's transfers into one message (up to a size limit; a larger one is
+  drained and rejected, never half-delivered), and hands it on. Credit comes
+  back only when the consumer settles, so the window bounds the work in hand.
+
+Both are link owners in the engine's sense and do no I/O: ``host`` supplies
+the engine and is asked to flush.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from proton import Condition, Delivery, Link
+
+from .engine import AmqpEngine, close_link, raw_lib, receive_delivery, set_owner, wrap_delivery
+
+_lib = raw_lib
+logger = logging.getLogger(__name__)
+
+ACCEPTED = int(Delivery.ACCEPTED)
+RELEASED = int(Delivery.RELEASED)
+REJECTED = int(Delivery.REJECTED)
+MODIFIED = int(Delivery.MODIFIED)
+_OUTCOME_NAMES = {ACCEPTED: "accepted", RELEASED: "released", REJECTED: "rejected",
+                  MODIFIED: "modified"}
+
+#: ``(outcome, why)``: the peer's outcome (0 when the link went away first) and,
+#: for a rejection, the error it gave.
+OutcomeCallback = Callable[[int, str], None]
+
+
+class AmqpHost(Protocol):
+    """What a link owner needs from the connection it lives on."""
+
+    @property
+    def engine(self) -> AmqpEngine: ...
+    def flush_soon(self) -> None: ...
+
+
+def outcome_name(state: int) -> str:
+    return _OUTCOME_NAMES.get(state, str(state))
+
+
+def settle(delivery: Any, outcome: int, *, failed: bool = False,
+           condition: Condition | None = None) -> None:
+    """Settle a received delivery (C handle) with ``outcome``."""
+    if condition is not None:
+        wrapped = wrap_delivery(delivery)
+        wrapped.local.condition = condition
+    if failed:
+        _lib.pn_disposition_set_failed(_lib.pn_delivery_local(delivery), True)
+    _lib.pn_delivery_update(delivery, outcome)
+    _lib.pn_delivery_settle(delivery)
+
+
+class MessageSender:
+    """A sender link that sends queued messages as credit allows."""
+
+    def __init__(self, link: Link, host: AmqpHost,
+                 on_closed: Callable[[MessageSender], object] | None = None) -> None:
+        self.link = link
+        self.raw = link._impl
+        self.host = host
+        self.on_closed = on_closed
+        self.queue: deque[tuple[bytes, OutcomeCallback | None]] = deque()
+        self.unsettled: dict[Any, OutcomeCallback | None] = {}
+        self.closed = False
+        self._tags = itertools.count()
+        set_owner(link, self)
+
+    def send(self, data: bytes, on_outcome: OutcomeCallback | None = None) -> None:
+        """Send ``data`` (one encoded message) when credit allows."""
+        self.queue.append((data, on_outcome))
+        self._pump()
+
+    def _pump(self) -> None:
+        engine = self.host.engine
+        sent = False
+        while self.queue and not self.closed and _lib.pn_link_credit(self.raw) > 0:
+            data, callback = self.queue.popleft()
+            tag = next(self._tags).to_bytes(8, "big")
+            delivery = engine.send_delivery(self.raw, tag, b"", data)
+            self.unsettled[delivery] = callback
+            sent = True
+        if sent:
+            self.host.flush_soon()
+
+    def close(self) -> None:
+        if not self.closed:
+            close_link(self.link)
+            self._gone()
+
+    def _gone(self) -> None:
+        self.closed = True
+        callbacks = [cb for cb in self.unsettled.values()]
+        callbacks += [cb for _, cb in self.queue]
+        self.unsettled.clear()
+        self.queue.clear()
+        for callback in callbacks:
+            if callback is not None:
+                callback(0, "link closed before the outcome")
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    # -- LinkOwner --------------------------------------------------------------
+    def on_link_opened(self, link: Link) -> None:
+        pass
+
+    def on_link_flow(self, link: Any) -> None:
+        self._pump()
+
+    def on_delivery(self, link: Any, delivery: Any) -> None:
+        state = _lib.pn_delivery_remote_state(delivery)
+        if not _lib.pn_delivery_settled(delivery) and state not in _OUTCOME_NAMES:
+            return  # not an outcome yet (received, or nothing)
+        callback = self.unsettled.pop(delivery, None)
+        why = ""
+        if state == REJECTED:
+            condition = wrap_delivery(delivery).remote.condition
+            if condition is not None:
+                why = f"{condition.name}: {condition.description}"
+        _lib.pn_delivery_settle(delivery)
+        if callback is not None:
+            callback(state, why)
+
+    def on_link_closed(self, link: Link) -> None:
+        if not self.closed:
+            self._gone()
+
+
+class MessageReceiver:
+    """A receiver link that hands on whole messages and keeps ``window`` credits out."""
+
+    def __init__(self, link: Link, host: AmqpHost, *, window: int, max_size: int,
+                 on_message: Callable[[Any, bytearray], None],
+                 on_opened: Callable[[Link], None] | None = None,
+                 on_closed: Callable[[MessageReceiver], None] | None = None) -> None:
+        self.link = link
+        self.raw = link._impl
+        self.host = host
+        self.window = window
+        self.max_size = max_size
+        self.on_message = on_message
+        self.on_opened = on_opened
+        self.on_closed = on_closed
+        self.closed = False
+        self.in_hand = 0
+        self._partial: bytearray | None = None
+        self._oversize = 0
+        set_owner(link, self)
+        _lib.pn_link_flow(self.raw, window)
+
+    def settle(self, delivery: Any, outcome: int, *, failed: bool = False,
+               condition: Condition | None = None) -> None:
+        """Settle a message handed on earlier, and give its credit back."""
+        self.in_hand -= 1
+        if self.closed:
+            return
+        settle(delivery, outcome, failed=failed, condition=condition)
+        credit = _lib.pn_link_credit(self.raw)
+        if credit + self.in_hand < self.window:
+            _lib.pn_link_flow(self.raw, self.window - credit - self.in_hand)
+        self.host.flush_soon()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            close_link(self.link)
+
+    # -- LinkOwner --------------------------------------------------------------
+    def on_link_opened(self, link: Link) -> None:
+        if self.on_opened is not None:
+            self.on_opened(link)
+
+    def on_link_flow(self, link: Any) -> None:
+        pass
+
+    def on_delivery(self, link: Any, delivery: Any) -> None:
+        if delivery != _lib.pn_link_current(link):
+            return  # news of one handed on already (the sender settled it): nothing to do
+        pending = _lib.pn_delivery_pending(delivery)
+        partial = bool(_lib.pn_delivery_partial(delivery))
+        held = len(self._partial) if self._partial is not None else 0
+        if self._oversize or held + pending > self.max_size:
+            # Drained, not kept: left in proton it would shut the session window.
+            self._oversize += held + pending
+            self._partial = None
+            receive_delivery(link, pending)
+            if not partial:
+                size, self._oversize = self._oversize, 0
+                self.in_hand += 1
+                _lib.pn_link_advance(link)
+                self.settle(delivery, REJECTED, condition=Condition(
+                    "amqp:link:message-size-exceeded",
+                    f"a message of {size} bytes; at most {self.max_size} are taken"))
+            return
+        if pending:
+            part = receive_delivery(link, pending)
+            if self._partial is None:
+                self._partial = part
+            else:
+                self._partial += part
+        if partial:
+            return
+        data, self._partial = self._partial or bytearray(), None
+        _lib.pn_link_advance(link)
+        self.in_hand += 1
+        self.on_message(delivery, data)
+
+    def on_link_closed(self, link: Link) -> None:
+        self.closed = True
+        if self.on_closed is not None:
+            self.on_closed(self)
+
