@@ -191,7 +191,10 @@ class Policy:
     ``dynamic_addresses`` are handed out in order to dynamic-source attaches;
     ``target_capabilities`` are offered in the answer to a daemon sender whose
     target address is a key; ``hold_targets`` names target addresses whose
-    deliveries the peer leaves unsettled until :meth:`RouterPeer.release_held`.
+    deliveries the peer leaves unsettled until :meth:`RouterPeer.release_held`;
+    ``outcomes`` gives, per target address, the outcomes of the first
+    deliveries there (a rejection with ``amqp:internal-error``), before the
+    peer goes back to accepting.
     """
 
     dynamic_addresses: list[str] = field(default_factory=list)
@@ -199,6 +202,7 @@ class Policy:
     credit: int = 50
     management_status: int = 201
     hold_targets: frozenset[str] = frozenset()
+    outcomes: dict[str, list[int]] = field(default_factory=dict)
 
 
 class RouterPeer(ReactorThread, MessagingHandler):
@@ -413,7 +417,14 @@ class RouterPeer(ReactorThread, MessagingHandler):
             message=message,
         ))
         target = link.remote_target.address
-        if target in self.policy.hold_targets and not delivery.settled:
+        planned = self.policy.outcomes.get(target or "")
+        if planned:
+            outcome = planned.pop(0)
+            if outcome == Delivery.REJECTED:
+                delivery.local.condition = Condition("amqp:internal-error", "refused by the test")
+            delivery.update(outcome)
+            delivery.settle()
+        elif target in self.policy.hold_targets and not delivery.settled:
             self.held.append(delivery)
         else:
             delivery.update(Delivery.ACCEPTED)
