@@ -164,7 +164,7 @@ def test_egress_response_message_fields(harness: Harness) -> None:
     assert message.subject == "200"
     assert message.content_type == "application/json"
     assert message.group_id == "site-b"
-    properties = message.properties or {}
+    properties: dict[str, object] = message.properties or {}
     assert all(isinstance(v, str) for v in properties.values())
     assert "content-length" not in properties
     assert got.is_value_binary
