@@ -261,7 +261,7 @@ class IngressBridge:
             # which then wait a second for their retransmission.
             backlog=LISTEN_BACKLOG,
         )
-        logger.info("bridge %s listening on %s", self.spec, _addresses(self.server))
+        logger.info("bridge %s listening on %s", self.spec, listening_addresses(self.server))
         self.sweeper.start()
 
     def stop_accepting(self) -> None:
@@ -270,7 +270,7 @@ class IngressBridge:
         self.sweeper.stop()
 
 
-def _addresses(server: asyncio.Server) -> str:
+def listening_addresses(server: asyncio.Server) -> str:
     names = []
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]

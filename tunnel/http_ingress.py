@@ -42,9 +42,8 @@ import h11
 from proton import Link, Session
 
 from . import http_message as hm
-from .bridge import LISTEN_BACKLOG, _addresses
+from .bridge import LISTEN_BACKLOG, listening_addresses
 from .codec import WireError
-from .engine import close_link
 from .http_egress import MESSAGE_OVERHEAD, HttpSettings, plain_response
 from .messaging import ACCEPTED, MODIFIED, RELEASED, AmqpHost, MessageReceiver, MessageSender
 from .spec import HttpIngressSpec
@@ -140,7 +139,7 @@ class RequestLinks:
         sender_link = session.sender(name)
         sender_link.target.address = bridge.spec.address
         sender_link.source.address = name
-        self.sender = MessageSender(sender_link, host)
+        self.sender = MessageSender(sender_link, host, on_closed=self.on_sender_closed)
         sender_link.open()
         receiver_link = session.receiver(f"{name}-replies")
         receiver_link.source.dynamic = True
@@ -150,6 +149,12 @@ class RequestLinks:
             on_message=self.on_response, on_opened=self.on_reply_opened)
         receiver_link.open()
         host.flush_soon()
+
+    def on_sender_closed(self, sender: MessageSender) -> None:
+        condition = sender.link.remote_condition
+        logger.warning("%s: the router closed the link to %r%s; requests wait for the next "
+                       "connection", self.bridge.spec, self.bridge.spec.address,
+                       f" ({condition.name}: {condition.description})" if condition else "")
 
     def on_reply_opened(self, link: Link) -> None:
         address = link.remote_source.address
@@ -167,11 +172,6 @@ class RequestLinks:
             logger.info("%s: undecodable response dropped: %s", self.bridge.spec, exc)
             return
         self.bridge.on_response(message)
-
-    def close(self) -> None:
-        self.sender.close()
-        self.receiver.close()
-        close_link(self.receiver.link)
 
 
 class HttpIngressBridge:
@@ -195,7 +195,7 @@ class HttpIngressBridge:
         self.server = await loop.create_server(
             lambda: HttpServerConnection(self), host=self.spec.host, port=self.spec.port,
             reuse_address=True, backlog=LISTEN_BACKLOG)
-        logger.info("bridge %s listening on %s", self.spec, _addresses(self.server))
+        logger.info("bridge %s listening on %s", self.spec, listening_addresses(self.server))
 
     def stop_accepting(self) -> None:
         if self.server is not None:
@@ -401,7 +401,7 @@ class HttpServerConnection(asyncio.Protocol):
         assert head is not None and self.transport is not None
         request = hm.HttpRequest(
             method=head.method.decode("ascii"), target=head.target.decode("latin-1"),
-            headers=hm.end_to_end(head.headers), body=bytes(self.body))
+            headers=hm.end_to_end(head.headers), body=bytes(self.body)).origin_form()
         self.body = bytearray()
         self.phase = Phase.ANSWERING
         # Pipelined requests wait in the socket, not in our memory.

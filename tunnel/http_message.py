@@ -36,6 +36,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from proton import Message, ulong
 
@@ -68,6 +69,16 @@ class HttpRequest:
     def host(self) -> str | None:
         """The Host field's value, if there is one."""
         return next((value for name, value in self.headers if name == "host"), None)
+
+    def origin_form(self) -> HttpRequest:
+        """The request with an absolute-form target (``http://svc/p``, as sent to a proxy)
+        made ``/p``, its authority the Host (RFC 9112 §3.2.2)."""
+        if not self.target.lower().startswith(("http://", "https://")):
+            return self
+        url = urlsplit(self.target)
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        headers = [(name, value) for name, value in self.headers if name != "host"]
+        return HttpRequest(self.method, target, [("host", url.netloc), *headers], self.body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +236,7 @@ def encode(message: Message) -> bytes:
 
 
 def decode(data: bytes | bytearray) -> Message:
-    """The message in ``data``; :class:`WireError` if it is not one."""
+    """The message in ``data``; proton's decoding errors as :class:`WireError`."""
     message = Message()
     try:
         message.decode(bytes(data))
