@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import io
 import json
+import signal
 import socket
 import threading
 import time
@@ -80,6 +81,9 @@ class Backend(BaseHTTPRequestHandler):
         elif path == "/slow":
             time.sleep(TIMEOUT + 2)
             self._send(200, b"too late")
+        elif path == "/pause":
+            time.sleep(1)
+            self._send(200, b"after a pause")
         elif path == "/big":
             self._send(200, bytes(MAX_BODY + 1))
         else:
@@ -108,17 +112,26 @@ def backend() -> Iterator[ThreadingHTTPServer]:
 @dataclass
 class HttpPair:
     port: int
+    amqp_port: int
     ingress: TunnelProcess
     egress: TunnelProcess
 
 
+def _egress(tmp: Path, backend_port: int, amqp_port: int, timeout: float,
+            log: str = "egress.log") -> TunnelProcess:
+    return TunnelProcess(["--listen", f"amqp://{LOOPBACK}:{amqp_port}",
+                          "--http-timeout", str(timeout), "--http-max-body", str(MAX_BODY),
+                          f"amqp:web=>http:{LOOPBACK}:{backend_port}"], tmp / log)
+
+
 @contextlib.asynccontextmanager
-async def http_pair(tmp: Path, backend_port: int) -> AsyncIterator[HttpPair]:
+async def http_pair(tmp: Path, backend_port: int,
+                    timeout: float = TIMEOUT) -> AsyncIterator[HttpPair]:
     """An HTTP egress in direct mode and an HTTP ingress connected to it."""
-    limits = ["--http-timeout", str(TIMEOUT), "--http-max-body", str(MAX_BODY)]
-    egress = TunnelProcess(["--listen", f"amqp://{LOOPBACK}:0", *limits,
-                            f"amqp:web=>http:{LOOPBACK}:{backend_port}"], tmp / "egress.log")
+    limits = ["--http-timeout", str(timeout), "--http-max-body", str(MAX_BODY)]
+    egress = _egress(tmp, backend_port, 0, timeout)
     ingress = None
+    running: HttpPair | None = None
     try:
         amqp_port = await egress.amqp_port()
         config = write_connect_json(tmp / "connect.json",
@@ -127,13 +140,16 @@ async def http_pair(tmp: Path, backend_port: int) -> AsyncIterator[HttpPair]:
                                  f"http:{LOOPBACK}:0=>amqp:web"], tmp / "ingress.log")
         port = await ingress.listen_port()
         await ingress.wait_for(r"router amqp://\S+ connected")
-        yield HttpPair(port, ingress, egress)
+        running = HttpPair(port, amqp_port, ingress, egress)
+        yield running
         assert await asyncio.to_thread(ingress.stop) == 0, ingress.log()
-        assert await asyncio.to_thread(egress.stop) == 0, egress.log()
+        assert await asyncio.to_thread(running.egress.stop) == 0, running.egress.log()
     finally:
         if ingress is not None:
             ingress.kill()
         egress.kill()
+        if running is not None:
+            running.egress.kill()
 
 
 @pytest.fixture
@@ -353,3 +369,33 @@ async def test_oversized_bodies(pair: HttpPair) -> None:
     status, _, body = await asyncio.to_thread(request, pair.port, "GET", "/big")
     assert status == 502
     assert f"over the limit of {MAX_BODY} bytes".encode() in body
+
+
+async def test_request_waits_for_the_egress_to_come_back(tmp_path: Path) -> None:
+    """A request made while the far end is down is carried once it is back, not failed."""
+    with backend() as server:
+        async with http_pair(tmp_path, server.server_address[1], timeout=30) as running:
+            running.egress.kill()
+            await running.ingress.wait_for("connection lost")
+            waiting = asyncio.ensure_future(
+                asyncio.to_thread(request, running.port, "POST", "/echo", b"patient"))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            running.egress = _egress(tmp_path, server.server_address[1], running.amqp_port, 30,
+                                     "egress2.log")
+            status, _, body = await asyncio.wait_for(waiting, 25)
+            assert (status, body) == (200, b"patient")
+
+
+async def test_sigterm_lets_a_request_in_flight_finish(pair: HttpPair) -> None:
+    """On SIGTERM the ingress stops accepting, answers what is in flight, and exits 0."""
+    in_flight = asyncio.ensure_future(asyncio.to_thread(request, pair.port, "GET", "/pause"))
+    await pair.egress.wait_for("direct-mode peer")
+    await asyncio.sleep(0.3)
+    pair.ingress.proc.send_signal(signal.SIGTERM)
+    await pair.ingress.wait_for("shutting down: waiting")
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(LOOPBACK, pair.port)
+    status, _, body = await asyncio.wait_for(in_flight, 10)
+    assert (status, body) == (200, b"after a pause")
+    assert await asyncio.to_thread(pair.ingress.proc.wait, 10) == 0
