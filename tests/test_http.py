@@ -399,3 +399,37 @@ async def test_sigterm_lets_a_request_in_flight_finish(pair: HttpPair) -> None:
     status, _, body = await asyncio.wait_for(in_flight, 10)
     assert (status, body) == (200, b"after a pause")
     assert await asyncio.to_thread(pair.ingress.proc.wait, 10) == 0
+
+
+async def test_egress_survives_an_answer_for_a_vanished_ingress(tmp_path: Path) -> None:
+    """The ingress dies while its request is at the backend: the answer, ready after the
+    connection is gone, is dropped, and the egress goes on serving (and exits 0)."""
+    with backend() as server:
+        egress = _egress(tmp_path, server.server_address[1], 0, TIMEOUT)
+        try:
+            amqp_port = await egress.amqp_port()
+            config = write_connect_json(tmp_path / "connect.json",
+                                        {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port})
+            ingress = TunnelProcess(["--config", str(config), f"http:{LOOPBACK}:0=>amqp:web"],
+                                    tmp_path / "ingress.log")
+            port = await ingress.listen_port()
+            await ingress.wait_for(r"router amqp://\S+ connected")
+            doomed = asyncio.ensure_future(_raw_request(port, b"GET /pause HTTP/1.1\r\n"
+                                                        b"Host: web\r\n\r\n"))
+            await asyncio.sleep(0.3)
+            ingress.kill()
+            with contextlib.suppress(ConnectionResetError):  # FIN or RST: the ingress died
+                await doomed
+            await asyncio.sleep(1.5)  # the backend answers at 1 s
+            assert egress.proc.poll() is None, egress.log()
+            again = TunnelProcess(["--config", str(config), f"http:{LOOPBACK}:0=>amqp:web"],
+                                  tmp_path / "ingress2.log")
+            try:
+                port = await again.listen_port()
+                status, _, body = await asyncio.to_thread(request, port, "POST", "/echo", b"ok")
+                assert (status, body) == (200, b"ok")
+            finally:
+                assert await asyncio.to_thread(again.stop) == 0, again.log()
+            assert await asyncio.to_thread(egress.stop) == 0, egress.log()
+        finally:
+            egress.kill()

@@ -278,7 +278,7 @@ class RequestServer:
         self.bridge.tasks.discard(task)
         if task.cancelled():
             return
-        if self.receiver.closed:
+        if self.receiver.closed or self.host.closed:
             return  # the delivery went with its link; the far end will retry or fail
         if (exc := task.exception()) is not None:
             logger.error("%s: serving a request failed: %r", self.bridge.spec, exc)

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from proton import Condition, Delivery, Link
 
-from .engine import AmqpEngine, close_link, raw_lib, receive_delivery, set_owner, wrap_delivery
+from .engine import AmqpEngine, raw_lib, receive_delivery, set_owner, wrap_delivery
 
 _lib = raw_lib
 logger = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ OutcomeCallback = Callable[[int, str], None]
 
 class AmqpHost(Protocol):
     """What a link owner needs from the connection it lives on."""
+
+    #: The connection is gone and its engine freed: its links and deliveries
+    #: must not be touched (no link event says so).
+    closed: bool
 
     @property
     def engine(self) -> AmqpEngine: ...
@@ -88,6 +92,8 @@ class MessageSender:
         self._pump()
 
     def _pump(self) -> None:
+        if self.host.closed:
+            return
         engine = self.host.engine
         sent = False
         while self.queue and not self.closed and _lib.pn_link_credit(self.raw) > 0:
@@ -98,11 +104,6 @@ class MessageSender:
             sent = True
         if sent:
             self.host.flush_soon()
-
-    def close(self) -> None:
-        if not self.closed:
-            close_link(self.link)
-            self._gone()
 
     def _gone(self) -> None:
         self.closed = True
@@ -168,18 +169,13 @@ class MessageReceiver:
                condition: Condition | None = None) -> None:
         """Settle a message handed on earlier, and give its credit back."""
         self.in_hand -= 1
-        if self.closed:
+        if self.closed or self.host.closed:
             return
         settle(delivery, outcome, failed=failed, condition=condition)
         credit = _lib.pn_link_credit(self.raw)
         if credit + self.in_hand < self.window:
             _lib.pn_link_flow(self.raw, self.window - credit - self.in_hand)
         self.host.flush_soon()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            close_link(self.link)
 
     # -- LinkOwner --------------------------------------------------------------
     def on_link_opened(self, link: Link) -> None:
