@@ -165,6 +165,9 @@ def test_bad_listen_urls(url: str, message: str) -> None:
         (["--open-timeout", "0", "tcp:1=>amqp:a"], "--open-timeout 0: must be above 0"),
         (["--idle-timeout", "-1", "tcp:1=>amqp:a"], "--idle-timeout"),
         (["--admin", "nowhere", "tcp:1=>amqp:a"], "--admin 'nowhere'"),
+        (["--http-timeout", "0", "http:1=>amqp:a"], "--http-timeout 0: must be above 0"),
+        (["--http-max-body", "0", "http:1=>amqp:a"], "--http-max-body 0: must be at least 1"),
+        (["--http-window", "-3", "amqp:a=>http:1"], "--http-window -3: must be at least 1"),
     ],
 )
 def test_cli_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:

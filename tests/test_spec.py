@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from tunnel.errors import ConfigError
-from tunnel.spec import EgressSpec, IngressSpec, parse_spec, parse_specs
+from tunnel.spec import (
+    EgressSpec,
+    HttpEgressSpec,
+    HttpIngressSpec,
+    IngressSpec,
+    parse_spec,
+    parse_specs,
+)
 
 GOOD = [
     ("tcp:2000=>amqp:echo", IngressSpec(host=None, port=2000, address="echo")),
@@ -15,6 +22,10 @@ GOOD = [
     ("amqp:echo=>tcp:2000", EgressSpec(address="echo", host="localhost", port=2000)),
     ("amqp:echo=>tcp:db:5432", EgressSpec(address="echo", host="db", port=5432)),
     (" amqp:echo => tcp:2000 ", EgressSpec(address="echo", host="localhost", port=2000)),
+    ("http:8080=>amqp:web", HttpIngressSpec(host=None, port=8080, address="web")),
+    ("http:[::1]:0=>amqp:web", HttpIngressSpec(host="::1", port=0, address="web")),
+    ("amqp:web=>http:8000", HttpEgressSpec(address="web", host="localhost", port=8000)),
+    ("amqp:web=>http:srv:80", HttpEgressSpec(address="web", host="srv", port=80)),
 ]
 
 
@@ -30,7 +41,10 @@ BAD = [
     ("=>amqp:echo", "missing its source"),
     ("tcp:2000=>", "missing its target"),
     ("udp:2000=>amqp:echo", "unsupported scheme 'udp'"),
-    ("tcp:2000=>http:echo", "unsupported scheme 'http'"),
+    ("tcp:2000=>http:echo", "bridges 'tcp' to 'http'"),
+    ("http:2000=>tcp:3000", "bridges 'http' to 'tcp'"),
+    ("amqp:web=>http:0", "bad port '0'"),
+    ("https:443=>amqp:web", "unsupported scheme 'https'"),
     ("2000=>amqp:echo", "has no scheme"),
     ("tcp:=>amqp:echo", "empty after 'tcp'"),
     ("tcp:2000=>amqp:", "empty after 'amqp'"),
@@ -77,6 +91,8 @@ def test_icproxy_config_and_bridge_host() -> None:
         ([], {"ICPROXY_CONFIG": "tcp:1=>amqp:a,,tcp:2=>amqp:b"}, "$ICPROXY_CONFIG"),
         (["tcp:2000=>amqp:a", "tcp:2000=>amqp:b"], {}, "listens on the same port"),
         (["amqp:a=>tcp:1", "amqp:a=>tcp:2"], {}, "serves the same address"),
+        (["http:2000=>amqp:a", "tcp:2000=>amqp:b"], {}, "listens on the same port"),
+        (["amqp:a=>http:1", "amqp:a=>tcp:2"], {}, "serves the same address"),
         (["tcp:1=>amqp:a,bogus"], {}, "'bogus'"),
     ],
 )
