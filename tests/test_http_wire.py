@@ -11,27 +11,25 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from proton import Delivery, Message, symbol, ulong
-from reactor_peer import Attached, Harness, Outcome, Policy, Received, free_port
+from reactor_peer import (
+    Attached,
+    Daemon,
+    Harness,
+    Outcome,
+    Policy,
+    Received,
+    RouterPeer,
+    free_port,
+)
 from test_http import backend
 
 pytestmark = pytest.mark.timeout(60)
 
 LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
 CONNECTED = r"router amqp://127\.0\.0\.1:\d+ connected"
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 class Client(threading.Thread):
@@ -139,15 +137,21 @@ def test_ingress_rejected_is_502_with_the_error(harness: Harness) -> None:
     assert len([e for e in peer.events() if isinstance(e, Received)]) == 1
 
 
+def start_egress(harness: Harness, backend_port: int,
+                 *args: str) -> tuple[RouterPeer, Daemon, Attached]:
+    """An HTTP egress for 'web' connected to a peer, and the consumer link it attached."""
+    peer = harness.peer(Policy())
+    daemon = harness.daemon(peer, *args, f"amqp:web=>http:127.0.0.1:{backend_port}")
+    consumer = peer.wait_for(
+        Attached, lambda a: a.daemon_role == "receiver" and a.source.address == "web")
+    daemon.wait_log(r"consuming 'web'")
+    return peer, daemon, consumer
+
+
 def test_egress_response_message_fields(harness: Harness) -> None:
     """A §2.2 request reaches the backend; the response goes to reply_to before the accept."""
     with backend() as server:
-        peer = harness.peer(Policy())
-        daemon = harness.daemon(peer, "--site-id", "site-b",
-                                f"amqp:web=>http:127.0.0.1:{server.server_address[1]}")
-        consumer = peer.wait_for(
-            Attached, lambda a: a.daemon_role == "receiver" and a.source.address == "web")
-        daemon.wait_log(r"consuming 'web'")
+        peer, _, consumer = start_egress(harness, server.server_address[1], "--site-id", "site-b")
         responses = peer.wait_for(
             Attached, lambda a: a.daemon_role == "sender" and a.target.address is None)
         peer.send(consumer.name, Message(
@@ -180,11 +184,7 @@ def test_egress_response_message_fields(harness: Harness) -> None:
 
 def test_egress_backend_down_is_modified(harness: Harness) -> None:
     """A backend that cannot be reached: the request is settled MODIFIED and nothing is sent."""
-    peer = harness.peer(Policy())
-    daemon = harness.daemon(peer, f"amqp:web=>http:127.0.0.1:{free_port()}")
-    consumer = peer.wait_for(
-        Attached, lambda a: a.daemon_role == "receiver" and a.source.address == "web")
-    daemon.wait_log(r"consuming 'web'")
+    peer, _, consumer = start_egress(harness, free_port())
     peer.send(consumer.name, Message(address="svc/", subject="GET", correlation_id=ulong(1),
                                      reply_to="reply-1", body=b""))
     outcome = peer.wait_for(Outcome, lambda o: o.link == consumer.name)
@@ -194,11 +194,7 @@ def test_egress_backend_down_is_modified(harness: Harness) -> None:
 
 def test_egress_rejects_a_message_that_is_not_a_request(harness: Harness) -> None:
     """No method in the subject: REJECTED, naming the field, and the backend is not called."""
-    peer = harness.peer(Policy())
-    daemon = harness.daemon(peer, f"amqp:web=>http:127.0.0.1:{free_port()}")
-    consumer = peer.wait_for(
-        Attached, lambda a: a.daemon_role == "receiver" and a.source.address == "web")
-    daemon.wait_log(r"consuming 'web'")
+    peer, daemon, consumer = start_egress(harness, free_port())
     peer.send(consumer.name, Message(address="svc/", correlation_id=ulong(1),
                                      reply_to="reply-1", body=b""))
     outcome = peer.wait_for(Outcome, lambda o: o.link == consumer.name)

@@ -14,7 +14,6 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,15 +122,6 @@ class TlsRouterPeer(RouterPeer):
         with self._tls_lock:
             self._transport_errors.append(text)
         super().on_transport_error(event)
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 @pytest.fixture

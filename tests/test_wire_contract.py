@@ -12,8 +12,7 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -47,15 +46,6 @@ INGRESS_DYNAMIC = "dyn-ing-1"
 ROUTE_ACTIVE = r"link route for 'echo' active"
 LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
 CONNECTED = r"router amqp://127\.0\.0\.1:\d+ connected"
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 def eos_marker() -> Message:

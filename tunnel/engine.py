@@ -489,6 +489,15 @@ def receive_delivery(link: Any, size: int) -> bytearray:
     return out
 
 
+def receive_more(link: Any, size: int, into: bytearray | None) -> bytearray:
+    """``into`` (a new buffer if None) extended by the next ``size`` bytes of the delivery."""
+    part = receive_delivery(link, size)
+    if into is None:
+        return part
+    into += part
+    return into
+
+
 def refuse_link(link: Link, name: str, description: str) -> None:
     """Attach and at once detach with an error: how AMQP says no to a link."""
     link.source.copy(link.remote_source)

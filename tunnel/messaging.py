@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from proton import Condition, Delivery, Link
 
-from .engine import AmqpEngine, raw_lib, receive_delivery, set_owner, wrap_delivery
+from .engine import AmqpEngine, raw_lib, receive_delivery, receive_more, set_owner, wrap_delivery
 
 _lib = raw_lib
 logger = logging.getLogger(__name__)
@@ -205,11 +205,7 @@ class MessageReceiver:
                     f"a message of {size} bytes; at most {self.max_size} are taken"))
             return
         if pending:
-            part = receive_delivery(link, pending)
-            if self._partial is None:
-                self._partial = part
-            else:
-                self._partial += part
+            self._partial = receive_more(link, pending, self._partial)
         if partial:
             return
         data, self._partial = self._partial or bytearray(), None

@@ -55,6 +55,7 @@ from .engine import (
     capabilities,
     close_link,
     receive_delivery,
+    receive_more,
     set_owner,
     wrap_delivery,
 )
@@ -449,11 +450,7 @@ class Tunnel:
             # Take what has arrived: left in proton it would hold the session
             # window shut, and a delivery larger than the window would never end.
             if pending:
-                part = receive_delivery(link, pending)
-                if self._partial is None:
-                    self._partial = part
-                else:
-                    self._partial += part
+                self._partial = receive_more(link, pending, self._partial)
                 if len(self._partial) > MAX_MESSAGE_SIZE:
                     self.reset(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
             return

@@ -20,7 +20,7 @@ malformed spec raises :class:`~tunnel.errors.ConfigError` naming the bad part.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,65 +31,63 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 DEFAULT_BRIDGE_HOST = "localhost"
 
 
-class IngressSpec(BaseModel):
+class _Listening(BaseModel):
+    """What every ``SCHEME:[HOST:]PORT=>amqp:ADDRESS`` spec holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: ClassVar[str]
+    host: str | None = Field(default=None, description="Bind address; None binds every interface.")
+    port: Annotated[int, Field(ge=0, le=65535, description="0 lets the OS choose (logged).")]
+    address: str = Field(min_length=1)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{_join_host(self.host, self.port)}=>amqp:{self.address}"
+
+
+class _Serving(BaseModel):
+    """What every ``amqp:ADDRESS=>SCHEME:HOST:PORT`` spec holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: ClassVar[str]
+    address: str = Field(min_length=1)
+    host: str = Field(min_length=1)
+    port: Port
+
+    def __str__(self) -> str:
+        return f"amqp:{self.address}=>{self.scheme}:{_join_host(self.host, self.port)}"
+
+
+class IngressSpec(_Listening):
     """``tcp:[HOST:]PORT=>amqp:ADDRESS``: accept TCP, carry it to ``address``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+    scheme = "tcp"
     kind: Literal["ingress"] = "ingress"
-    host: str | None = Field(default=None, description="Bind address; None binds every interface.")
-    port: Annotated[int, Field(ge=0, le=65535, description="0 lets the OS choose (logged).")]
-    address: str = Field(min_length=1)
-
-    def __str__(self) -> str:
-        return f"tcp:{_join_host(self.host, self.port)}=>amqp:{self.address}"
 
 
-class EgressSpec(BaseModel):
+class EgressSpec(_Serving):
     """``amqp:ADDRESS=>tcp:[HOST:]PORT``: serve ``address`` by connecting to a backend."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+    scheme = "tcp"
     kind: Literal["egress"] = "egress"
-    address: str = Field(min_length=1)
-    host: str = Field(min_length=1)
-    port: Port
-
-    def __str__(self) -> str:
-        return f"amqp:{self.address}=>tcp:{_join_host(self.host, self.port)}"
 
 
-class HttpIngressSpec(BaseModel):
+class HttpIngressSpec(_Listening):
     """``http:[HOST:]PORT=>amqp:ADDRESS``: serve HTTP, each request a message to ``address``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+    scheme = "http"
     kind: Literal["http-ingress"] = "http-ingress"
-    host: str | None = Field(default=None, description="Bind address; None binds every interface.")
-    port: Annotated[int, Field(ge=0, le=65535, description="0 lets the OS choose (logged).")]
-    address: str = Field(min_length=1)
-
-    def __str__(self) -> str:
-        return f"http:{_join_host(self.host, self.port)}=>amqp:{self.address}"
 
 
-class HttpEgressSpec(BaseModel):
+class HttpEgressSpec(_Serving):
     """``amqp:ADDRESS=>http:[HOST:]PORT``: answer requests to ``address`` from an HTTP server."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+    scheme = "http"
     kind: Literal["http-egress"] = "http-egress"
-    address: str = Field(min_length=1)
-    host: str = Field(min_length=1)
-    port: Port
-
-    def __str__(self) -> str:
-        return f"amqp:{self.address}=>http:{_join_host(self.host, self.port)}"
 
 
 BridgeSpec = IngressSpec | EgressSpec | HttpIngressSpec | HttpEgressSpec
-ListenerSpec = IngressSpec | HttpIngressSpec
-ServerSpec = EgressSpec | HttpEgressSpec
 
 
 def _join_host(host: str | None, port: int) -> str:
@@ -199,7 +197,7 @@ def _check_unique(specs: list[BridgeSpec]) -> None:
     listeners: dict[tuple[str | None, int], BridgeSpec] = {}
     addresses: dict[str, BridgeSpec] = {}
     for spec in specs:
-        if isinstance(spec, (IngressSpec, HttpIngressSpec)):
+        if isinstance(spec, _Listening):
             key = (spec.host, spec.port)
             if key in listeners and spec.port != 0:
                 raise ConfigError(
