@@ -288,6 +288,14 @@ class RouterPeer(ReactorThread, MessagingHandler):
 
         self.call(act)
 
+    def flow(self, link: str, credit: int) -> None:
+        """Grant ``credit`` more on ``link``, on which the daemon sends."""
+
+        def act(peer: RouterPeer) -> None:
+            peer.links[link].flow(credit)
+
+        self.call(act)
+
     def detach(self, link: str, condition: str | None = None, description: str = "") -> None:
         """Close (detach closed=true) the peer's end of ``link``, optionally with an error."""
 

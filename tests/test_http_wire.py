@@ -137,6 +137,31 @@ def test_ingress_rejected_is_502_with_the_error(harness: Harness) -> None:
     assert len([e for e in peer.events() if isinstance(e, Received)]) == 1
 
 
+def test_ingress_without_consumer_is_504_and_never_sent_later(harness: Harness) -> None:
+    """No credit (nobody consumes the address): 504 naming that, and the request is not
+    sent when credit comes after the client was answered."""
+    peer = harness.peer(Policy(credit=0))
+    daemon = harness.daemon(peer, "--site-id", "site-a", "--http-timeout", "1",
+                            "http:127.0.0.1:0=>amqp:web")
+    port = int(daemon.wait_log(LISTENING).group(1))
+    daemon.wait_log(CONNECTED)
+    client = Client(port, "GET", "/", b"", [("Host", "svc")])
+    client.start()
+    status, _, body = client.answer()
+    assert status == 504
+    assert b"no consumer of amqp:web took the request within 1 s" in body
+    peer.flow("site-a-http-web", 10)
+    client = Client(port, "GET", "/second", b"", [("Host", "svc")])
+    client.start()
+    got = peer.wait_for(Received, lambda r: r.link == "site-a-http-web")
+    assert got.message is not None and got.message.address == "svc/second"
+    replies = peer.wait_for(Attached, lambda a: a.daemon_role == "receiver" and a.source.dynamic)
+    peer.send(replies.name, Message(address=got.reply_to, correlation_id=got.correlation_id,
+                                    subject="200", body=b"second"))
+    assert client.answer()[::2] == (200, b"second")
+    assert len(peer.received("site-a-http-web")) == 1
+
+
 def start_egress(harness: Harness, backend_port: int,
                  *args: str) -> tuple[RouterPeer, Daemon, Attached]:
     """An HTTP egress for 'web' connected to a peer, and the consumer link it attached."""

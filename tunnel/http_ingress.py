@@ -67,7 +67,7 @@ def retry_delay(attempt: int) -> float:
 class Exchange:
     """One request on its way to an answer."""
 
-    __slots__ = ("attempts", "bridge", "correlation_id", "on_done", "request", "retry", "sent",
+    __slots__ = ("attempts", "bridge", "correlation_id", "on_done", "request", "retry", "sender",
                  "timer")
 
     def __init__(self, bridge: HttpIngressBridge, request: hm.HttpRequest,
@@ -77,19 +77,23 @@ class Exchange:
         self.on_done: Callable[[hm.HttpResponse], None] | None = on_done
         self.correlation_id = next(bridge.ids)
         self.attempts = 0
-        self.sent = False
+        #: Where the request went last, while its outcome is awaited.
+        self.sender: MessageSender | None = None
         self.retry: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(bridge.settings.timeout, self.on_timeout)
 
     def on_timeout(self) -> None:
-        if self.sent:
-            why = f"no response from amqp:{self.bridge.spec.address} within " \
-                  f"{self.bridge.settings.timeout:g} s"
+        within = f"within {self.bridge.settings.timeout:g} s"
+        if self._withdraw() or self.sender is None:
+            why = f"no consumer of amqp:{self.bridge.spec.address} took the request {within}"
         else:
-            why = f"no consumer of amqp:{self.bridge.spec.address} took the request within " \
-                  f"{self.bridge.settings.timeout:g} s"
+            why = f"no response from amqp:{self.bridge.spec.address} {within}"
         self.finish(plain_response(504, f"Gateway Timeout: {why}"))
+
+    def _withdraw(self) -> bool:
+        """Keep a request still waiting for credit from going out after all."""
+        return self.sender is not None and self.sender.withdraw(self.on_outcome)
 
     def on_outcome(self, outcome: int, why: str) -> None:
         if self.on_done is None:
@@ -97,7 +101,7 @@ class Exchange:
         if outcome == ACCEPTED:
             return  # the response follows
         if outcome in (RELEASED, MODIFIED, 0):
-            self.sent = False
+            self.sender = None
             if self.attempts >= MAX_ATTEMPTS:
                 self.finish(plain_response(
                     502, f"Bad Gateway: amqp:{self.bridge.spec.address} did not take the "
@@ -111,17 +115,14 @@ class Exchange:
             + (f" ({why})" if why else "")))
 
     def finish(self, response: hm.HttpResponse) -> None:
-        on_done, self.on_done = self.on_done, None
-        if on_done is None:
-            return
-        self.timer.cancel()
-        if self.retry is not None:
-            self.retry.cancel()
-        self.bridge.forget(self)
-        on_done(response)
+        on_done = self.on_done
+        if on_done is not None:
+            self.abandon()
+            on_done(response)
 
     def abandon(self) -> None:
-        """The client went away: nobody wants the answer any more."""
+        """Nobody wants the answer any more (given, or the client went away)."""
+        self._withdraw()
         self.on_done = None
         self.timer.cancel()
         if self.retry is not None:
@@ -217,7 +218,12 @@ class HttpIngressBridge:
     def on_router_down(self) -> None:
         self.links = None
         for exchange in list(self.exchanges.values()):
-            if exchange.sent:
+            if exchange.sender is None:
+                continue
+            if exchange.sender.withdraw(exchange.on_outcome):  # never went out: wait
+                exchange.sender = None
+                self.waiting.append(exchange)
+            else:
                 exchange.finish(plain_response(
                     502, "Bad Gateway: the connection to the router was lost before a response"))
 
@@ -248,7 +254,7 @@ class HttpIngressBridge:
                                      correlation_id=exchange.correlation_id,
                                      reply_to=links.reply_to)
         exchange.attempts += 1
-        exchange.sent = True
+        exchange.sender = links.sender
         links.sender.send(hm.encode(message), exchange.on_outcome)
 
     def forget(self, exchange: Exchange) -> None:

@@ -91,6 +91,14 @@ class MessageSender:
         self.queue.append((data, on_outcome))
         self._pump()
 
+    def withdraw(self, on_outcome: OutcomeCallback) -> bool:
+        """Take back a message still waiting for credit; False if it has gone out already."""
+        for index, (_, callback) in enumerate(self.queue):
+            if callback == on_outcome:
+                del self.queue[index]
+                return True
+        return False
+
     def _pump(self) -> None:
         if self.host.closed:
             return
