@@ -346,6 +346,8 @@ async def test_backend_down_is_502(tmp_path: Path) -> None:
         assert headers["content-type"].startswith("text/plain")
         assert b"amqp:web did not take the request (11 attempts)" in body
         assert "cannot connect to" in running.egress.log()
+        # Eleven refused attempts, one warning: logged per change, not per request.
+        assert running.egress.log().count("the backend is unreachable") == 1
     assert time.monotonic() - started < 30
 
 

@@ -209,6 +209,8 @@ class HttpEgressBridge:
         self.settings = settings
         self.pool = BackendPool(spec.host, spec.port, max_idle=settings.window)
         self.tasks: set[asyncio.Task[Message | None]] = set()
+        #: Logged once per change, not once per request.
+        self.unreachable = False
 
     async def serve(self, request: Message) -> Message | None:
         """The response message for ``request``; None when the backend could not be reached."""
@@ -217,17 +219,24 @@ class HttpEgressBridge:
             response = await asyncio.wait_for(
                 self.pool.exchange(parsed, self.settings.max_body), self.settings.timeout)
         except UnreachableError as exc:
-            logger.info("%s: %s %s: %s", self.spec, parsed.method, parsed.target, exc)
+            if not self.unreachable:
+                logger.warning("%s: the backend is unreachable: %s", self.spec, exc)
+            self.unreachable = True
+            logger.debug("%s: %s %s: %s", self.spec, parsed.method, parsed.target, exc)
             return None
         except BackendError as exc:
-            logger.info("%s: %s %s: %s", self.spec, parsed.method, parsed.target, exc)
+            logger.debug("%s: %s %s: %s", self.spec, parsed.method, parsed.target, exc)
             response = plain_response(502, f"Bad Gateway: {exc}")
         except TimeoutError:
-            logger.info("%s: %s %s: no response within %gs", self.spec, parsed.method,
-                        parsed.target, self.settings.timeout)
+            logger.debug("%s: %s %s: no response within %gs", self.spec, parsed.method,
+                         parsed.target, self.settings.timeout)
             response = plain_response(
                 504, f"Gateway Timeout: {self.spec.host}:{self.spec.port} gave no response "
                 f"within {self.settings.timeout:g} s")
+        else:
+            if self.unreachable:
+                logger.info("%s: the backend answers again", self.spec)
+            self.unreachable = False
         return hm.response_message(response, to=str(request.reply_to),
                                    correlation_id=request.correlation_id, site_id=self.site_id)
 
@@ -265,7 +274,7 @@ class RequestServer:
             if not message.reply_to:
                 raise WireError("no reply_to to answer to")
         except WireError as exc:
-            logger.info("%s: request refused: %s", self.bridge.spec, exc)
+            logger.debug("%s: request refused: %s", self.bridge.spec, exc)
             self.receiver.settle(delivery, REJECTED,
                                  condition=Condition("amqp:invalid-field", str(exc)))
             return
