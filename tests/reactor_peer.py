@@ -194,7 +194,7 @@ class Policy:
     deliveries the peer leaves unsettled until :meth:`RouterPeer.release_held`;
     ``outcomes`` gives, per target address, the outcomes of the first
     deliveries there (a rejection with ``amqp:internal-error``), before the
-    peer goes back to accepting.
+    peer goes back to accepting; ``product`` is what the Open says the peer is.
     """
 
     dynamic_addresses: list[str] = field(default_factory=list)
@@ -203,6 +203,8 @@ class Policy:
     management_status: int = 201
     hold_targets: frozenset[str] = frozenset()
     outcomes: dict[str, list[int]] = field(default_factory=dict)
+    #: The Open's product and version, as a router names itself (protocols.md §8.3).
+    product: tuple[str, str] = ("reactor-peer", "")
 
 
 class RouterPeer(ReactorThread, MessagingHandler):
@@ -323,7 +325,8 @@ class RouterPeer(ReactorThread, MessagingHandler):
     def on_connection_opening(self, event: Any) -> None:
         self.connection = event.connection
         event.connection.container = "reactor-peer-router"
-        event.connection.properties = {symbol("product"): "reactor-peer"}
+        product, version = self.policy.product
+        event.connection.properties = {symbol("product"): product, symbol("version"): version}
 
     def on_connection_opened(self, event: Any) -> None:
         self._record(ConnectionOpened(event.connection.remote_container))

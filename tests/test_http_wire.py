@@ -105,6 +105,27 @@ def test_ingress_request_message_fields(harness: Harness) -> None:
     assert outcome.state == Delivery.ACCEPTED
 
 
+def test_http_is_the_same_through_skupper_router(harness: Harness) -> None:
+    """With a skupper-router 3.x (TCP adaptor dialect, qd.streaming-links offered), HTTP still
+    travels as ordinary messages: same links, same fields."""
+    peer = harness.peer(Policy(dynamic_addresses=["r-0", "r-1"],
+                               product=("skupper-router", "3.5.1")))
+    daemon = harness.daemon(peer, "--site-id", "site-a", "http:127.0.0.1:0=>amqp:web")
+    port = int(daemon.wait_log(LISTENING).group(1))
+    daemon.wait_log(r"connected \(skupper-router 3\.5\.1\): tcp-adaptor dialect")
+    client = Client(port, "GET", "/x", b"", [("Host", "svc")])
+    client.start()
+    got = peer.wait_for(Received, lambda r: r.link == "site-a-http-web")
+    assert got.message is not None
+    assert (got.message.address, got.message.subject) == ("svc/x", "GET")
+    replies = [a for a in peer.events() if isinstance(a, Attached)
+               and a.daemon_role == "receiver" and a.source.dynamic]
+    peer.send(replies[-1].name, Message(address=got.reply_to, correlation_id=got.correlation_id,
+                                        subject="204", body=None))
+    status, _, body = client.answer()
+    assert (status, body) == (204, b"")
+
+
 def test_ingress_retries_released_and_modified(harness: Harness) -> None:
     """Released and modified requests are sent again, same correlation id, until one is taken."""
     peer = harness.peer(Policy(dynamic_addresses=["reply-1"],
