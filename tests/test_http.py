@@ -398,8 +398,9 @@ async def test_sigterm_lets_a_request_in_flight_finish(pair: HttpPair) -> None:
     await pair.ingress.wait_for("shutting down: waiting")
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(LOOPBACK, pair.port)
-    status, _, body = await asyncio.wait_for(in_flight, 10)
+    status, headers, body = await asyncio.wait_for(in_flight, 10)
     assert (status, body) == (200, b"after a pause")
+    assert headers["connection"] == "close"
     assert await asyncio.to_thread(pair.ingress.proc.wait, 10) == 0
 
 

@@ -190,6 +190,8 @@ class HttpIngressBridge:
         self.exchanges: dict[int, Exchange] = {}
         self.waiting: deque[Exchange] = deque()
         self.connections: set[HttpServerConnection] = set()
+        #: Shutting down: answers say ``Connection: close`` and end their connection.
+        self.stopping = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -199,6 +201,7 @@ class HttpIngressBridge:
         logger.info("bridge %s listening on %s", self.spec, listening_addresses(self.server))
 
     def stop_accepting(self) -> None:
+        self.stopping = True
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):
@@ -419,7 +422,7 @@ class HttpServerConnection(asyncio.Protocol):
         self.exchange = None
         if self.phase is Phase.CLOSED:
             return
-        self._answer(response, close=False)
+        self._answer(response, close=self.bridge.stopping)
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.phase = Phase.READING
             self.h11.start_next_cycle()
