@@ -357,14 +357,14 @@ class Flow:
         if self.failure is None:
             self._open_sender(self.dispatcher.session, self.reply_to)
 
-    def on_tcp_data(self, data: bytes) -> None:
+    def on_tcp_data(self, data: memoryview) -> None:
         if self.phase is Phase.CLOSED:
             return
         if self._can_send() and not self._parked:
             self._send(data)
         else:
-            # A read that was under way when reading paused.
-            self._parked.append(data)
+            # A read that was under way when reading paused; ``data`` is reused.
+            self._parked.append(bytes(data))
         self._update_reading()
 
     def on_tcp_eof(self) -> None:
@@ -428,7 +428,7 @@ class Flow:
             and not self.amqp.write_paused
         )
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes | memoryview) -> None:
         self.amqp.engine.stream(self._snd, self.out, data)
         self.bytes_out += len(data)
         self.amqp.flush_soon()

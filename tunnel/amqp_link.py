@@ -20,6 +20,7 @@ import logging
 from typing import Protocol, cast
 
 from .engine import AmqpEngine, ConnectionHandler
+from .tcp_side import READ_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,15 @@ class SocketHandler(ConnectionHandler, Protocol):
     def on_socket_lost(self, exc: Exception | None) -> None: ...
 
 
-class AmqpSocket(asyncio.Protocol):
-    """One AMQP connection over one (possibly TLS) stream socket."""
+_READ_VIEW = memoryview(bytearray(READ_SIZE))
+
+
+class AmqpSocket(asyncio.BufferedProtocol):
+    """One AMQP connection over one (possibly TLS) stream socket.
+
+    Reads land in a buffer shared by every AMQP socket, as on the TCP side
+    (see :mod:`tunnel.tcp_side`): what proton cannot take yet is copied out.
+    """
 
     def __init__(self, engine: AmqpEngine, handler: SocketHandler) -> None:
         self.engine = engine
@@ -67,7 +75,13 @@ class AmqpSocket(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.process()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._take(_READ_VIEW[:nbytes])
+
+    def _take(self, data: memoryview | bytes) -> None:
         if self._backlog:
             data = self._backlog + data
         view = memoryview(data)
@@ -80,7 +94,7 @@ class AmqpSocket(asyncio.Protocol):
             self._run_events()
             if not taken:
                 break
-        self._backlog = data[offset:]
+        self._backlog = bytes(view[offset:])
         # Output once at the end of this loop iteration: whatever else
         # arrives in the same iteration leaves in the same write.
         self.flush_soon()
@@ -136,7 +150,7 @@ class AmqpSocket(asyncio.Protocol):
         while not self._write_paused and (out := engine.bytes_to_send()) is not None:
             transport.write(out)
         if self._backlog and engine.transport.capacity() > 0:
-            self._loop.call_soon(self.data_received, b"")
+            self._loop.call_soon(self._take, b"")
         if engine.finished:
             self.closed = True
             transport.close()

@@ -223,14 +223,16 @@ class Tunnel:
         self._update_reading()
         self._top_up()
 
-    def on_tcp_data(self, data: bytes) -> None:
+    def on_tcp_data(self, data: memoryview) -> None:
         if self.phase is Phase.CLOSED:
             return
         if self._snd is None and self.sender_ready:
             self.reset("TCP data arrived after the far end closed its side", Failure.FAR_END)
             return
         if self._parked is None:
-            self._send_or_park(memoryview(data))
+            self._send_or_park(data)
+            if self._parked is not None:
+                self._parked = memoryview(bytes(self._parked))  # ``data`` is reused
         else:
             # Reading is paused while anything is parked; this is a read
             # that was already under way.

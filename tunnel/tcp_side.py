@@ -3,6 +3,13 @@
 Every callback is forwarded to the tunnel's ``on_tcp_*`` method; this module
 holds no policy. ``eof_received`` returns True so that a FIN from the peer
 closes only its direction (half-close) and the other keeps flowing.
+
+Reads land in one buffer shared by every connection (a buffered protocol):
+the event loop fills it and hands it on before it reads another socket, and
+the bytes are copied into proton at once. A new bytes object of up to
+256 KiB per read, freed a moment later, is what fragmented the heap of a
+long-running process; so ``on_tcp_data`` gets a view that is valid only
+during the call, and a tunnel that must keep bytes copies them.
 """
 
 from __future__ import annotations
@@ -20,19 +27,23 @@ WRITE_LOW_WATER = 64 * 1024
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
+READ_SIZE = 256 * 1024
+_READ_VIEW = memoryview(bytearray(READ_SIZE))
+
 
 class TcpEvents(Protocol):
     """What a tunnel implements to hear from its TCP connection."""
 
     def on_tcp_connected(self, transport: asyncio.Transport) -> None: ...
-    def on_tcp_data(self, data: bytes) -> None: ...
+    def on_tcp_data(self, data: memoryview) -> None:
+        """Bytes read; ``data`` is reused after the call returns."""
     def on_tcp_eof(self) -> None: ...
     def on_tcp_closed(self, exc: Exception | None) -> None: ...
     def on_tcp_write_paused(self) -> None: ...
     def on_tcp_write_resumed(self) -> None: ...
 
 
-class TcpSide(asyncio.Protocol):
+class TcpSide(asyncio.BufferedProtocol):
     """One TCP connection, feeding one tunnel."""
 
     __slots__ = ("events",)
@@ -46,8 +57,11 @@ class TcpSide(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.events.on_tcp_connected(transport)
 
-    def data_received(self, data: bytes) -> None:
-        self.events.on_tcp_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.events.on_tcp_data(_READ_VIEW[:nbytes])
 
     def eof_received(self) -> bool:
         self.events.on_tcp_eof()
