@@ -61,12 +61,20 @@ class Client(threading.Thread):
         return self.status, self.headers, self.body
 
 
+def start_ingress(harness: Harness, policy: Policy, *args: str,
+                  connected: str = CONNECTED) -> tuple[RouterPeer, int]:
+    """An HTTP ingress for 'web' connected to a peer, and the port it serves HTTP on."""
+    peer = harness.peer(policy)
+    daemon = harness.daemon(peer, *args, "http:127.0.0.1:0=>amqp:web")
+    port = int(daemon.wait_log(LISTENING).group(1))
+    daemon.wait_log(connected)
+    return peer, port
+
+
 def test_ingress_request_message_fields(harness: Harness) -> None:
     """A request becomes the §2.1 message; a node-style response becomes the HTTP answer."""
-    peer = harness.peer(Policy(dynamic_addresses=["reply-7"]))
-    daemon = harness.daemon(peer, "--site-id", "site-a", "http:127.0.0.1:0=>amqp:web")
-    port = int(daemon.wait_log(LISTENING).group(1))
-    daemon.wait_log(CONNECTED)
+    peer, port = start_ingress(harness, Policy(dynamic_addresses=["reply-7"]),
+                               "--site-id", "site-a")
     client = Client(port, "POST", "/items?id=3", b"hello", [
         ("Host", "myservice:8080"), ("Content-Type", "text/plain"),
         ("X-Multi", "a"), ("X-Multi", "b"), ("Connection", "keep-alive")])
@@ -108,11 +116,10 @@ def test_ingress_request_message_fields(harness: Harness) -> None:
 def test_http_is_the_same_through_skupper_router(harness: Harness) -> None:
     """With a skupper-router 3.x (TCP adaptor dialect, qd.streaming-links offered), HTTP still
     travels as ordinary messages: same links, same fields."""
-    peer = harness.peer(Policy(dynamic_addresses=["r-0", "r-1"],
-                               product=("skupper-router", "3.5.1")))
-    daemon = harness.daemon(peer, "--site-id", "site-a", "http:127.0.0.1:0=>amqp:web")
-    port = int(daemon.wait_log(LISTENING).group(1))
-    daemon.wait_log(r"connected \(skupper-router 3\.5\.1\): tcp-adaptor dialect")
+    peer, port = start_ingress(
+        harness, Policy(dynamic_addresses=["r-0", "r-1"], product=("skupper-router", "3.5.1")),
+        "--site-id", "site-a",
+        connected=r"connected \(skupper-router 3\.5\.1\): tcp-adaptor dialect")
     client = Client(port, "GET", "/x", b"", [("Host", "svc")])
     client.start()
     got = peer.wait_for(Received, lambda r: r.link == "site-a-http-web")
@@ -128,11 +135,9 @@ def test_http_is_the_same_through_skupper_router(harness: Harness) -> None:
 
 def test_ingress_retries_released_and_modified(harness: Harness) -> None:
     """Released and modified requests are sent again, same correlation id, until one is taken."""
-    peer = harness.peer(Policy(dynamic_addresses=["reply-1"],
-                               outcomes={"web": [Delivery.RELEASED, Delivery.MODIFIED]}))
-    daemon = harness.daemon(peer, "--site-id", "site-a", "http:127.0.0.1:0=>amqp:web")
-    port = int(daemon.wait_log(LISTENING).group(1))
-    daemon.wait_log(CONNECTED)
+    policy = Policy(dynamic_addresses=["reply-1"],
+                    outcomes={"web": [Delivery.RELEASED, Delivery.MODIFIED]})
+    peer, port = start_ingress(harness, policy, "--site-id", "site-a")
     client = Client(port, "GET", "/", b"", [("Host", "svc")])
     client.start()
     peer.wait_until(lambda _: len(peer.received("site-a-http-web")) == 3)
@@ -146,10 +151,7 @@ def test_ingress_retries_released_and_modified(harness: Harness) -> None:
 
 def test_ingress_rejected_is_502_with_the_error(harness: Harness) -> None:
     """A rejected request is not retried: the client gets 502 naming the rejection."""
-    peer = harness.peer(Policy(outcomes={"web": [Delivery.REJECTED]}))
-    daemon = harness.daemon(peer, "http:127.0.0.1:0=>amqp:web")
-    port = int(daemon.wait_log(LISTENING).group(1))
-    daemon.wait_log(CONNECTED)
+    peer, port = start_ingress(harness, Policy(outcomes={"web": [Delivery.REJECTED]}))
     client = Client(port, "GET", "/", b"", [("Host", "svc")])
     client.start()
     status, _, body = client.answer()
@@ -161,11 +163,8 @@ def test_ingress_rejected_is_502_with_the_error(harness: Harness) -> None:
 def test_ingress_without_consumer_is_504_and_never_sent_later(harness: Harness) -> None:
     """No credit (nobody consumes the address): 504 naming that, and the request is not
     sent when credit comes after the client was answered."""
-    peer = harness.peer(Policy(credit=0))
-    daemon = harness.daemon(peer, "--site-id", "site-a", "--http-timeout", "1",
-                            "http:127.0.0.1:0=>amqp:web")
-    port = int(daemon.wait_log(LISTENING).group(1))
-    daemon.wait_log(CONNECTED)
+    peer, port = start_ingress(harness, Policy(credit=0), "--site-id", "site-a",
+                               "--http-timeout", "1")
     client = Client(port, "GET", "/", b"", [("Host", "svc")])
     client.start()
     status, _, body = client.answer()
