@@ -54,11 +54,23 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import cproton
-from proton import Condition, Delivery, Link, Sender, Session
+from proton import Condition, Link, Sender, Session
 
 from . import adaptor_wire, tcp_side
 from .codec import WireError
-from .engine import add_capability, close_link, receive_delivery, set_owner
+from .engine import (
+    ACCEPTED,
+    MODIFIED,
+    RECEIVED,
+    REJECTED,
+    RELEASED,
+    add_capability,
+    close_link,
+    outcome_name,
+    receive_delivery,
+    set_owner,
+    settle,
+)
 from .engine import raw_lib as _lib
 from .relay import RESET_CONDITION, AmqpPort, Failure, Phase, TunnelLog
 from .stats import BridgeStats
@@ -71,12 +83,6 @@ WINDOW = 1024 * 1024
 ACK_EVERY = 64 * 1024
 #: Credit on a consumer link: streams that may start at once before we top it up.
 CONSUMER_CREDIT = 64
-
-_ACCEPTED = int(Delivery.ACCEPTED)
-_RECEIVED = int(Delivery.RECEIVED)
-_RELEASED = int(Delivery.RELEASED)
-_REJECTED = int(Delivery.REJECTED)
-_MODIFIED = int(Delivery.MODIFIED)
 
 
 class Role(enum.Enum):
@@ -251,15 +257,15 @@ class Flow:
         if self.phase is Phase.CLOSED:
             return
         state = _lib.pn_delivery_remote_state(delivery)
-        if state == _RECEIVED:
+        if state == RECEIVED:
             offset = _lib.pn_disposition_get_section_offset(_lib.pn_delivery_remote(delivery))
             if offset > self.peer_acked:
                 self.peer_acked = offset
                 self._pump()
-        if not _lib.pn_delivery_settled(delivery) and state in (0, _RECEIVED):
+        if not _lib.pn_delivery_settled(delivery) and state in (0, RECEIVED):
             return
-        if state not in (_ACCEPTED, 0, _RECEIVED) or not self.out_ended:
-            self.reset(f"far end ended our stream ({_outcome_name(state)})", Failure.NOT_ACCEPTED)
+        if state not in (ACCEPTED, 0, RECEIVED) or not self.out_ended:
+            self.reset(f"far end ended our stream ({outcome_name(state)})", Failure.NOT_ACCEPTED)
             return
         _lib.pn_delivery_settle(delivery)
         self.out_settled = True
@@ -271,7 +277,7 @@ class Flow:
         """The far end's stream began; ``first`` is what came after its header."""
         if self.role is Role.LISTENER:
             if header.content_type != adaptor_wire.CONTENT_TYPE:
-                _settle(delivery, _REJECTED)
+                settle(delivery, REJECTED)
                 self.reset(f"counter-stream with content-type {header.content_type!r}",
                            Failure.PROTOCOL)
                 return
@@ -322,7 +328,7 @@ class Flow:
             return
         self.log.debug("far end finished its stream")
         self.dispatcher.release(self.in_delivery)
-        _settle(self.in_delivery, _ACCEPTED)
+        settle(self.in_delivery, ACCEPTED)
         self.in_delivery = None
         self.amqp.flush_soon()
         self._check_finished()
@@ -334,7 +340,7 @@ class Flow:
         local = _lib.pn_delivery_local(delivery)
         _lib.pn_disposition_set_section_number(local, 0)
         _lib.pn_disposition_set_section_offset(local, self.bytes_in)
-        _lib.pn_delivery_update(delivery, _RECEIVED)
+        _lib.pn_delivery_update(delivery, RECEIVED)
         self.acked = self.bytes_in
         self.amqp.flush_soon()
 
@@ -483,7 +489,7 @@ class Flow:
                 _lib.pn_delivery_abort(self.out)
         if self.in_delivery is not None:
             self.dispatcher.release(self.in_delivery)
-            _settle(self.in_delivery, _MODIFIED, failed=True)
+            settle(self.in_delivery, MODIFIED, failed=True)
             self.in_delivery = None
         self._close_links(Condition(RESET_CONDITION, reason))
         self.phase = Phase.CLOSED
@@ -620,11 +626,11 @@ class StreamDispatcher:
         try:
             parsed = adaptor_wire.parse_header(buf)
         except WireError as exc:
-            self._refuse(link, delivery, _REJECTED, f"not a TCP adaptor stream: {exc}")
+            self._refuse(link, delivery, REJECTED, f"not a TCP adaptor stream: {exc}")
             return
         if parsed is None:
             if not _lib.pn_delivery_partial(delivery):
-                self._refuse(link, delivery, _REJECTED, "a stream that ended inside its header")
+                self._refuse(link, delivery, REJECTED, "a stream that ended inside its header")
             return
         header, start = parsed
         del self.heads[delivery]
@@ -642,16 +648,16 @@ class StreamDispatcher:
         if flow is not None:
             return flow
         if not header.reply_to:
-            self._refuse(link, delivery, _REJECTED, "a client stream without a reply-to")
+            self._refuse(link, delivery, REJECTED, "a client stream without a reply-to")
             return None
         if header.content_type != adaptor_wire.CONTENT_TYPE:
             # Another encapsulation: the router may have a connector that speaks it.
-            self._refuse(link, delivery, _RELEASED,
+            self._refuse(link, delivery, RELEASED,
                          f"content-type {header.content_type!r} is not ours")
             return None
         flow = self.on_client_stream(header.to or "", delivery, header)
         if flow is None:
-            self._refuse(link, delivery, _RELEASED, f"no bridge for address {header.to!r}")
+            self._refuse(link, delivery, RELEASED, f"no bridge for address {header.to!r}")
         return flow
 
     def _check_end(self, link: Any, delivery: Any, flow: Flow) -> None:
@@ -663,9 +669,9 @@ class StreamDispatcher:
         self._top_up(link)
 
     def _refuse(self, link: Any, delivery: Any, outcome: int, why: str) -> None:
-        logger.info("stream refused (%s): %s", _outcome_name(outcome), why)
+        logger.info("stream refused (%s): %s", outcome_name(outcome), why)
         self.heads.pop(delivery, None)
-        _settle(delivery, outcome, failed=outcome == _MODIFIED)
+        settle(delivery, outcome, failed=outcome == MODIFIED)
         self._top_up(link)
 
     def _top_up(self, link: Any) -> None:
@@ -675,19 +681,3 @@ class StreamDispatcher:
         credit = _lib.pn_link_credit(link)
         if credit <= want // 2:
             _lib.pn_link_flow(link, want - credit)
-
-
-def _settle(delivery: Any, outcome: int, *, failed: bool = False) -> None:
-    if failed:
-        _lib.pn_disposition_set_failed(_lib.pn_delivery_local(delivery), True)
-    _lib.pn_delivery_update(delivery, outcome)
-    _lib.pn_delivery_settle(delivery)
-
-
-_OUTCOME_NAMES = {_ACCEPTED: "accepted", _RELEASED: "released", _REJECTED: "rejected",
-                  _MODIFIED: "modified", _RECEIVED: "received"}
-
-
-def _outcome_name(state: int) -> str:
-    return _OUTCOME_NAMES.get(state, str(state))
-

@@ -364,7 +364,7 @@ def _on_raw_delivery(delivery: Any) -> None:
         owner.on_delivery(link, delivery)
     elif _lib.pn_link_is_receiver(link):
         # A delivery on a link nobody owns any more: refuse it, never drop it.
-        _lib.pn_delivery_update(delivery, _RELEASED)
+        _lib.pn_delivery_update(delivery, RELEASED)
         _lib.pn_delivery_settle(delivery)
 
 
@@ -459,7 +459,6 @@ _DELIVERY = Event.DELIVERY.number
 _LINK_FLOW = Event.LINK_FLOW.number
 _LINK_REMOTE_OPEN = Event.LINK_REMOTE_OPEN.number
 _LINK_REMOTE_END = frozenset((Event.LINK_REMOTE_CLOSE.number, Event.LINK_REMOTE_DETACH.number))
-_RELEASED = int(Delivery.RELEASED)
 
 
 def _free_if_done(link: Link) -> None:
@@ -487,6 +486,32 @@ def receive_delivery(link: Any, size: int) -> bytearray:
     if got < size:
         del out[max(got, 0) :]
     return out
+
+
+ACCEPTED = int(Delivery.ACCEPTED)
+RECEIVED = int(Delivery.RECEIVED)
+RELEASED = int(Delivery.RELEASED)
+REJECTED = int(Delivery.REJECTED)
+MODIFIED = int(Delivery.MODIFIED)
+#: The terminal outcomes (AMQP 1.0 §3.4), and received, by name for logs.
+OUTCOME_NAMES = {ACCEPTED: "accepted", RELEASED: "released", REJECTED: "rejected",
+                 MODIFIED: "modified", RECEIVED: "received"}
+
+
+def outcome_name(state: int) -> str:
+    return OUTCOME_NAMES.get(state, str(state))
+
+
+def settle(delivery: Any, outcome: int, *, failed: bool = False,
+           condition: Condition | None = None) -> None:
+    """Settle a received delivery (C handle) with ``outcome``; ``failed`` marks a modified
+    outcome delivery-failed, ``condition`` is a rejection's error."""
+    if condition is not None:
+        wrap_delivery(delivery).local.condition = condition
+    if failed:
+        _lib.pn_disposition_set_failed(_lib.pn_delivery_local(delivery), True)
+    _lib.pn_delivery_update(delivery, outcome)
+    _lib.pn_delivery_settle(delivery)
 
 
 def receive_more(link: Any, size: int, into: bytearray | None) -> bytearray:

@@ -34,7 +34,8 @@ from proton import Condition, Link, Message, Session
 
 from . import http_message as hm
 from .codec import WireError
-from .messaging import ACCEPTED, MODIFIED, REJECTED, AmqpHost, MessageReceiver, MessageSender
+from .engine import ACCEPTED, MODIFIED, REJECTED
+from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .spec import HttpEgressSpec
 
 logger = logging.getLogger(__name__)

@@ -44,8 +44,9 @@ from proton import Link, Session
 from . import http_message as hm
 from .bridge import LISTEN_BACKLOG, listening_addresses
 from .codec import WireError
+from .engine import ACCEPTED, MODIFIED, RELEASED
 from .http_egress import MESSAGE_OVERHEAD, HttpSettings, plain_response
-from .messaging import ACCEPTED, MODIFIED, RELEASED, AmqpHost, MessageReceiver, MessageSender
+from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .spec import HttpIngressSpec
 
 logger = logging.getLogger(__name__)

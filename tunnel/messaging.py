@@ -24,19 +24,26 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from proton import Condition, Delivery, Link
+from proton import Condition, Link
 
-from .engine import AmqpEngine, raw_lib, receive_delivery, receive_more, set_owner, wrap_delivery
+from .engine import (
+    ACCEPTED,
+    MODIFIED,
+    REJECTED,
+    RELEASED,
+    AmqpEngine,
+    raw_lib,
+    receive_delivery,
+    receive_more,
+    set_owner,
+    settle,
+    wrap_delivery,
+)
 
 _lib = raw_lib
 logger = logging.getLogger(__name__)
 
-ACCEPTED = int(Delivery.ACCEPTED)
-RELEASED = int(Delivery.RELEASED)
-REJECTED = int(Delivery.REJECTED)
-MODIFIED = int(Delivery.MODIFIED)
-_OUTCOME_NAMES = {ACCEPTED: "accepted", RELEASED: "released", REJECTED: "rejected",
-                  MODIFIED: "modified"}
+_TERMINAL = frozenset((ACCEPTED, RELEASED, REJECTED, MODIFIED))
 
 #: ``(outcome, why)``: the peer's outcome (0 when the link went away first) and,
 #: for a rejection, the error it gave.
@@ -53,22 +60,6 @@ class AmqpHost(Protocol):
     @property
     def engine(self) -> AmqpEngine: ...
     def flush_soon(self) -> None: ...
-
-
-def outcome_name(state: int) -> str:
-    return _OUTCOME_NAMES.get(state, str(state))
-
-
-def settle(delivery: Any, outcome: int, *, failed: bool = False,
-           condition: Condition | None = None) -> None:
-    """Settle a received delivery (C handle) with ``outcome``."""
-    if condition is not None:
-        wrapped = wrap_delivery(delivery)
-        wrapped.local.condition = condition
-    if failed:
-        _lib.pn_disposition_set_failed(_lib.pn_delivery_local(delivery), True)
-    _lib.pn_delivery_update(delivery, outcome)
-    _lib.pn_delivery_settle(delivery)
 
 
 class MessageSender:
@@ -134,7 +125,7 @@ class MessageSender:
 
     def on_delivery(self, link: Any, delivery: Any) -> None:
         state = _lib.pn_delivery_remote_state(delivery)
-        if not _lib.pn_delivery_settled(delivery) and state not in _OUTCOME_NAMES:
+        if not _lib.pn_delivery_settled(delivery) and state not in _TERMINAL:
             return  # not an outcome yet (received, or nothing)
         callback = self.unsettled.pop(delivery, None)
         why = ""

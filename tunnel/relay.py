@@ -47,17 +47,20 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from proton import Condition, Delivery, Link
+from proton import Condition, Link
 
 from . import tcp_side, wire
 from .engine import (
+    ACCEPTED,
+    REJECTED,
     AmqpEngine,
     capabilities,
     close_link,
+    outcome_name,
     receive_delivery,
     receive_more,
     set_owner,
-    wrap_delivery,
+    settle,
 )
 from .engine import raw_lib as _lib
 from .stats import BridgeStats
@@ -65,7 +68,6 @@ from .stats import BridgeStats
 logger = logging.getLogger(__name__)
 
 RESET_CONDITION = "tunnel:reset"
-_ACCEPTED = int(Delivery.ACCEPTED)
 DEFAULT_WINDOW = 2
 # With the window, what bounds the bytes in flight towards one tunnel:
 # window x MAX_DELIVERY per direction.
@@ -434,12 +436,12 @@ class Tunnel:
 
     def _on_outcome(self, delivery: Any) -> None:
         state = _lib.pn_delivery_remote_state(delivery)
-        if not _lib.pn_delivery_settled(delivery) and state != _ACCEPTED:
+        if not _lib.pn_delivery_settled(delivery) and state != ACCEPTED:
             return  # a non-terminal state such as received: wait for the outcome
         _lib.pn_delivery_settle(delivery)
         self.unsettled -= 1
-        if state not in (_ACCEPTED, 0):
-            self.reset(f"far end did not accept a delivery ({_outcome_name(state)})",
+        if state not in (ACCEPTED, 0):
+            self.reset(f"far end did not accept a delivery ({outcome_name(state)})",
                        Failure.NOT_ACCEPTED)
             return
         self._pump()
@@ -463,14 +465,10 @@ class Tunnel:
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:
-            wrapped = wrap_delivery(delivery)
-            wrapped.local.condition = Condition("amqp:decode-error", str(exc))
-            wrapped.update(Delivery.REJECTED)
-            wrapped.settle()
+            settle(delivery, REJECTED, condition=Condition("amqp:decode-error", str(exc)))
             self.reset(f"undecodable message: {exc}", Failure.PROTOCOL)
             return
-        _lib.pn_delivery_update(delivery, _ACCEPTED)
-        _lib.pn_delivery_settle(delivery)
+        settle(delivery, ACCEPTED)
         tcp = self.tcp
         if tcp is None or not self.write_open:
             self.reset("data arrived after the end of the stream", Failure.PROTOCOL)
@@ -607,14 +605,3 @@ class Tunnel:
 
     def _close_link(self, link: Link, condition: Condition | None) -> None:
         close_link(link, condition)
-
-
-_OUTCOME_NAMES = {
-    int(Delivery.RELEASED): "released",
-    int(Delivery.REJECTED): "rejected",
-    int(Delivery.MODIFIED): "modified",
-}
-
-
-def _outcome_name(state: int) -> str:
-    return _OUTCOME_NAMES.get(state, str(state))
