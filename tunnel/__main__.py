@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import __version__, http_egress
+from . import __version__, http_message
 from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
@@ -81,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how TCP travels through the router: link-route (Qpid Dispatch, "
                         "skupper-proxy's messages), tcp-adaptor (skupper-router 3.x streams), "
                         "or auto: chosen from the router's Open (default %(default)s)")
-    parser.add_argument("--http-timeout", type=float, default=http_egress.DEFAULT_TIMEOUT,
+    parser.add_argument("--http-timeout", type=float, default=http_message.DEFAULT_TIMEOUT,
                         help="HTTP bridges: seconds a request may take before it is answered "
                         "504 (default %(default)s)")
-    parser.add_argument("--http-max-body", type=int, default=http_egress.DEFAULT_MAX_BODY,
+    parser.add_argument("--http-max-body", type=int, default=http_message.DEFAULT_MAX_BODY,
                         help="HTTP bridges: largest request or response body, in bytes; larger "
                         "requests get 413, larger responses 502 (default %(default)s)")
-    parser.add_argument("--http-window", type=int, default=http_egress.DEFAULT_WINDOW,
+    parser.add_argument("--http-window", type=int, default=http_message.DEFAULT_WINDOW,
                         help="HTTP egress: requests in hand at once per consumer link "
                         "(default %(default)s)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
@@ -131,7 +131,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         limits=Limits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
                       half_closed_timeout=args.half_closed_timeout),
         dialect=Dialect(args.dialect),
-        http=http_egress.HttpSettings(timeout=args.http_timeout, max_body=args.http_max_body,
+        http=http_message.HttpSettings(timeout=args.http_timeout, max_body=args.http_max_body,
                                       window=args.http_window),
     )
 

@@ -13,8 +13,9 @@ from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
 from .engine import DEFAULT_MAX_FRAME_SIZE
-from .http_egress import HttpEgressBridge, HttpSettings, RoutedEgress
+from .http_egress import HttpEgressBridge, RoutedEgress
 from .http_ingress import HttpIngressBridge
+from .http_message import HttpSettings
 from .limits import DEFAULT_LIMITS, Limits
 from .memory import MemoryReleaser
 from .metrics import registry_for

@@ -156,8 +156,6 @@ class DirectPeer(HostedTunnels):
             link.source.copy(link.remote_source)
             link.target.copy(link.remote_target)
             http.consume(link, self.socket, self._reply)
-            link.open()
-            self.socket.flush_soon()
             return
         bridge = self.listener.egress.get(address) if address else None
         if bridge is None:

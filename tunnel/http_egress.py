@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -36,26 +35,11 @@ from . import http_message as hm
 from .codec import WireError
 from .engine import ACCEPTED, MODIFIED, REJECTED
 from .messaging import AmqpHost, MessageReceiver, MessageSender
-from .spec import HttpEgressSpec
+from .spec import HttpEgressSpec, join_host
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_MAX_BODY = 16 * 1024 * 1024
-#: Requests in hand at once per consumer link (skupper-proxy's credit window is 10).
-DEFAULT_WINDOW = 32
 READ_SIZE = 64 * 1024
-#: Room for the properties and headers around a body of the largest size.
-MESSAGE_OVERHEAD = 256 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class HttpSettings:
-    """What both HTTP bridge directions are told on the command line."""
-
-    timeout: float = DEFAULT_TIMEOUT
-    max_body: int = DEFAULT_MAX_BODY
-    window: int = DEFAULT_WINDOW
 
 
 class UnreachableError(Exception):
@@ -68,13 +52,6 @@ class BackendError(Exception):
 
 class _StaleError(Exception):
     """A reused connection was closed by the backend before any response byte."""
-
-
-def plain_response(status: int, text: str) -> hm.HttpResponse:
-    """A short plain-text response made by the tunnel itself."""
-    return hm.HttpResponse(status=status,
-                           headers=[("content-type", "text/plain; charset=utf-8")],
-                           body=text.encode() + b"\n")
 
 
 class BackendConnection:
@@ -94,10 +71,11 @@ class BackendConnection:
 
     async def exchange(self, request: hm.HttpRequest, default_host: str,
                        max_body: int) -> hm.HttpResponse:
-        self.writer.write(self._encode(request, default_host))
+        self.writer.writelines(self._encode(request, default_host))
         return await self._response(max_body)
 
-    def _encode(self, request: hm.HttpRequest, default_host: str) -> bytes:
+    def _encode(self, request: hm.HttpRequest, default_host: str) -> list[bytes]:
+        """The request's bytes, the body passed through uncopied."""
         conn = self.h11
         headers = list(request.headers)
         if request.host is None:
@@ -105,14 +83,14 @@ class BackendConnection:
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             headers.append(("content-length", str(len(request.body))))
         try:
-            data = conn.send(h11.Request(method=request.method, target=request.target,
-                                         headers=headers))
+            parts = conn.send_with_data_passthrough(
+                h11.Request(method=request.method, target=request.target, headers=headers)) or []
             if request.body:
-                data += conn.send(h11.Data(data=request.body))
-            data += conn.send(h11.EndOfMessage())
+                parts += conn.send_with_data_passthrough(h11.Data(data=request.body)) or []
+            parts += conn.send_with_data_passthrough(h11.EndOfMessage()) or []
         except h11.LocalProtocolError as exc:
             raise BackendError(f"request cannot be sent: {exc}") from None
-        return data
+        return parts
 
     async def _response(self, max_body: int) -> hm.HttpResponse:
         conn = self.h11
@@ -158,7 +136,7 @@ class BackendPool:
         self.port = port
         self.max_idle = max_idle
         self.idle: list[BackendConnection] = []
-        self.host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.host_header = join_host(host, port)
 
     async def _connect(self) -> BackendConnection:
         try:
@@ -204,7 +182,7 @@ class BackendPool:
 class HttpEgressBridge:
     """``amqp:ADDRESS=>http:HOST:PORT``."""
 
-    def __init__(self, spec: HttpEgressSpec, site_id: str, settings: HttpSettings) -> None:
+    def __init__(self, spec: HttpEgressSpec, site_id: str, settings: hm.HttpSettings) -> None:
         self.spec = spec
         self.site_id = site_id
         self.settings = settings
@@ -213,9 +191,9 @@ class HttpEgressBridge:
         #: Logged once per change, not once per request.
         self.unreachable = False
 
-    async def serve(self, request: Message) -> Message | None:
-        """The response message for ``request``; None when the backend could not be reached."""
-        parsed = hm.request_of(request)
+    async def serve(self, request: Message, parsed: hm.HttpRequest) -> Message | None:
+        """The response message for ``request`` (``parsed`` is what it asks); None when the
+        backend could not be reached."""
         try:
             response = await asyncio.wait_for(
                 self.pool.exchange(parsed, self.settings.max_body), self.settings.timeout)
@@ -227,11 +205,11 @@ class HttpEgressBridge:
             return None
         except BackendError as exc:
             logger.debug("%s: %s %s: %s", self.spec, parsed.method, parsed.target, exc)
-            response = plain_response(502, f"Bad Gateway: {exc}")
+            response = hm.plain_response(502, f"Bad Gateway: {exc}")
         except TimeoutError:
             logger.debug("%s: %s %s: no response within %gs", self.spec, parsed.method,
                          parsed.target, self.settings.timeout)
-            response = plain_response(
+            response = hm.plain_response(
                 504, f"Gateway Timeout: {self.spec.host}:{self.spec.port} gave no response "
                 f"within {self.settings.timeout:g} s")
         else:
@@ -242,9 +220,11 @@ class HttpEgressBridge:
                                    correlation_id=request.correlation_id, site_id=self.site_id)
 
     def consume(self, link: Link, host: AmqpHost, reply: Callable[[str, bytes], bool],
-                on_opened: Callable[[Link], None] | None = None) -> MessageReceiver:
-        """Serve the requests arriving on ``link``; ``reply(to, message)`` sends a response."""
-        return RequestServer(self, link, host, reply, on_opened).receiver
+                on_opened: Callable[[Link], None] | None = None) -> None:
+        """Open ``link`` and serve the requests on it; ``reply(to, message)`` sends a response."""
+        RequestServer(self, link, host, reply, on_opened)
+        link.open()
+        host.flush_soon()
 
     async def stop(self) -> None:
         for task in list(self.tasks):
@@ -261,17 +241,16 @@ class RequestServer:
                  reply: Callable[[str, bytes], bool],
                  on_opened: Callable[[Link], None] | None) -> None:
         self.bridge = bridge
-        self.host = host
         self.reply = reply
         settings = bridge.settings
         self.receiver = MessageReceiver(
-            link, host, window=settings.window, max_size=settings.max_body + MESSAGE_OVERHEAD,
+            link, host, window=settings.window, max_size=settings.max_message,
             on_message=self.on_request, on_opened=on_opened)
 
     def on_request(self, delivery: Any, data: bytearray) -> None:
         try:
             message = hm.decode(data)
-            hm.request_of(message)
+            parsed = hm.request_of(message)
             if not message.reply_to:
                 raise WireError("no reply_to to answer to")
         except WireError as exc:
@@ -279,7 +258,7 @@ class RequestServer:
             self.receiver.settle(delivery, REJECTED,
                                  condition=Condition("amqp:invalid-field", str(exc)))
             return
-        task = asyncio.get_running_loop().create_task(self.bridge.serve(message))
+        task = asyncio.get_running_loop().create_task(self.bridge.serve(message, parsed))
         self.bridge.tasks.add(task)
         task.add_done_callback(lambda done: self.on_served(delivery, message, done))
 
@@ -288,7 +267,7 @@ class RequestServer:
         self.bridge.tasks.discard(task)
         if task.cancelled():
             return
-        if self.receiver.closed or self.host.closed:
+        if self.receiver.closed or self.receiver.host.closed:
             return  # the delivery went with its link; the far end will retry or fail
         if (exc := task.exception()) is not None:
             logger.error("%s: serving a request failed: %r", self.bridge.spec, exc)
@@ -320,12 +299,10 @@ class RoutedEgress:
         consumer = session.receiver(name)
         consumer.source.address = spec.address
         consumer.target.address = name
-        self.bridge.consume(consumer, host, self.reply, on_opened=self.on_consuming)
         sender = session.sender(f"{name}-responses")
         self.replies = MessageSender(sender, host)
         sender.open()
-        consumer.open()
-        host.flush_soon()
+        self.bridge.consume(consumer, host, self.reply, on_opened=self.on_consuming)
 
     def on_consuming(self, link: Link) -> None:
         self.active = True

@@ -30,6 +30,7 @@ Every tunnel-made error is a short ``text/plain`` body naming the cause.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -45,7 +46,6 @@ from . import http_message as hm
 from .bridge import LISTEN_BACKLOG, listening_addresses
 from .codec import WireError
 from .engine import ACCEPTED, MODIFIED, RELEASED
-from .http_egress import MESSAGE_OVERHEAD, HttpSettings, plain_response
 from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .spec import HttpIngressSpec
 
@@ -86,13 +86,13 @@ class Exchange:
 
     def on_timeout(self) -> None:
         within = f"within {self.bridge.settings.timeout:g} s"
-        if self._withdraw() or self.sender is None:
+        if self.withdraw() or self.sender is None:
             why = f"no consumer of amqp:{self.bridge.spec.address} took the request {within}"
         else:
             why = f"no response from amqp:{self.bridge.spec.address} {within}"
-        self.finish(plain_response(504, f"Gateway Timeout: {why}"))
+        self.finish(hm.plain_response(504, f"Gateway Timeout: {why}"))
 
-    def _withdraw(self) -> bool:
+    def withdraw(self) -> bool:
         """Keep a request still waiting for credit from going out after all."""
         return self.sender is not None and self.sender.withdraw(self.on_outcome)
 
@@ -104,14 +104,14 @@ class Exchange:
         if outcome in (RELEASED, MODIFIED, 0):
             self.sender = None
             if self.attempts >= MAX_ATTEMPTS:
-                self.finish(plain_response(
+                self.finish(hm.plain_response(
                     502, f"Bad Gateway: amqp:{self.bridge.spec.address} did not take the "
                     f"request ({self.attempts} attempts)"))
                 return
             delay = retry_delay(self.attempts)
             self.retry = asyncio.get_running_loop().call_later(delay, self.bridge.send, self)
             return
-        self.finish(plain_response(
+        self.finish(hm.plain_response(
             502, f"Bad Gateway: amqp:{self.bridge.spec.address} rejected the request"
             + (f" ({why})" if why else "")))
 
@@ -123,7 +123,7 @@ class Exchange:
 
     def abandon(self) -> None:
         """Nobody wants the answer any more (given, or the client went away)."""
-        self._withdraw()
+        self.withdraw()
         self.on_done = None
         self.timer.cancel()
         if self.retry is not None:
@@ -147,7 +147,7 @@ class RequestLinks:
         receiver_link.source.dynamic = True
         self.receiver = MessageReceiver(
             receiver_link, host, window=REPLY_WINDOW,
-            max_size=bridge.settings.max_body + MESSAGE_OVERHEAD,
+            max_size=bridge.settings.max_message,
             on_message=self.on_response, on_opened=self.on_reply_opened)
         receiver_link.open()
         host.flush_soon()
@@ -179,7 +179,7 @@ class RequestLinks:
 class HttpIngressBridge:
     """``http:[HOST:]PORT=>amqp:ADDRESS``."""
 
-    def __init__(self, spec: HttpIngressSpec, site_id: str, settings: HttpSettings,
+    def __init__(self, spec: HttpIngressSpec, site_id: str, settings: hm.HttpSettings,
                  max_connections: int) -> None:
         self.spec = spec
         self.site_id = site_id
@@ -224,11 +224,11 @@ class HttpIngressBridge:
         for exchange in list(self.exchanges.values()):
             if exchange.sender is None:
                 continue
-            if exchange.sender.withdraw(exchange.on_outcome):  # never went out: wait
+            if exchange.withdraw():  # never went out: wait
                 exchange.sender = None
                 self.waiting.append(exchange)
             else:
-                exchange.finish(plain_response(
+                exchange.finish(hm.plain_response(
                     502, "Bad Gateway: the connection to the router was lost before a response"))
 
     def on_links_ready(self, links: RequestLinks) -> None:
@@ -263,7 +263,7 @@ class HttpIngressBridge:
 
     def forget(self, exchange: Exchange) -> None:
         self.exchanges.pop(exchange.correlation_id, None)
-        if exchange in self.waiting:
+        with contextlib.suppress(ValueError):
             self.waiting.remove(exchange)
 
     def on_response(self, message: Any) -> None:
@@ -276,7 +276,7 @@ class HttpIngressBridge:
         try:
             response = hm.response_of(message)
         except WireError as exc:
-            response = plain_response(502, f"Bad Gateway: unusable response: {exc}")
+            response = hm.plain_response(502, f"Bad Gateway: unusable response: {exc}")
         exchange.finish(response)
 
 
@@ -363,7 +363,7 @@ class HttpServerConnection(asyncio.Protocol):
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                self._answer(plain_response(exc.error_status_hint, f"Bad Request: {exc}"),
+                self._answer(hm.plain_response(exc.error_status_hint, f"Bad Request: {exc}"),
                              close=True)
                 return
             if event is h11.NEED_DATA:
@@ -394,7 +394,7 @@ class HttpServerConnection(asyncio.Protocol):
             self._too_large()
             return
         if self.h11.they_are_waiting_for_100_continue:
-            self._write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+            self._write(self._send(h11.InformationalResponse(status_code=100, headers=[])))
 
     def _on_body(self, data: bytes) -> None:
         self.body += data
@@ -402,7 +402,7 @@ class HttpServerConnection(asyncio.Protocol):
             self._too_large()
 
     def _too_large(self) -> None:
-        self._answer(plain_response(
+        self._answer(hm.plain_response(
             413, f"Content Too Large: request bodies are limited to "
             f"{self.bridge.settings.max_body} bytes"), close=True)
 
@@ -439,24 +439,28 @@ class HttpServerConnection(asyncio.Protocol):
         if close:
             headers.append(("connection", "close"))
         try:
-            data = self.h11.send(h11.Response(status_code=response.status, headers=headers,
-                                              reason=_reason(response.status)))
+            # h11 passes the body through: written as it is, never copied into the head.
+            parts = self._send(h11.Response(status_code=response.status, headers=headers,
+                                            reason=_reason(response.status)))
             if response.body and not bodyless:
-                data += self.h11.send(h11.Data(data=response.body))
-            data += self.h11.send(h11.EndOfMessage())
+                parts += self._send(h11.Data(data=response.body))
+            parts += self._send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             logger.info("%s: cannot send the response: %s", self.bridge.spec, exc)
             self.abort(str(exc))
             return
-        self._write(data)
+        self._write(parts)
         if close:
             self._drain()
         elif self.h11.our_state is h11.MUST_CLOSE:
             self._close()
 
-    def _write(self, data: bytes) -> None:
+    def _send(self, event: h11.Event) -> list[bytes]:
+        return self.h11.send_with_data_passthrough(event) or []
+
+    def _write(self, parts: list[bytes]) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            self.transport.writelines(parts)
 
     def _drain(self) -> None:
         assert self.transport is not None

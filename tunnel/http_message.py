@@ -54,6 +54,28 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_SEPARATOR = "\n"
 
 
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+#: Requests in hand at once per consumer link (skupper-proxy's credit window is 10).
+DEFAULT_WINDOW = 32
+#: Room for the properties and headers around a body of the largest size.
+MESSAGE_OVERHEAD = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """What both HTTP bridge directions are told on the command line."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    max_body: int = DEFAULT_MAX_BODY
+    window: int = DEFAULT_WINDOW
+
+    @property
+    def max_message(self) -> int:
+        """The largest message either side takes: a whole body and its envelope."""
+        return self.max_body + MESSAGE_OVERHEAD
+
+
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
     """One whole request, as the ingress read it or the egress will send it."""
@@ -97,6 +119,12 @@ def end_to_end(headers: Iterable[tuple[bytes | str, bytes | str]]) -> Headers:
              for token in value.split(",")}
     return [(name, value) for name, value in fields
             if name not in HOP_BY_HOP and name not in named]
+
+
+def plain_response(status: int, text: str) -> HttpResponse:
+    """A short plain-text response made by the tunnel itself."""
+    return HttpResponse(status=status, headers=[("content-type", "text/plain; charset=utf-8")],
+                        body=text.encode() + b"\n")
 
 
 def _text(value: bytes | str) -> str:

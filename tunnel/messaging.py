@@ -19,7 +19,6 @@ the engine and is asked to flush.
 from __future__ import annotations
 
 import itertools
-import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -41,7 +40,6 @@ from .engine import (
 )
 
 _lib = raw_lib
-logger = logging.getLogger(__name__)
 
 _TERMINAL = frozenset((ACCEPTED, RELEASED, REJECTED, MODIFIED))
 
@@ -106,7 +104,7 @@ class MessageSender:
 
     def _gone(self) -> None:
         self.closed = True
-        callbacks = [cb for cb in self.unsettled.values()]
+        callbacks = list(self.unsettled.values())
         callbacks += [cb for _, cb in self.queue]
         self.unsettled.clear()
         self.queue.clear()
@@ -147,16 +145,13 @@ class MessageReceiver:
 
     def __init__(self, link: Link, host: AmqpHost, *, window: int, max_size: int,
                  on_message: Callable[[Any, bytearray], None],
-                 on_opened: Callable[[Link], None] | None = None,
-                 on_closed: Callable[[MessageReceiver], None] | None = None) -> None:
-        self.link = link
+                 on_opened: Callable[[Link], None] | None = None) -> None:
         self.raw = link._impl
         self.host = host
         self.window = window
         self.max_size = max_size
         self.on_message = on_message
         self.on_opened = on_opened
-        self.on_closed = on_closed
         self.closed = False
         self.in_hand = 0
         self._partial: bytearray | None = None
@@ -214,6 +209,4 @@ class MessageReceiver:
 
     def on_link_closed(self, link: Link) -> None:
         self.closed = True
-        if self.on_closed is not None:
-            self.on_closed(self)
 

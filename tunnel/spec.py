@@ -42,7 +42,7 @@ class _Listening(BaseModel):
     address: str = Field(min_length=1)
 
     def __str__(self) -> str:
-        return f"{self.scheme}:{_join_host(self.host, self.port)}=>amqp:{self.address}"
+        return f"{self.scheme}:{join_host(self.host, self.port)}=>amqp:{self.address}"
 
 
 class _Serving(BaseModel):
@@ -56,7 +56,7 @@ class _Serving(BaseModel):
     port: Port
 
     def __str__(self) -> str:
-        return f"amqp:{self.address}=>{self.scheme}:{_join_host(self.host, self.port)}"
+        return f"amqp:{self.address}=>{self.scheme}:{join_host(self.host, self.port)}"
 
 
 class IngressSpec(_Listening):
@@ -90,7 +90,8 @@ class HttpEgressSpec(_Serving):
 BridgeSpec = IngressSpec | EgressSpec | HttpIngressSpec | HttpEgressSpec
 
 
-def _join_host(host: str | None, port: int) -> str:
+def join_host(host: str | None, port: int) -> str:
+    """``HOST:PORT`` (``[HOST]:PORT`` for IPv6), or just the port without a host."""
     if host is None:
         return str(port)
     if ":" in host:
