@@ -118,7 +118,6 @@ class Flow:
         "in_ended",
         "log",
         "name",
-        "on_finished",
         "open_timer",
         "out",
         "out_ended",
@@ -137,8 +136,7 @@ class Flow:
     )
 
     def __init__(self, name: str, host: FlowHost, dispatcher: StreamDispatcher, role: Role,
-                 address: str, *, stats: BridgeStats | None = None,
-                 on_finished: Callable[[Flow], None] | None = None) -> None:
+                 address: str, *, stats: BridgeStats | None = None) -> None:
         self.name = name
         self.host = host
         self.amqp = host.socket
@@ -147,7 +145,6 @@ class Flow:
         #: Where our stream goes: the service address, or the client stream's reply-to.
         self.address = address
         self.stats = stats
-        self.on_finished = on_finished
         self.log = TunnelLog(logger, {"tunnel": name})
         self.phase = Phase.OPENING
         self.failure: Failure | None = None
@@ -514,8 +511,6 @@ class Flow:
         self.amqp.flush_soon()
         if self.stats is not None:
             self.stats.tunnel_closed(self)
-        if self.on_finished is not None:
-            self.on_finished(self)
 
 
 class StreamDispatcher:

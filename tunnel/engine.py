@@ -228,9 +228,11 @@ class AmqpEngine:
 
     def _send_sliced(self, link: Any, delivery: Any, data: bytes | memoryview,
                      first: int) -> None:
-        start, end, total = 0, first, len(data)
-        while start < total:
-            _lib.pn_link_send(link, _ffi.from_buffer(data[start:end]), min(end, total) - start)
+        view = memoryview(data)  # slices of bytes would be copies
+        start, end = 0, first
+        while start < len(view):
+            chunk = view[start:end]
+            _lib.pn_link_send(link, _ffi.from_buffer(chunk), len(chunk))
             self._frame(delivery)
             start, end = end, end + SLICE
 
@@ -364,8 +366,7 @@ def _on_raw_delivery(delivery: Any) -> None:
         owner.on_delivery(link, delivery)
     elif _lib.pn_link_is_receiver(link):
         # A delivery on a link nobody owns any more: refuse it, never drop it.
-        _lib.pn_delivery_update(delivery, RELEASED)
-        _lib.pn_delivery_settle(delivery)
+        settle(delivery, RELEASED)
 
 
 def _on_link_remote_open(link: Link, handler: ConnectionHandler) -> None:

@@ -57,7 +57,6 @@ from .engine import (
     capabilities,
     close_link,
     outcome_name,
-    receive_delivery,
     receive_more,
     set_owner,
     settle,
@@ -458,10 +457,8 @@ class Tunnel:
                 if len(self._partial) > MAX_MESSAGE_SIZE:
                     self.reset(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
             return
-        data = receive_delivery(link, pending)
-        if self._partial is not None:
-            self._partial += data
-            data, self._partial = self._partial, None
+        data = receive_more(link, pending, self._partial)
+        self._partial = None
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:
