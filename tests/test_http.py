@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import LOOPBACK, TunnelProcess, write_connect_json
@@ -82,8 +83,12 @@ class Backend(BaseHTTPRequestHandler):
             time.sleep(TIMEOUT + 2)
             self._send(200, b"too late")
         elif path == "/pause":
+            server = self.server
+            assert isinstance(server, _Server)
+            server.paused.set()
             time.sleep(1)
             self._send(200, b"after a pause")
+            server.answered.set()
         elif path == "/big":
             self._send(200, bytes(MAX_BODY + 1))
         else:
@@ -93,12 +98,18 @@ class Backend(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        #: /pause has its request, and has answered it.
+        self.paused = threading.Event()
+        self.answered = threading.Event()
+
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # /slow writes after the egress gave up on it; that is the point
 
 
 @contextlib.contextmanager
-def backend() -> Iterator[ThreadingHTTPServer]:
+def backend() -> Iterator[_Server]:
     server = _Server((LOOPBACK, 0), Backend)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -115,6 +126,14 @@ class HttpPair:
     amqp_port: int
     ingress: TunnelProcess
     egress: TunnelProcess
+    backend: _Server | None = None
+
+
+def _ingress(tmp: Path, amqp_port: int, log: str, *args: str) -> TunnelProcess:
+    config = write_connect_json(tmp / "connect.json",
+                                {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port})
+    return TunnelProcess(["--config", str(config), *args, f"http:{LOOPBACK}:0=>amqp:web"],
+                         tmp / log)
 
 
 def _egress(tmp: Path, backend_port: int, amqp_port: int, timeout: float,
@@ -134,10 +153,7 @@ async def http_pair(tmp: Path, backend_port: int,
     running: HttpPair | None = None
     try:
         amqp_port = await egress.amqp_port()
-        config = write_connect_json(tmp / "connect.json",
-                                    {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port})
-        ingress = TunnelProcess(["--config", str(config), *limits,
-                                 f"http:{LOOPBACK}:0=>amqp:web"], tmp / "ingress.log")
+        ingress = _ingress(tmp, amqp_port, "ingress.log", *limits)
         port = await ingress.listen_port()
         await ingress.wait_for(r"router amqp://\S+ connected")
         running = HttpPair(port, amqp_port, ingress, egress)
@@ -156,6 +172,7 @@ async def http_pair(tmp: Path, backend_port: int,
 async def pair(tmp_path: Path) -> AsyncIterator[HttpPair]:
     with backend() as server:
         async with http_pair(tmp_path, server.server_address[1]) as running:
+            running.backend = server
             yield running
 
 
@@ -392,8 +409,8 @@ async def test_request_waits_for_the_egress_to_come_back(tmp_path: Path) -> None
 async def test_sigterm_lets_a_request_in_flight_finish(pair: HttpPair) -> None:
     """On SIGTERM the ingress stops accepting, answers what is in flight, and exits 0."""
     in_flight = asyncio.ensure_future(asyncio.to_thread(request, pair.port, "GET", "/pause"))
-    await pair.egress.wait_for("direct-mode peer")
-    await asyncio.sleep(0.3)
+    assert pair.backend is not None
+    assert await asyncio.to_thread(pair.backend.paused.wait, 10)
     pair.ingress.proc.send_signal(signal.SIGTERM)
     await pair.ingress.wait_for("shutting down: waiting")
     with pytest.raises(ConnectionRefusedError):
@@ -411,22 +428,18 @@ async def test_egress_survives_an_answer_for_a_vanished_ingress(tmp_path: Path) 
         egress = _egress(tmp_path, server.server_address[1], 0, TIMEOUT)
         try:
             amqp_port = await egress.amqp_port()
-            config = write_connect_json(tmp_path / "connect.json",
-                                        {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port})
-            ingress = TunnelProcess(["--config", str(config), f"http:{LOOPBACK}:0=>amqp:web"],
-                                    tmp_path / "ingress.log")
+            ingress = _ingress(tmp_path, amqp_port, "ingress.log")
             port = await ingress.listen_port()
             await ingress.wait_for(r"router amqp://\S+ connected")
             doomed = asyncio.ensure_future(_raw_request(port, b"GET /pause HTTP/1.1\r\n"
                                                         b"Host: web\r\n\r\n"))
-            await asyncio.sleep(0.3)
+            assert await asyncio.to_thread(server.paused.wait, 10)
             ingress.kill()
             with contextlib.suppress(ConnectionResetError):  # FIN or RST: the ingress died
                 await doomed
-            await asyncio.sleep(1.5)  # the backend answers at 1 s
+            assert await asyncio.to_thread(server.answered.wait, 10)
             assert egress.proc.poll() is None, egress.log()
-            again = TunnelProcess(["--config", str(config), f"http:{LOOPBACK}:0=>amqp:web"],
-                                  tmp_path / "ingress2.log")
+            again = _ingress(tmp_path, amqp_port, "ingress2.log")
             try:
                 port = await again.listen_port()
                 status, _, body = await asyncio.to_thread(request, port, "POST", "/echo", b"ok")
