@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -267,3 +269,39 @@ async def echo_exact(port: int, payload: bytes, chunk: int = 1024 * 1024) -> tup
     await sending
     writer.close()
     return received, digest.hexdigest()
+
+
+async def round_trip(port: int, payload: bytes) -> bytes:
+    """Send ``payload``, half-close, and read everything until EOF."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    sending = asyncio.create_task(send())
+    data = await asyncio.wait_for(reader.read(), 30)
+    await sending
+    writer.close()
+    return data
+
+
+def send_then_shutdown(port: int, payload: bytes) -> bytes:
+    """What ``printf hello | nc -q1`` does: send, shut down the write side, read to EOF."""
+    with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+async def expect_reset(port: int) -> None:
+    """Connect, send, and expect the tunnel to reset the connection, not close it."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(b"anyone there?")
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 20)
+    writer.close()

@@ -23,6 +23,9 @@ from helpers import (
     TunnelProcess,
     echo_exact,
     echo_server,
+    expect_reset,
+    round_trip,
+    send_then_shutdown,
     write_connect_json,
 )
 from reactor_peer import free_port
@@ -36,7 +39,6 @@ from skrouter_peer import (
     StreamEnded,
     StreamSeen,
 )
-from test_pair import _expect_reset, _send_then_shutdown, round_trip
 
 from tunnel import adaptor_wire
 from tunnel.codec import WireError
@@ -189,7 +191,7 @@ async def test_16_mib_each_way(tmp_path: Path) -> None:
 async def test_half_close_both_ways(tmp_path: Path) -> None:
     """Client FIN ends our stream, the backend's FIN ends its stream, and both settle accepted."""
     async with adaptor_pair(tmp_path) as pair:
-        reply = await asyncio.to_thread(_send_then_shutdown, pair.port, b"half-closed")
+        reply = await asyncio.to_thread(send_then_shutdown, pair.port, b"half-closed")
         assert reply == b"half-closed"
         pair.peer.wait_until(lambda events: sum(isinstance(e, StreamEnded) for e in events) == 2)
         ended = [e for e in pair.peer.events() if isinstance(e, StreamEnded)]
@@ -208,7 +210,7 @@ async def test_data_after_the_clients_fin_still_arrives(tmp_path: Path) -> None:
 
     server = await asyncio.start_server(late, LOOPBACK, 0)
     async with server, adaptor_pair(tmp_path, server.sockets[0].getsockname()[1]) as pair:
-        reply = await asyncio.to_thread(_send_then_shutdown, pair.port, b"question")
+        reply = await asyncio.to_thread(send_then_shutdown, pair.port, b"question")
         assert reply == b"late:question"
 
 
@@ -225,7 +227,7 @@ async def test_backend_refused_resets_client(tmp_path: Path) -> None:
     """A refused backend: MODIFIED on the client stream, and the client gets an RST."""
     dead_port = free_port()
     async with adaptor_pair(tmp_path, dead_port) as pair:
-        await _expect_reset(pair.port)
+        await expect_reset(pair.port)
         pair.peer.wait_until(lambda events: any(isinstance(e, StreamEnded) for e in events))
         ended = [e for e in pair.peer.events() if isinstance(e, StreamEnded)]
         assert [e.outcome for e in ended] == [0x27]  # MODIFIED
@@ -348,7 +350,7 @@ async def test_no_counter_stream_resets_the_client(tmp_path: Path) -> None:
     try:
         listen = await ingress.listen_port()
         await ingress.wait_for("tcp-adaptor dialect")
-        await _expect_reset(listen)
+        await expect_reset(listen)
         await ingress.wait_for(r"no counter-stream within 1 s")
         assert await asyncio.to_thread(ingress.stop) == 0
     finally:

@@ -10,10 +10,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import LOOPBACK, TunnelProcess, echo_server, write_connect_json
+from helpers import LOOPBACK, TunnelProcess, echo_server, round_trip, write_connect_json
 from prometheus_client.parser import text_string_to_metric_families
 from reactor_peer import free_port
-from test_pair import round_trip
 
 from tunnel.metrics import METRICS
 

@@ -10,114 +10,15 @@ import io
 import json
 import signal
 import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers import LOOPBACK, TunnelProcess, write_connect_json
+from http_backend import MAX_BODY, MIB, TIMEOUT, Server, backend
 from reactor_peer import free_port
-
-MIB = 1024 * 1024
-TIMEOUT = 4.0
-MAX_BODY = 9 * MIB
-
-
-class Backend(BaseHTTPRequestHandler):
-    """The HTTP server behind the egress: each path is one behaviour."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def _body(self) -> bytes:
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            raise AssertionError("the egress forwarded a chunked body")
-        return self.rfile.read(int(self.headers.get("content-length") or 0))
-
-    def _send(self, status: int, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self._route(b"")
-
-    def do_POST(self) -> None:
-        self._route(self._body())
-
-    def do_HEAD(self) -> None:
-        self.send_response(200)
-        self.send_header("content-length", "1234")
-        self.end_headers()
-
-    def _route(self, body: bytes) -> None:
-        path = self.path.split("?")[0]
-        if path == "/echo":
-            self._send(200, body, [("content-type", self.headers.get("content-type", "x/none")),
-                                   ("x-method", self.command)])
-        elif path == "/headers":
-            seen = {name.lower(): self.headers.get_all(name) for name in set(self.headers)}
-            self._send(200, json.dumps({"headers": seen, "path": self.path,
-                                        "version": self.request_version}).encode(),
-                       [("content-type", "application/json")])
-        elif path == "/cookies":
-            self._send(200, b"two cookies", [("set-cookie", "a=1; Expires=Wed, 21 Oct 2037 "
-                                              "07:28:00 GMT"), ("set-cookie", "b=2")])
-        elif path == "/chunked":
-            self.send_response(200)
-            self.send_header("transfer-encoding", "chunked")
-            self.end_headers()
-            for part in (b"first,", b"second,", b"third"):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
-            self.wfile.write(b"0\r\n\r\n")
-        elif path == "/slow":
-            time.sleep(TIMEOUT + 2)
-            self._send(200, b"too late")
-        elif path == "/pause":
-            server = self.server
-            assert isinstance(server, _Server)
-            server.paused.set()
-            time.sleep(1)
-            self._send(200, b"after a pause")
-            server.answered.set()
-        elif path == "/big":
-            self._send(200, bytes(MAX_BODY + 1))
-        else:
-            self._send(404, b"no such path")
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        #: /pause has its request, and has answered it.
-        self.paused = threading.Event()
-        self.answered = threading.Event()
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # /slow writes after the egress gave up on it; that is the point
-
-
-@contextlib.contextmanager
-def backend() -> Iterator[_Server]:
-    server = _Server((LOOPBACK, 0), Backend)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @dataclass
@@ -126,7 +27,7 @@ class HttpPair:
     amqp_port: int
     ingress: TunnelProcess
     egress: TunnelProcess
-    backend: _Server | None = None
+    backend: Server | None = None
 
 
 def _ingress(tmp: Path, amqp_port: int, log: str, *args: str) -> TunnelProcess:

@@ -13,6 +13,7 @@ import json
 import threading
 
 import pytest
+from http_backend import backend
 from proton import Delivery, Message, symbol, ulong
 from reactor_peer import (
     Attached,
@@ -24,7 +25,6 @@ from reactor_peer import (
     RouterPeer,
     free_port,
 )
-from test_http import backend
 
 pytestmark = pytest.mark.timeout(60)
 

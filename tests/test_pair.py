@@ -22,7 +22,10 @@ from helpers import (
     TunnelProcess,
     echo_exact,
     echo_server,
+    expect_reset,
     make_certs,
+    round_trip,
+    send_then_shutdown,
     write_connect_json,
 )
 from reactor_peer import free_port
@@ -113,22 +116,6 @@ async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
         yield value
 
 
-async def round_trip(port: int, payload: bytes) -> bytes:
-    """Send ``payload``, half-close, and read everything until EOF."""
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-
-    async def send() -> None:
-        writer.write(payload)
-        await writer.drain()
-        writer.write_eof()
-
-    sending = asyncio.create_task(send())
-    data = await asyncio.wait_for(reader.read(), 30)
-    await sending
-    writer.close()
-    return data
-
-
 async def test_echo_round_trip(pair: Pair) -> None:
     """A few bytes go through both tunnels and come back intact."""
     assert await round_trip(pair.port, b"hello, tunnel\n") == b"hello, tunnel\n"
@@ -148,21 +135,10 @@ async def test_200_concurrent_connections(pair: Pair) -> None:
     assert results == payloads
 
 
-def _send_then_shutdown(port: int, payload: bytes) -> bytes:
-    """What ``printf hello | nc -q1`` does: send, shut down the write side, read to EOF."""
-    with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    return received
-
-
 async def test_half_close(pair: Pair) -> None:
     """A client that shuts down its sending side still reads the whole reply (nc -q1)."""
     # A blocking socket, off the loop: the echo backend runs on this loop.
-    assert await asyncio.to_thread(_send_then_shutdown, pair.port, b"hello") == b"hello"
+    assert await asyncio.to_thread(send_then_shutdown, pair.port, b"hello") == b"hello"
 
 
 async def test_client_reset_resets_backend(pair: Pair) -> None:
@@ -182,20 +158,12 @@ async def test_client_reset_resets_backend(pair: Pair) -> None:
     assert isinstance(pair.backend.lost[-1], ConnectionResetError)
 
 
-async def _expect_reset(port: int) -> None:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    writer.write(b"anyone there?")
-    with pytest.raises(ConnectionResetError):
-        await asyncio.wait_for(reader.read(), 20)
-    writer.close()
-
-
 async def test_backend_refused_resets_client(tmp_path: Path) -> None:
     """When the egress cannot reach its backend, the client gets an RST, not a clean close."""
     dead_port = free_port()
     async with processes(tmp_path, _egress_args(None, dead_port)) as pair:
         await pair.ingress.wait_for("connected")
-        await _expect_reset(pair.port)
+        await expect_reset(pair.port)
         await pair.egress.wait_for("unreachable")
 
 
@@ -203,7 +171,7 @@ async def test_unknown_address_resets_client(tmp_path: Path) -> None:
     """Direct mode refuses an address nobody serves, and the client gets an RST."""
     async with echo_server() as backend:
         async with processes(tmp_path, _egress_args(None, backend.port), address="nobody") as pair:
-            await _expect_reset(pair.port)
+            await expect_reset(pair.port)
             await pair.ingress.wait_for("amqp:not-found")
         assert backend.accepted == 0
 
@@ -331,7 +299,7 @@ async def test_tls_refusals(tmp_path: Path, tls: dict[str, str], expect: str) ->
             }),
         ) as pair:
             await pair.ingress.wait_for(expect)
-            await _expect_reset(pair.port)
+            await expect_reset(pair.port)
         assert backend.accepted == 0
 
 
@@ -474,5 +442,5 @@ async def test_tls_hostname_is_verified(tmp_path: Path) -> None:
         ) as pair:
             await pair.ingress.wait_for("CERTIFICATE_VERIFY_FAILED")
             assert "IP address mismatch" in pair.ingress.log()
-            await _expect_reset(pair.port)
+            await expect_reset(pair.port)
 
