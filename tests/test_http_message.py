@@ -91,3 +91,42 @@ def test_round_trip_through_bytes() -> None:
     assert hm.response_of(message) == hm.HttpResponse(
         201, [("x-a", "1"), ("content-type", "text/plain")], b"made")
 
+
+
+@pytest.mark.parametrize(("method", "body", "expected"), [
+    ("POST", b"abc", "3"), ("POST", b"", "0"), ("PUT", b"", "0"), ("GET", b"x", "1"),
+    ("GET", b"", None), ("HEAD", b"", None),
+])
+def test_request_content_length_is_the_body_length(method: str, body: bytes,
+                                                   expected: str | None) -> None:
+    """The node egress frames a request by the Content-Length it is given."""
+    request = hm.HttpRequest(method, "/p", [("host", "svc"), ("content-length", "99")], body)
+    message = hm.request_message(request, site_id="s", correlation_id=1, reply_to="r")
+    assert (message.properties or {}).get("content-length") == expected
+
+
+@pytest.mark.parametrize(("status", "bodyless", "expected"), [
+    (200, False, "4"), (200, True, None), (204, True, None),
+])
+def test_response_content_length(status: int, bodyless: bool, expected: str | None) -> None:
+    response = hm.HttpResponse(status, [], b"body" if not bodyless else b"")
+    message = hm.response_message(response, to="r", correlation_id=1, site_id="s",
+                                  bodyless=bodyless)
+    assert (message.properties or {}).get("content-length") == expected
+
+
+@pytest.mark.parametrize("length", ["4", "x", "-1", ""])
+def test_request_length_must_match_the_body(length: str) -> None:
+    """A Content-Length that is not the body's is refused, naming the property."""
+    message = Message(address="svc/p", subject="POST", properties={"content-length": length},
+                      body=b"abc")
+    with pytest.raises(WireError, match="'content-length'"):
+        hm.request_of(message)
+
+
+def test_request_length_matching_the_body_is_taken() -> None:
+    message = Message(address="svc/p", subject="POST", properties={"content-length": "3"},
+                      body=b"abc")
+    request = hm.request_of(message)
+    assert request.body == b"abc"
+    assert ("content-length", "3") not in request.headers

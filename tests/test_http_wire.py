@@ -91,8 +91,10 @@ def test_ingress_request_message_fields(harness: Harness) -> None:
     assert message.content_type == "text/plain"
     assert isinstance(message.content_type, symbol)
     # Every other end-to-end header, names in lower case, values simple strings;
-    # Connection and Content-Length describe the hop, not the request.
-    assert message.properties == {"host": "myservice:8080", "x-multi": "a, b"}
+    # Connection describes the hop, not the request. Content-Length is the body's
+    # own, which a node egress needs to frame the request.
+    assert message.properties == {"host": "myservice:8080", "x-multi": "a, b",
+                                  "content-length": "5"}
     assert message.group_id == "site-a"
     assert message.correlation_id == 1
     assert message.reply_to == "reply-7"
@@ -215,8 +217,8 @@ def test_egress_response_message_fields(harness: Harness) -> None:
     assert message.group_id == "site-b"
     properties: dict[str, object] = message.properties or {}
     assert all(isinstance(v, str) for v in properties.values())
-    assert "content-length" not in properties
     assert got.is_value_binary
+    assert properties["content-length"] == str(len(got.data))
     seen = json.loads(got.data)
     assert seen["path"] == "/headers?q=1"
     assert seen["headers"]["x-multi"] == ["a", "b"]

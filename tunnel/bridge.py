@@ -191,8 +191,10 @@ class IngressTunnel(Tunnel):
 
     def on_link_opened(self, link: Link) -> None:
         if link.is_sender:
-            if link.remote_target is not None and link.remote_target.address is not None:
-                super().on_link_opened(link)
+            # An answer with no target is still an attach: rhea, and so the node
+            # egress behind a link route, never copies the termini. A refusal
+            # is the detach that follows, and that is what resets.
+            super().on_link_opened(link)
             return
         self._open_sender(link)
 

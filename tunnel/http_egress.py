@@ -80,7 +80,7 @@ class BackendConnection:
         headers = list(request.headers)
         if request.host is None:
             headers.append(("host", default_host))
-        if request.body or request.method in ("POST", "PUT", "PATCH"):
+        if hm.has_body(request.method, request.body):
             headers.append(("content-length", str(len(request.body))))
         try:
             parts = conn.send_with_data_passthrough(
@@ -216,8 +216,10 @@ class HttpEgressBridge:
             if self.unreachable:
                 logger.info("%s: the backend answers again", self.spec)
             self.unreachable = False
+        bodyless = hm.is_bodyless(parsed.method, response.status)
         return hm.response_message(response, to=str(request.reply_to),
-                                   correlation_id=request.correlation_id, site_id=self.site_id)
+                                   correlation_id=request.correlation_id, site_id=self.site_id,
+                                   bodyless=bodyless)
 
     def consume(self, link: Link, host: AmqpHost, reply: Callable[[str, bytes], bool],
                 on_opened: Callable[[Link], None] | None = None) -> None:

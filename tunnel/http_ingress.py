@@ -431,9 +431,9 @@ class HttpServerConnection(asyncio.Protocol):
 
     def _answer(self, response: hm.HttpResponse, *, close: bool) -> None:
         """Send ``response``; close afterwards if asked or if h11 says the connection is done."""
-        method = self.head.method if self.head is not None else b"GET"
+        method = self.head.method.decode("latin-1") if self.head is not None else "GET"
         headers = [(name, value) for name, value in response.headers]
-        bodyless = method == b"HEAD" or response.status in (204, 304) or response.status < 200
+        bodyless = hm.is_bodyless(method, response.status)
         if not bodyless:
             headers.append(("content-length", str(len(response.body))))
         if close:

@@ -25,9 +25,13 @@ character no field value may contain, and split again on the way out. A list
 from the node proxy is accepted as several fields.
 
 Hop-by-hop fields (Connection and those it names, Keep-Alive,
-Transfer-Encoding, ...) and Content-Length describe one connection, not the
-message, so they are dropped on the way in; each side frames the body it
-writes. This module does no I/O.
+Transfer-Encoding, ...) describe one connection, not the message, so they are
+dropped on the way in; each side frames the body it writes. Content-Length is
+the exception on the way out: it is written as an application property, the
+length of the message's body, because the node egress writes the headers it
+is given and, without one, sends the body chunked, which many small servers
+read as empty. A request whose Content-Length disagrees with its body is
+refused. This module does no I/O.
 """
 
 from __future__ import annotations
@@ -131,6 +135,21 @@ def _text(value: bytes | str) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+#: Methods whose requests carry a body, and so a Content-Length, even an empty one.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_CONTENT_LENGTH = "content-length"
+
+
+def has_body(method: str, body: bytes) -> bool:
+    """Whether a request is framed with a body (and so a Content-Length)."""
+    return bool(body) or method in BODY_METHODS
+
+
+def is_bodyless(method: str, status: int) -> bool:
+    """Whether the response to ``method`` with ``status`` has no body (RFC 9110 §6.4.1)."""
+    return method == "HEAD" or status in (204, 304) or status < 200
+
+
 def fold(headers: Headers) -> tuple[str | None, dict[str, str]]:
     """Content-Type, and the other fields as application properties, one string per name."""
     content_type: str | None = None
@@ -138,7 +157,7 @@ def fold(headers: Headers) -> tuple[str | None, dict[str, str]]:
     for name, value in headers:
         if name == "content-type":
             content_type = value
-        else:
+        elif name != _CONTENT_LENGTH:  # the message's own is set where it is known
             grouped.setdefault(name, []).append(value)
     props = {
         name: (_COOKIE_SEPARATOR if name == _SET_COOKIE else ", ").join(values)
@@ -190,6 +209,8 @@ def request_message(request: HttpRequest, *, site_id: str, correlation_id: int,
                     reply_to: str) -> Message:
     """The message §2.1 makes of ``request``."""
     content_type, props = fold(request.headers)
+    if has_body(request.method, request.body):
+        props[_CONTENT_LENGTH] = str(len(request.body))
     return Message(
         address=_hostname(request.host) + request.target,
         subject=request.method,
@@ -217,19 +238,40 @@ def request_of(message: Message) -> HttpRequest:
         raise WireError(f"subject {method!r} is not an HTTP method")
     to = message.address or ""
     slash = to.find("/")
+    body = body_of(message)
+    _check_length(message.properties, body)
     return HttpRequest(
         method=method,
         target=to[slash:] if slash >= 0 else "/",
         headers=unfold(message.properties, message.content_type),
-        body=body_of(message),
+        body=body,
     )
+
+
+def _check_length(props: Mapping[Any, Any] | None, body: bytes) -> None:
+    """A Content-Length property, where there is one, must be the body's length."""
+    if not isinstance(props, Mapping):
+        return
+    value = next((v for k, v in props.items() if str(k).lower() == _CONTENT_LENGTH), None)
+    if value is None:
+        return
+    text = str(value).strip()
+    if not text.isdigit() or int(text) != len(body):
+        raise WireError(f"application property 'content-length' is {value!r}, "
+                        f"but the body has {len(body)} bytes")
 
 
 # -- responses ----------------------------------------------------------------
 def response_message(response: HttpResponse, *, to: str, correlation_id: Any,
-                     site_id: str) -> Message:
-    """The message §2.2 makes of ``response``, answering ``correlation_id``."""
+                     site_id: str, bodyless: bool = False) -> Message:
+    """The message §2.2 makes of ``response``, answering ``correlation_id``.
+
+    ``bodyless`` says the response has no body whatever its headers say (one to
+    HEAD, or a 1xx, 204 or 304), so it gets no Content-Length.
+    """
     content_type, props = fold(response.headers)
+    if not bodyless:
+        props[_CONTENT_LENGTH] = str(len(response.body))
     if isinstance(correlation_id, int) and not isinstance(correlation_id, bool) \
             and correlation_id >= 0:
         correlation_id = ulong(correlation_id)
