@@ -79,7 +79,8 @@ class App:
             DirectListener(settings.listen, self.egress, http_egress=self.http_egress,
                            handshake_timeout=settings.handshake_timeout,
                            max_frame_size=settings.max_frame_size,
-                           session_window=settings.session_window)
+                           session_window=settings.session_window,
+                           max_message=settings.http.max_message)
             if settings.listen else None
         )
         self.router: RouterClient | None = None

@@ -6,14 +6,19 @@ with a link route for each local egress address would:
 - a receiver attach with a dynamic source gets a fresh address;
 - a sender attach whose target is an egress address is handed to that
   egress bridge, and the way back is the ingress's own dynamic receiver
-  link, found by the address the attach carries as its source;
+  link, found by the address the attach carries as its source (so the two
+  must share a connection, as every ingress's do);
 - a sender attach whose target is an HTTP egress address carries request
-  messages to that bridge; each response goes back on the dynamic receiver
-  link of this connection named by the request's ``reply_to``;
-- any other attach is refused with ``amqp:not-found``.
+  messages to that bridge; each response goes to the dynamic receiver named
+  by the request's ``reply_to``.
 
-Nothing is forwarded between connections, so the dynamic receiver and the
-sender of one tunnel must share a connection, as every ingress does.
+Towards everything else it is a small router between the peers connected to
+it (:mod:`tunnel.forwarding`): a node egress asks ``$management`` for a link
+route and is passed the sender attaches for its address; a node HTTP egress
+consumes its address; anonymous senders and senders to a consumed or dynamic
+address are message-routed. A tunnel's sender attach (one that names its
+reply address as its source) for an address nobody serves is refused with
+``amqp:not-found``, so its client is reset at once.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from .engine import (
     refuse_link,
     set_owner,
 )
+from .forwarding import MANAGEMENT, Forwarder
 from .http_egress import HttpEgressBridge
+from .http_message import HttpSettings
 from .messaging import MessageSender
 from .relay import Tunnel
 
@@ -51,7 +58,8 @@ class DirectListener:
     def __init__(self, config: ListenConfig, egress: dict[str, EgressBridge], *,
                  http_egress: dict[str, HttpEgressBridge] | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, session_window: int = 0) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, session_window: int = 0,
+                 max_message: int = HttpSettings().max_message) -> None:
         self.config = config
         self.max_frame_size = max_frame_size
         self.session_window = session_window
@@ -60,6 +68,9 @@ class DirectListener:
         self.handshake_timeout = handshake_timeout
         self.server: asyncio.Server | None = None
         self.peers: set[DirectPeer] = set()
+        self.forwarder = Forwarder(
+            max_message=max_message,
+            is_local=lambda address: address in self.egress or address in self.http_egress)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,11 +138,18 @@ class DirectPeer(HostedTunnels):
         if self.socket.transport is not None:
             self.socket.transport.abort()
 
+    @property
+    def container(self) -> str:
+        """The peer's container id, as it named itself in its Open."""
+        if self.socket.closed:
+            return "(gone)"
+        return str(self.socket.engine.connection.remote_container or "(unnamed)")
+
     def on_connection_opened(self) -> None:
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
             self.handshake_timer = None
-        logger.debug("direct-mode peer %s opened", self.socket.engine.connection.remote_container)
+        logger.debug("direct-mode peer %s opened", self.container)
 
     def on_connection_closed(self, condition: Condition | None) -> None:
         if condition is not None:
@@ -151,6 +169,10 @@ class DirectPeer(HostedTunnels):
             self._attach_reply_link(link)
             return
         address = link.remote_target.address
+        forwarder = self.listener.forwarder
+        if address == MANAGEMENT:
+            forwarder.serve_management(self, link)
+            return
         http = self.listener.http_egress.get(address) if address else None
         if http is not None:
             link.source.copy(link.remote_source)
@@ -158,41 +180,67 @@ class DirectPeer(HostedTunnels):
             http.consume(link, self.socket, self._reply)
             return
         bridge = self.listener.egress.get(address) if address else None
-        if bridge is None:
-            refuse_link(link, "amqp:not-found", f"no egress bridge for address {address!r}")
+        if bridge is not None:
+            self._attach_tunnel(bridge, link)
             return
-        reply = self.dynamic.pop(link.remote_source.address or "", None)
+        routed = forwarder.routed_peer(address) if address else None
+        if routed is not None:
+            forwarder.route(self, link, routed)
+        elif address is None or forwarder.has_destination(address) \
+                or not link.remote_source.address:
+            forwarder.forward(self, link)
+        else:
+            refuse_link(link, "amqp:not-found", f"no egress bridge for address {address!r}")
+
+    def _attach_tunnel(self, bridge: EgressBridge, link: Link) -> None:
+        reply_to = link.remote_source.address or ""
+        reply = self.dynamic.pop(reply_to, None)
         if reply is None:
             refuse_link(link, "amqp:not-found",
                     f"reply address {link.remote_source.address!r} is not a dynamic address "
                     "of this connection")
             return
+        self.listener.forwarder.remove_dynamic(reply_to)
         bridge.on_attach(link, reply, self)
         self.socket.flush_soon()
 
     def _attach_reply_link(self, link: Link) -> None:
         if not link.remote_source.dynamic:
-            refuse_link(link, "amqp:not-found",
-                    f"cannot serve a receiver for {link.remote_source.address!r} in direct mode")
+            if link.remote_source.address:
+                self.listener.forwarder.consume(self, link)
+            else:
+                refuse_link(link, "amqp:not-found", "a receiver needs a source address")
             return
         address = f"dynamic/{secrets.token_hex(8)}"
         link.source.copy(link.remote_source)
         link.source.address = address
         link.target.copy(link.remote_target)
-        set_owner(link, _Unclaimed(self.dynamic, address))
+        set_owner(link, _Unclaimed(self, address))
         link.open()
         self.dynamic[address] = link
+        self.listener.forwarder.add_dynamic(address, self)
+
+    def reply_sender(self, address: str) -> MessageSender | None:
+        """The sender on the dynamic link whose address is ``address``, made at first use."""
+        sender = self.reply_senders.get(address)
+        if sender is None:
+            link = self.dynamic.pop(address, None)
+            if link is None:
+                return None
+            sender = MessageSender(link, self.socket,
+                                   on_closed=lambda _: self._reply_closed(address))
+            self.reply_senders[address] = sender
+        return sender
+
+    def _reply_closed(self, address: str) -> None:
+        self.reply_senders.pop(address, None)
+        self.listener.forwarder.remove_dynamic(address)
 
     def _reply(self, to: str, data: bytes) -> bool:
-        """Send an HTTP response on the dynamic link whose address is ``to``."""
-        sender = self.reply_senders.get(to)
+        """Send an HTTP response to the dynamic receiver ``to``, on any peer."""
+        sender = self.listener.forwarder.destination(to)
         if sender is None:
-            link = self.dynamic.pop(to, None)
-            if link is None:
-                return False
-            sender = MessageSender(link, self.socket,
-                                   on_closed=lambda _: self.reply_senders.pop(to, None))
-            self.reply_senders[to] = sender
+            return False
         sender.send(data)
         return True
 
@@ -202,17 +250,20 @@ class DirectPeer(HostedTunnels):
             self.handshake_timer = None
         self.reset_tunnels()
         self.dynamic.clear()
+        for sender in list(self.reply_senders.values()):
+            sender.lost()
         self.reply_senders.clear()
+        self.listener.forwarder.peer_lost(self)
         self.listener.peers.discard(self)
 
 
 class _Unclaimed:
     """Owner of a dynamic reply link that no tunnel has claimed yet."""
 
-    __slots__ = ("address", "table")
+    __slots__ = ("address", "peer")
 
-    def __init__(self, table: dict[str, Link], address: str) -> None:
-        self.table = table
+    def __init__(self, peer: DirectPeer, address: str) -> None:
+        self.peer = peer
         self.address = address
 
     def on_link_opened(self, link: Link) -> None:
@@ -225,4 +276,5 @@ class _Unclaimed:
         pass
 
     def on_link_closed(self, link: Link) -> None:
-        self.table.pop(self.address, None)
+        self.peer.dynamic.pop(self.address, None)
+        self.peer.listener.forwarder.remove_dynamic(self.address)

@@ -209,7 +209,7 @@ class AmqpEngine:
 
     # -- sending --------------------------------------------------------------
     def send_delivery(self, link: Any, tag: bytes, head: bytes,
-                      body: bytes | memoryview = b"") -> Any:
+                      body: bytes | bytearray | memoryview = b"") -> Any:
         """One whole delivery on a C sender handle: ``head`` then ``body``, uncopied; returns it.
 
         Each slice is framed as soon as it is in, taking proton's output
@@ -226,7 +226,7 @@ class AmqpEngine:
         """Add ``data`` to ``delivery``, the current one on ``link``, leaving it open."""
         self._send_sliced(link, delivery, data, SLICE)
 
-    def _send_sliced(self, link: Any, delivery: Any, data: bytes | memoryview,
+    def _send_sliced(self, link: Any, delivery: Any, data: bytes | bytearray | memoryview,
                      first: int) -> None:
         view = memoryview(data)  # slices of bytes would be copies
         start, end = 0, first
@@ -423,6 +423,11 @@ def _on_session_remote_close(event: Event, handler: ConnectionHandler) -> None:
     if not getattr(session, _FREED_ATTR, False):
         setattr(session, _FREED_ATTR, True)
         session.free()
+
+
+def session_usable(session: Session) -> bool:
+    """Whether a session kept for later has not been ended and freed meanwhile."""
+    return not getattr(session, _FREED_ATTR, False)
 
 
 def _on_connection_remote_open(event: Event, handler: ConnectionHandler) -> None:

@@ -64,18 +64,21 @@ class MessageSender:
     """A sender link that sends queued messages as credit allows."""
 
     def __init__(self, link: Link, host: AmqpHost,
-                 on_closed: Callable[[MessageSender], object] | None = None) -> None:
+                 on_closed: Callable[[MessageSender], object] | None = None,
+                 on_opened: Callable[[Link], object] | None = None) -> None:
         self.link = link
         self.raw = link._impl
         self.host = host
         self.on_closed = on_closed
-        self.queue: deque[tuple[bytes, OutcomeCallback | None]] = deque()
+        self.on_opened = on_opened
+        #: Bounded by the callers: every queued message is a delivery in hand elsewhere.
+        self.queue: deque[tuple[bytes | bytearray, OutcomeCallback | None]] = deque()
         self.unsettled: dict[Any, OutcomeCallback | None] = {}
         self.closed = False
         self._tags = itertools.count()
         set_owner(link, self)
 
-    def send(self, data: bytes, on_outcome: OutcomeCallback | None = None) -> None:
+    def send(self, data: bytes | bytearray, on_outcome: OutcomeCallback | None = None) -> None:
         """Send ``data`` (one encoded message) when credit allows."""
         self.queue.append((data, on_outcome))
         self._pump()
@@ -102,6 +105,16 @@ class MessageSender:
         if sent:
             self.host.flush_soon()
 
+    @property
+    def credit(self) -> int:
+        """Credit the peer has given and no queued message has taken yet."""
+        return 0 if self.host.closed else _lib.pn_link_credit(self.raw) - len(self.queue)
+
+    def lost(self) -> None:
+        """The link is gone without a detach (its connection was lost): fail what is out."""
+        if not self.closed:
+            self._gone()
+
     def _gone(self) -> None:
         self.closed = True
         callbacks = list(self.unsettled.values())
@@ -116,7 +129,8 @@ class MessageSender:
 
     # -- LinkOwner --------------------------------------------------------------
     def on_link_opened(self, link: Link) -> None:
-        pass
+        if self.on_opened is not None:
+            self.on_opened(link)
 
     def on_link_flow(self, link: Any) -> None:
         self._pump()
@@ -145,9 +159,11 @@ class MessageReceiver:
 
     def __init__(self, link: Link, host: AmqpHost, *, window: int, max_size: int,
                  on_message: Callable[[Any, bytearray], None],
-                 on_opened: Callable[[Link], None] | None = None) -> None:
+                 on_opened: Callable[[Link], None] | None = None,
+                 on_closed: Callable[[Link], None] | None = None) -> None:
         self.raw = link._impl
         self.host = host
+        self.on_closed = on_closed
         self.window = window
         self.max_size = max_size
         self.on_message = on_message
@@ -209,4 +225,6 @@ class MessageReceiver:
 
     def on_link_closed(self, link: Link) -> None:
         self.closed = True
+        if self.on_closed is not None:
+            self.on_closed(link)
 

@@ -1,0 +1,425 @@
+"""What direct mode forwards between the AMQP connections it accepts.
+
+Theory of operation
+-------------------
+A direct-mode listener is a small router for the peers that connect to it:
+the node proxy's egress and HTTP bridges, or another tunnel process that
+uses the listener as its router. It forwards the two ways Qpid Dispatch does
+(protocols.md §1.1, §8.1):
+
+- **Link routes.** A peer asks ``$management`` for a connection-scoped link
+  route (``CREATE connection.linkRoute {pattern: A, direction: "in"}``).
+  From then on a sender attach for ``A``, from any peer, is passed on as a
+  new attach on that peer's connection, named as a router names it
+  (``<name>@<container-id>``), with the same termini. The far end's answer
+  goes back as the answer, termini and all: null ones too, since rhea never
+  fills them in. Deliveries go forward, outcomes come back, and a detach on
+  either side, with its error, detaches the other. With several peers routing
+  ``A``, attaches take turns.
+- **Message routing.** A peer's receiver whose source is an address (not
+  dynamic) consumes that address; a peer's dynamic receiver is reached by
+  the address it was given. A delivery on a sender attached to such an
+  address, or on an anonymous sender by the message's ``to``, goes to one
+  consumer of the address (the first with credit, in turn), and that
+  consumer's outcome goes back to the sender. A delivery for an address that
+  nobody consumes is released.
+
+Bounds: a forwarded link is given :data:`WINDOW` credit, and credit comes
+back only as its deliveries are settled by the far end, so at most
+:data:`WINDOW` deliveries of one link are in hand here, each at most
+``max_message`` bytes (larger ones are drained and rejected). A peer holds at
+most :data:`MAX_ROUTES` link routes. When a peer's connection is lost, the
+links routed through it are detached with ``qd:routed-link-lost`` and its
+unsettled deliveries go back ``modified``.
+
+This module does no I/O and touches no proton C handle: it works through the
+engine's helpers and :mod:`tunnel.messaging`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proton import Condition, Link, Message, Session
+
+from .amqp_link import AmqpSocket
+from .codec import WireError
+from .engine import (
+    ACCEPTED,
+    MODIFIED,
+    REJECTED,
+    RELEASED,
+    close_link,
+    open_session,
+    session_usable,
+    set_owner,
+)
+from .http_message import decode, encode
+from .messaging import MessageReceiver, MessageSender
+
+logger = logging.getLogger(__name__)
+
+MANAGEMENT = "$management"
+LINK_ROUTE_TYPE = "org.apache.qpid.dispatch.router.connection.linkRoute"
+ROUTED_LINK_LOST = "qd:routed-link-lost"
+#: Deliveries of one forwarded link in hand here at once.
+WINDOW = 8
+#: Link routes one peer may hold.
+MAX_ROUTES = 64
+#: The largest management request taken.
+MAX_REQUEST = 64 * 1024
+
+
+class Peer(Protocol):
+    """A direct-mode connection, as the forwarder sees it."""
+
+    socket: AmqpSocket
+
+    @property
+    def container(self) -> str: ...
+
+    def reply_sender(self, address: str) -> MessageSender | None:
+        """The sender towards this peer's dynamic receiver ``address``, or None."""
+        ...
+
+
+@dataclass(eq=False)
+class _PeerState:
+    routes: set[str] = field(default_factory=set)
+    routed: set[RoutedLink] = field(default_factory=set)
+    consumers: list[tuple[str, MessageSender]] = field(default_factory=list)
+    session: Session | None = None
+
+
+class Forwarder:
+    """The addresses direct-mode peers serve for each other; see the module docstring."""
+
+    def __init__(self, *, max_message: int, is_local: Callable[[str], bool]) -> None:
+        self.max_message = max_message
+        self.is_local = is_local
+        self.routes: dict[str, list[Peer]] = {}
+        self.consumers: dict[str, list[MessageSender]] = {}
+        self.dynamic: dict[str, Peer] = {}
+        self._peers: dict[Peer, _PeerState] = {}
+
+    def _state(self, peer: Peer) -> _PeerState:
+        return self._peers.setdefault(peer, _PeerState())
+
+    # -- what a peer attaches ---------------------------------------------------
+    def serve_management(self, peer: Peer, link: Link) -> None:
+        """A peer's sender to ``$management``: it may ask for link routes."""
+        _mirror(link)
+        agent = _Management(self, peer)
+        agent.receiver = MessageReceiver(link, peer.socket, window=4, max_size=MAX_REQUEST,
+                                         on_message=agent.on_request)
+        link.open()
+
+    def routed_peer(self, address: str) -> Peer | None:
+        """The next peer with a link route for ``address``, taking turns."""
+        peers = self.routes.get(address)
+        if not peers:
+            return None
+        peers.append(peers.pop(0))
+        return peers[-1]
+
+    def route(self, origin: Peer, link: Link, to: Peer) -> None:
+        """Pass a sender attach on to the peer ``to`` that routes its address."""
+        state = self._state(to)
+        if state.session is None or not session_usable(state.session):
+            state.session = to.socket.engine.connection.session()
+            open_session(state.session)
+        routed = RoutedLink(self, origin, link, to, state.session)
+        state.routed.add(routed)
+        self._state(origin).routed.add(routed)
+
+    def consume(self, peer: Peer, link: Link) -> None:
+        """A peer's receiver for a plain address: a consumer of it."""
+        address = str(link.remote_source.address)
+        _mirror(link)
+        sender = MessageSender(link, peer.socket,
+                               on_closed=lambda gone: self._drop_consumer(peer, address, gone))
+        self.consumers.setdefault(address, []).append(sender)
+        self._state(peer).consumers.append((address, sender))
+        link.open()
+        logger.debug("direct mode: %s consumes %r", peer.container, address)
+
+    def _drop_consumer(self, peer: Peer, address: str, sender: MessageSender) -> None:
+        senders = self.consumers.get(address, [])
+        if sender in senders:
+            senders.remove(sender)
+        if not senders:
+            self.consumers.pop(address, None)
+        state = self._peers.get(peer)
+        if state is not None and (address, sender) in state.consumers:
+            state.consumers.remove((address, sender))
+
+    def forward(self, peer: Peer, link: Link) -> None:
+        """A peer's sender whose deliveries go by address: its target's, or each one's ``to``."""
+        _mirror(link)
+        _Inbound(self, peer, link)
+        link.open()
+
+    def has_destination(self, address: str) -> bool:
+        return address in self.consumers or address in self.dynamic
+
+    # -- dynamic addresses ------------------------------------------------------
+    def add_dynamic(self, address: str, peer: Peer) -> None:
+        self.dynamic[address] = peer
+
+    def remove_dynamic(self, address: str) -> None:
+        self.dynamic.pop(address, None)
+
+    def destination(self, address: str | None) -> MessageSender | None:
+        """Where a message for ``address`` goes now, or None."""
+        if not address:
+            return None
+        senders = self.consumers.get(address)
+        if senders:
+            ready = next((s for s in senders if s.credit > 0), senders[0])
+            senders.remove(ready)
+            senders.append(ready)
+            return ready
+        peer = self.dynamic.get(address)
+        return peer.reply_sender(address) if peer is not None else None
+
+    # -- link routes ------------------------------------------------------------
+    def create_route(self, peer: Peer, request: Message) -> tuple[int, str, dict[str, Any] | None]:
+        """Answer one management request: status code, description, body."""
+        try:
+            pattern = _link_route_pattern(request)
+            if self.is_local(pattern):
+                raise _RouteRefusedError(409, f"address {pattern!r} is served by this process")
+            state = self._state(peer)
+            if pattern not in state.routes and len(state.routes) >= MAX_ROUTES:
+                raise _RouteRefusedError(403, f"at most {MAX_ROUTES} link routes per connection")
+        except _RouteRefusedError as refused:
+            return refused.status, refused.description, None
+        if pattern not in state.routes:
+            state.routes.add(pattern)
+            self.routes.setdefault(pattern, []).append(peer)
+            logger.info("direct mode: %s serves %r through a link route", peer.container,
+                        pattern)
+        name = request.properties.get("name") if isinstance(request.properties, dict) else None
+        return 201, "Created", {"name": name, "pattern": pattern, "direction": "in"}
+
+    # -- a peer leaves ----------------------------------------------------------
+    def peer_lost(self, peer: Peer) -> None:
+        """Undo everything ``peer`` had here; what went through it is ended."""
+        state = self._peers.pop(peer, None)
+        for address, owner in list(self.dynamic.items()):
+            if owner is peer:
+                del self.dynamic[address]
+        if state is None:
+            return
+        for address in state.routes:
+            peers = self.routes.get(address, [])
+            if peer in peers:
+                peers.remove(peer)
+            if not peers:
+                self.routes.pop(address, None)
+                logger.info("direct mode: the link route for %r is gone with %s", address,
+                            peer.container)
+        for _, sender in list(state.consumers):
+            sender.lost()
+        for routed in list(state.routed):
+            routed.on_peer_lost(peer)
+
+    def forget(self, routed: RoutedLink) -> None:
+        for peer in (routed.origin, routed.target):
+            state = self._peers.get(peer)
+            if state is not None:
+                state.routed.discard(routed)
+
+
+class _RouteRefusedError(Exception):
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.description = description
+
+
+def _link_route_pattern(request: Message) -> str:
+    """The address a ``CREATE connection.linkRoute`` request asks for; :class:`_RouteRefusedError`
+    names what is wrong with any other request."""
+    props: dict[Any, Any] = request.properties if isinstance(request.properties, dict) else {}
+    operation, kind = props.get("operation"), props.get("type")
+    if operation != "CREATE":
+        raise _RouteRefusedError(501, f"operation {operation!r} is not supported, only CREATE")
+    if kind != LINK_ROUTE_TYPE:
+        raise _RouteRefusedError(400, f"type {kind!r} is not supported, only {LINK_ROUTE_TYPE}")
+    body = request.body
+    if not isinstance(body, dict):
+        raise _RouteRefusedError(400, "the body is not a map")
+    pattern, direction = body.get("pattern"), body.get("direction")
+    if not isinstance(pattern, str) or not pattern:
+        raise _RouteRefusedError(400, "the body has no pattern")
+    if direction != "in":
+        raise _RouteRefusedError(400, f"direction {direction!r} is not routed, only 'in'")
+    if "*" in pattern or "#" in pattern:
+        raise _RouteRefusedError(400, f"pattern {pattern!r}: wildcards are not supported")
+    return pattern
+
+
+def _mirror(link: Link) -> None:
+    link.source.copy(link.remote_source)
+    link.target.copy(link.remote_target)
+
+
+def _settle_with(receiver: MessageReceiver, delivery: Any, outcome: int, why: str) -> None:
+    """Settle a forwarded delivery as the far end settled its copy (0: it never did)."""
+    if outcome == REJECTED:
+        name, _, description = why.partition(": ")
+        receiver.settle(delivery, REJECTED,
+                        condition=Condition(name or "amqp:rejected", description))
+    elif outcome in (ACCEPTED, RELEASED):
+        receiver.settle(delivery, outcome)
+    else:
+        receiver.settle(delivery, MODIFIED, failed=True)
+
+
+class _Management:
+    """A peer's ``$management`` link: link-route requests, each answered to its ``reply_to``."""
+
+    def __init__(self, forwarder: Forwarder, peer: Peer) -> None:
+        self.forwarder = forwarder
+        self.peer = peer
+        self.receiver: MessageReceiver | None = None
+
+    def on_request(self, delivery: Any, data: bytearray) -> None:
+        assert self.receiver is not None
+        try:
+            request = decode(data)
+        except WireError as exc:
+            self.receiver.settle(delivery, REJECTED,
+                                 condition=Condition("amqp:decode-error", str(exc)))
+            return
+        self.receiver.settle(delivery, ACCEPTED)
+        status, description, body = self.forwarder.create_route(self.peer, request)
+        if status >= 300:
+            logger.warning("direct mode: %s asked for a link route: %d %s",
+                           self.peer.container, status, description)
+        reply = self.forwarder.destination(request.reply_to)
+        if reply is None:
+            return
+        reply.send(encode(Message(
+            address=request.reply_to, correlation_id=request.correlation_id,
+            properties={"statusCode": status, "statusDescription": description}, body=body)))
+
+
+class _Inbound:
+    """A peer's sender whose deliveries are message-routed."""
+
+    def __init__(self, forwarder: Forwarder, peer: Peer, link: Link) -> None:
+        self.forwarder = forwarder
+        self.fixed: str | None = link.remote_target.address
+        self.receiver = MessageReceiver(link, peer.socket, window=WINDOW,
+                                        max_size=forwarder.max_message,
+                                        on_message=self.on_message)
+
+    def on_message(self, delivery: Any, data: bytearray) -> None:
+        address = self.fixed
+        if address is None:
+            try:
+                address = decode(data).address
+            except WireError as exc:
+                self.receiver.settle(delivery, REJECTED,
+                                     condition=Condition("amqp:decode-error", str(exc)))
+                return
+        destination = self.forwarder.destination(address)
+        if destination is None:
+            self.receiver.settle(delivery, RELEASED)
+            return
+        destination.send(data, lambda outcome, why: _settle_with(
+            self.receiver, delivery, outcome, why))
+
+
+class RoutedLink:
+    """A sender attach passed on to the peer with a link route, and that peer's link.
+
+    ``origin`` sent the attach; ``target`` routes the address. Until the
+    target answers, the origin's attach is not answered and gets no credit.
+    """
+
+    def __init__(self, forwarder: Forwarder, origin: Peer, link: Link, target: Peer,
+                 session: Session) -> None:
+        self.forwarder = forwarder
+        self.origin, self.target = origin, target
+        self.origin_link = link
+        self.closed = False
+        self.receiver: MessageReceiver | None = None
+        out = session.sender(f"{link.name}@{origin.container}")
+        out.source.copy(link.remote_source)
+        out.target.copy(link.remote_target)
+        self.sender = MessageSender(out, target.socket, on_closed=self.on_target_closed,
+                                    on_opened=self.on_target_opened)
+        out.open()
+        # Until the target answers, the origin's link is ours: an early detach ends both.
+        set_owner(link, self)
+        target.socket.flush_soon()
+
+    # The origin's link, before the target answers (LinkOwner).
+    def on_link_opened(self, link: Link) -> None:
+        pass
+
+    def on_link_flow(self, link: Any) -> None:
+        pass
+
+    def on_delivery(self, link: Any, delivery: Any) -> None:
+        pass  # no credit was given yet
+
+    def on_link_closed(self, link: Link) -> None:
+        self.on_origin_closed(link)
+
+    # -- events of the two links ---------------------------------------------------
+    def on_target_opened(self, out: Link) -> None:
+        if self.closed:
+            return
+        link = self.origin_link
+        link.source.copy(out.remote_source)
+        link.target.copy(out.remote_target)
+        self.receiver = MessageReceiver(
+            link, self.origin.socket, window=WINDOW, max_size=self.forwarder.max_message,
+            on_message=self.on_message, on_closed=self.on_origin_closed)
+        link.open()
+        self.origin.socket.flush_soon()
+
+    def on_message(self, delivery: Any, data: bytearray) -> None:
+        receiver = self.receiver
+        assert receiver is not None
+        self.sender.send(data, lambda outcome, why: _settle_with(receiver, delivery,
+                                                                 outcome, why))
+
+    def on_origin_closed(self, link: Link) -> None:
+        if self.closed:
+            return
+        self._end()
+        close_link(self.sender.link, link.remote_condition)
+        self.target.socket.flush_soon()
+
+    def on_target_closed(self, sender: MessageSender) -> None:
+        if self.closed:
+            return
+        self._end()
+        close_link(self.origin_link, sender.link.remote_condition)
+        self.origin.socket.flush_soon()
+
+    def on_peer_lost(self, peer: Peer) -> None:
+        if self.closed:
+            return
+        self._end()
+        lost = Condition(ROUTED_LINK_LOST, f"the connection of {peer.container} was lost")
+        if peer is self.target:
+            self.sender.lost()
+            if not self.origin.socket.closed:
+                close_link(self.origin_link, lost)
+                self.origin.socket.flush_soon()
+        elif not self.target.socket.closed:
+            close_link(self.sender.link, lost)
+            self.target.socket.flush_soon()
+
+    def _end(self) -> None:
+        self.closed = True
+        self.forwarder.forget(self)
