@@ -16,9 +16,10 @@ Towards everything else it is a small router between the peers connected to
 it (:mod:`tunnel.forwarding`): a node egress asks ``$management`` for a link
 route and is passed the sender attaches for its address; a node HTTP egress
 consumes its address; anonymous senders and senders to a consumed or dynamic
-address are message-routed. A tunnel's sender attach (one that names its
-reply address as its source) for an address nobody serves is refused with
-``amqp:not-found``, so its client is reset at once.
+address are message-routed. A tunnel's sender attach (one whose source is a
+dynamic address given here: its way back) for an address nobody serves is
+refused with ``amqp:not-found``, so its client is reset at once; any other
+sender waits, as at a router, and what it sends meanwhile is released.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class DirectPeer(HostedTunnels):
         if routed is not None:
             forwarder.route(self, link, routed)
         elif address is None or forwarder.has_destination(address) \
-                or not link.remote_source.address:
+                or link.remote_source.address not in forwarder.dynamic:
             forwarder.forward(self, link)
         else:
             refuse_link(link, "amqp:not-found", f"no egress bridge for address {address!r}")
