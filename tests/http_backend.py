@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import threading
 import time
@@ -110,3 +111,19 @@ def backend() -> Iterator[Server]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            headers: Sequence[tuple[str, str]] = ()) -> tuple[int, http.client.HTTPMessage, bytes]:
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    try:
+        conn.putrequest(method, path)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.msg, response.read()
+    finally:
+        conn.close()

@@ -11,13 +11,13 @@ import json
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from helpers import LOOPBACK, TunnelProcess, write_connect_json
-from http_backend import MAX_BODY, MIB, TIMEOUT, Server, backend
+from http_backend import MAX_BODY, MIB, TIMEOUT, Server, backend, request
 from reactor_peer import free_port
 
 
@@ -75,22 +75,6 @@ async def pair(tmp_path: Path) -> AsyncIterator[HttpPair]:
         async with http_pair(tmp_path, server.server_address[1]) as running:
             running.backend = server
             yield running
-
-
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: Sequence[tuple[str, str]] = ()) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
-    try:
-        conn.putrequest(method, path)
-        for name, value in headers:
-            conn.putheader(name, value)
-        if body is not None:
-            conn.putheader("content-length", str(len(body)))
-        conn.endheaders(body)
-        response = conn.getresponse()
-        return response.status, response.msg, response.read()
-    finally:
-        conn.close()
 
 
 async def test_get_through_the_pair(pair: HttpPair) -> None:

@@ -102,7 +102,8 @@ def test_request_content_length_is_the_body_length(method: str, body: bytes,
     """The node egress frames a request by the Content-Length it is given."""
     request = hm.HttpRequest(method, "/p", [("host", "svc"), ("content-length", "99")], body)
     message = hm.request_message(request, site_id="s", correlation_id=1, reply_to="r")
-    assert (message.properties or {}).get("content-length") == expected
+    properties: dict[str, object] = message.properties or {}
+    assert properties.get("content-length") == expected
 
 
 @pytest.mark.parametrize(("status", "bodyless", "expected"), [
@@ -112,7 +113,8 @@ def test_response_content_length(status: int, bodyless: bool, expected: str | No
     response = hm.HttpResponse(status, [], b"body" if not bodyless else b"")
     message = hm.response_message(response, to="r", correlation_id=1, site_id="s",
                                   bodyless=bodyless)
-    assert (message.properties or {}).get("content-length") == expected
+    properties: dict[str, object] = message.properties or {}
+    assert properties.get("content-length") == expected
 
 
 @pytest.mark.parametrize("length", ["4", "x", "-1", ""])
