@@ -48,7 +48,7 @@ def _ask(port: int, requests: list[tuple[dict[str, Any], Any]]) -> list[tuple[in
             answer = replies.receive(timeout=10)
             replies.accept()
             assert answer.correlation_id == number
-            props = answer.properties or {}
+            props: dict[str, Any] = answer.properties or {}
             answers.append((props["statusCode"], props["statusDescription"]))
         return answers
     finally:
