@@ -301,7 +301,8 @@ class _Management:
         if status >= 300:
             logger.warning("direct mode: %s asked for a link route: %d %s",
                            self.peer.container, status, description)
-        reply = self.forwarder.destination(request.reply_to)
+        # Answers go only to the asker's own dynamic receiver, never to another peer.
+        reply = self.peer.reply_sender(request.reply_to) if request.reply_to else None
         if reply is None:
             return
         reply.send(encode(Message(
