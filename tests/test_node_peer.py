@@ -48,6 +48,16 @@ async def _node(tmp: Path, started: list[TunnelProcess | NodePeer], mode: str,
     return peer
 
 
+async def _behind_node_egress(tmp: Path, started: list[TunnelProcess | NodePeer],
+                              backend: int) -> tuple[TunnelProcess, int, NodePeer]:
+    """Our ingress for ``echo``, and a node egress that routes ``echo`` to ``backend``."""
+    ours, amqp = await _direct(tmp, started, f"tcp:{LOOPBACK}:0=>amqp:echo")
+    port = await ours.listen_port()
+    node = await _node(tmp, started, "tcp-egress", amqp, "echo", backend)
+    assert await node.wait_for("route") == 201
+    return ours, port, node
+
+
 async def _exchange(port: int, payload: bytes) -> bytes:
     """Send ``payload``, read as many bytes back, then close: how a node client talks."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
@@ -64,10 +74,7 @@ async def test_our_tcp_ingress_through_a_node_egress(
     """Our ingress takes the node egress's attach answer, null termini and all, and carries
     every byte, the first one too."""
     async with echo_server() as server:
-        ours, amqp = await _direct(tmp_path, started, f"tcp:{LOOPBACK}:0=>amqp:echo")
-        port = await ours.listen_port()
-        node = await _node(tmp_path, started, "tcp-egress", amqp, "echo", server.port)
-        assert await node.wait_for("route") == 201
+        ours, port, _node = await _behind_node_egress(tmp_path, started, server.port)
         await ours.wait_for(r"serves 'echo' through a link route")
         payload = os.urandom(size)
         assert await _exchange(port, payload) == payload
@@ -76,18 +83,35 @@ async def test_our_tcp_ingress_through_a_node_egress(
 
 async def test_node_egress_answers_a_half_closed_client(
         tmp_path: Path, started: list[TunnelProcess | NodePeer]) -> None:
-    """``printf hello | nc -q1``: our FIN reaches the backend as the node egress's end."""
+    """``printf hello | nc -N``: our FIN reaches the backend, and its end comes back."""
     async with echo_server() as server:
-        ours, amqp = await _direct(tmp_path, started, f"tcp:{LOOPBACK}:0=>amqp:echo")
-        port = await ours.listen_port()
-        node = await _node(tmp_path, started, "tcp-egress", amqp, "echo", server.port)
-        assert await node.wait_for("route") == 201
+        _ours, port, _node = await _behind_node_egress(tmp_path, started, server.port)
         reader, writer = await asyncio.open_connection(LOOPBACK, port)
         writer.write(b"hello")
         writer.write_eof()
         assert await asyncio.wait_for(reader.readexactly(5), 20) == b"hello"
         await eventually(lambda: server.lost, "the backend's connection ended")
         assert server.lost == [None], "the backend saw a reset, not the node egress's FIN"
+        # The node egress ends its return sender once its backend ends: that is our FIN.
+        assert await asyncio.wait_for(reader.read(), 20) == b""
+        writer.close()
+
+
+async def test_a_backend_that_ends_first_ends_our_client(
+        tmp_path: Path, started: list[TunnelProcess | NodePeer]) -> None:
+    """A backend that greets and closes: the client reads the greeting, then its EOF."""
+
+    async def greet(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"welcome")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, LOOPBACK, 0)
+    async with server:
+        _ours, port, _node = await _behind_node_egress(
+            tmp_path, started, server.sockets[0].getsockname()[1])
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        assert await asyncio.wait_for(reader.read(), 20) == b"welcome"
         writer.close()
 
 
@@ -95,10 +119,7 @@ async def test_a_node_egress_that_leaves_resets_our_client(
         tmp_path: Path, started: list[TunnelProcess | NodePeer]) -> None:
     """The routed link is lost with the node egress's connection: the client is reset."""
     async with echo_server() as server:
-        ours, amqp = await _direct(tmp_path, started, f"tcp:{LOOPBACK}:0=>amqp:echo")
-        port = await ours.listen_port()
-        node = await _node(tmp_path, started, "tcp-egress", amqp, "echo", server.port)
-        assert await node.wait_for("route") == 201
+        ours, port, node = await _behind_node_egress(tmp_path, started, server.port)
         reader, writer = await asyncio.open_connection(LOOPBACK, port)
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 20) == b"ping"

@@ -22,7 +22,9 @@ uses the listener as its router. It forwards the two ways Qpid Dispatch does
   address, or on an anonymous sender by the message's ``to``, goes to one
   consumer of the address (the first with credit, in turn), and that
   consumer's outcome goes back to the sender. A delivery for an address that
-  nobody consumes is released.
+  nobody consumes is released. A sender to a dynamic address that detaches
+  cleanly ends that address's link too, once all it sent is settled: a node
+  egress's only end-of-stream (a router would drop that signal).
 
 Bounds: a forwarded link is given :data:`WINDOW` credit, and credit comes
 back only as its deliveries are settled by the far end, so at most
@@ -318,7 +320,7 @@ class _Inbound:
         self.fixed: str | None = link.remote_target.address
         self.receiver = MessageReceiver(link, peer.socket, window=WINDOW,
                                         max_size=forwarder.max_message,
-                                        on_message=self.on_message)
+                                        on_message=self.on_message, on_closed=self.on_closed)
 
     def on_message(self, delivery: Any, data: bytearray) -> None:
         address = self.fixed
@@ -335,6 +337,20 @@ class _Inbound:
             return
         destination.send(data, lambda outcome, why: _settle_with(
             self.receiver, delivery, outcome, why))
+
+    def on_closed(self, link: Link) -> None:
+        """A clean detach of a sender to a dynamic address ends that receiver's stream.
+
+        A node egress has no other way to say its backend is done (protocols.md
+        §8.1): this is what carries it to a half-closed client as a FIN, once
+        everything sent before it has been delivered.
+        """
+        address = self.fixed
+        if link.remote_condition is not None or address not in self.forwarder.dynamic:
+            return
+        destination = self.forwarder.destination(address)
+        if destination is not None:
+            destination.finish()
 
 
 class RoutedLink:

@@ -31,6 +31,7 @@ from .engine import (
     REJECTED,
     RELEASED,
     AmqpEngine,
+    close_link,
     raw_lib,
     receive_delivery,
     receive_more,
@@ -75,6 +76,8 @@ class MessageSender:
         self.queue: deque[tuple[bytes | bytearray, OutcomeCallback | None]] = deque()
         self.unsettled: dict[Any, OutcomeCallback | None] = {}
         self.closed = False
+        #: Detach cleanly once nothing is queued or unsettled (see :meth:`finish`).
+        self.finishing = False
         self._tags = itertools.count()
         set_owner(link, self)
 
@@ -109,6 +112,18 @@ class MessageSender:
     def credit(self) -> int:
         """Credit the peer has given and no queued message has taken yet."""
         return 0 if self.host.closed else _lib.pn_link_credit(self.raw) - len(self.queue)
+
+    def finish(self) -> None:
+        """Detach cleanly, without an error, once every queued message is sent and settled."""
+        self.finishing = True
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        if not self.finishing or self.queue or self.unsettled or self.closed or self.host.closed:
+            return
+        close_link(self.link)
+        self.host.flush_soon()
+        self._gone()
 
     def lost(self) -> None:
         """The link is gone without a detach (its connection was lost): fail what is out."""
@@ -148,6 +163,7 @@ class MessageSender:
         _lib.pn_delivery_settle(delivery)
         if callback is not None:
             callback(state, why)
+        self._finish_if_done()
 
     def on_link_closed(self, link: Link) -> None:
         if not self.closed:

@@ -14,9 +14,9 @@
 // Everything rhea does by default stays as it is, because that is what the
 // node proxy sends: attach answers with null source and target, credit 1000,
 // auto-accept, amqp-value bodies. The one change from the node proxy is that
-// messages arriving before the backend is connected are kept, not dropped
-// (protocols.md §7, "first bytes lost"), so the tests see the wire contract
-// rather than that race.
+// messages (and a detach) arriving before the backend is connected are kept
+// for it, not dropped (protocols.md §7, "first bytes lost"), so the tests see
+// the wire contract rather than that race.
 
 const rhea = require('rhea');
 const net = require('net');
@@ -75,13 +75,16 @@ function tcpEgress(amqpPort, address, backendPort) {
 
 function serve(receiver, backendPort) {
     const early = [];
+    let endedEarly = false;
     let socket = null;
     let sender = null;
     receiver.on('message', function (context) {
         const body = context.message.body;
         if (socket === null) early.push(body); else socket.write(body);
     });
-    receiver.on('receiver_close', function () { if (socket) socket.end(); });
+    receiver.on('receiver_close', function () {
+        if (socket) socket.end(); else endedEarly = true;
+    });
     receiver.on('receiver_error', function () {});
     const backend = net.connect(backendPort, LOOPBACK);
     backend.pause();
@@ -97,6 +100,7 @@ function serve(receiver, backendPort) {
         });
         for (const body of early) socket.write(body);
         early.length = 0;
+        if (endedEarly) socket.end();
     });
     function finish() {
         receiver.close();
