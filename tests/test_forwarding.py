@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from helpers import LOOPBACK, TunnelProcess
 from proton import Delivery, Message
-from proton.utils import BlockingConnection, SendException
+from proton.utils import BlockingConnection, LinkDetached, SendException
 from reactor_peer import free_port
 
 LINK_ROUTE = "org.apache.qpid.dispatch.router.connection.linkRoute"
@@ -65,6 +65,7 @@ async def test_management_answers_each_request_naming_what_is_wrong(direct: int)
         (create, {"pattern": "svc", "direction": "out"}),
         (create, {"pattern": "svc.*", "direction": "in"}),
         (create, {"pattern": "local", "direction": "in"}),
+        (create, {"pattern": "dynamic/0123", "direction": "in"}),
         (create, {"pattern": "svc", "direction": "in"}),
     ])
     assert answers == [
@@ -76,6 +77,7 @@ async def test_management_answers_each_request_naming_what_is_wrong(direct: int)
         (400, "direction 'out' is not routed, only 'in'"),
         (400, "pattern 'svc.*': wildcards are not supported"),
         (409, "address 'local' is served by this process"),
+        (403, "pattern 'dynamic/0123' is a dynamic address"),
         (201, "Created"),
     ]
 
@@ -142,3 +144,38 @@ async def test_a_message_nobody_consumes_is_released(direct: int) -> None:
             conn.close()
 
     assert await asyncio.to_thread(produce) == Delivery.RELEASED
+
+
+async def test_no_peer_takes_another_peers_dynamic_address(direct: int) -> None:
+    """Replies to one connection's dynamic receiver cannot be consumed from another."""
+
+    def hijack() -> tuple[str, bytes]:
+        owner = BlockingConnection(f"amqp://{LOOPBACK}:{direct}", timeout=10)
+        thief = BlockingConnection(f"amqp://{LOOPBACK}:{direct}", timeout=10)
+        try:
+            replies = owner.create_receiver(None, dynamic=True, credit=1)
+            address = replies.link.remote_source.address
+            with pytest.raises(LinkDetached) as refused:
+                thief.create_receiver(address, credit=1)
+            got: list[bytes] = []
+            sent = threading.Event()
+
+            def receive() -> None:
+                message = replies.receive(timeout=10)  # kept: its body views its buffer
+                got.append(bytes(message.body))  # type: ignore[arg-type]
+                replies.accept()
+                owner.wait(sent.is_set, timeout=10)  # keeps the owner's side turning
+
+            owner_side = threading.Thread(target=receive)
+            owner_side.start()
+            thief.create_sender(address).send(Message(body=b"for the owner"))
+            sent.set()
+            owner_side.join(10)
+            return str(refused.value.condition), got[0]
+        finally:
+            thief.close()
+            owner.close()
+
+    condition, body = await asyncio.to_thread(hijack)
+    assert "amqp:unauthorized-access" in condition
+    assert body == b"for the owner"

@@ -42,7 +42,7 @@ from .engine import (
     refuse_link,
     set_owner,
 )
-from .forwarding import MANAGEMENT, Forwarder
+from .forwarding import DYNAMIC_PREFIX, MANAGEMENT, Forwarder
 from .http_egress import HttpEgressBridge
 from .http_message import HttpSettings
 from .messaging import MessageSender
@@ -184,7 +184,9 @@ class DirectPeer(HostedTunnels):
         if bridge is not None:
             self._attach_tunnel(bridge, link)
             return
-        routed = forwarder.routed_peer(address) if address else None
+        routed = None
+        if address and not forwarder.is_dynamic(address):
+            routed = forwarder.routed_peer(address)
         if routed is not None:
             forwarder.route(self, link, routed)
         elif address is None or forwarder.has_destination(address) \
@@ -212,7 +214,7 @@ class DirectPeer(HostedTunnels):
             else:
                 refuse_link(link, "amqp:not-found", "a receiver needs a source address")
             return
-        address = f"dynamic/{secrets.token_hex(8)}"
+        address = f"{DYNAMIC_PREFIX}{secrets.token_hex(8)}"
         link.source.copy(link.remote_source)
         link.source.address = address
         link.target.copy(link.remote_target)

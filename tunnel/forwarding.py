@@ -26,13 +26,20 @@ uses the listener as its router. It forwards the two ways Qpid Dispatch does
   cleanly ends that address's link too, once all it sent is settled: a node
   egress's only end-of-stream (a router would drop that signal).
 
+Isolation: dynamic addresses (``dynamic/<random>``) belong to the peer they
+were given to. Nobody else can consume one or route it, and a sender to one
+reaches that peer's receiver only.
+
 Bounds: a forwarded link is given :data:`WINDOW` credit, and credit comes
 back only as its deliveries are settled by the far end, so at most
 :data:`WINDOW` deliveries of one link are in hand here, each at most
-``max_message`` bytes (larger ones are drained and rejected). A peer holds at
-most :data:`MAX_ROUTES` link routes. When a peer's connection is lost, the
-links routed through it are detached with ``qd:routed-link-lost`` and its
-unsettled deliveries go back ``modified``.
+``max_message`` bytes (larger ones are drained and rejected). What one peer's
+deliveries hold here at once is at most :data:`PEER_BUDGET` bytes plus one
+message: a delivery beyond that is released at once, so its sender can try
+again later. A peer holds at most :data:`MAX_ROUTES` link routes and
+:data:`MAX_CONSUMERS` consumers. When a peer's connection is lost, the links
+routed through it are detached with ``qd:routed-link-lost`` and its unsettled
+deliveries go back ``modified``.
 
 This module does no I/O and touches no proton C handle: it works through the
 engine's helpers and :mod:`tunnel.messaging`.
@@ -56,6 +63,7 @@ from .engine import (
     RELEASED,
     close_link,
     open_session,
+    refuse_link,
     session_usable,
     set_owner,
 )
@@ -65,12 +73,18 @@ from .messaging import MessageReceiver, MessageSender
 logger = logging.getLogger(__name__)
 
 MANAGEMENT = "$management"
+#: Every dynamic address given out starts so; no peer may claim one otherwise.
+DYNAMIC_PREFIX = "dynamic/"
 LINK_ROUTE_TYPE = "org.apache.qpid.dispatch.router.connection.linkRoute"
 ROUTED_LINK_LOST = "qd:routed-link-lost"
 #: Deliveries of one forwarded link in hand here at once.
 WINDOW = 8
 #: Link routes one peer may hold.
 MAX_ROUTES = 64
+#: Consumer links one peer may hold.
+MAX_CONSUMERS = 256
+#: Bytes of one peer's deliveries in hand here, waiting for the far end.
+PEER_BUDGET = 64 * 1024 * 1024
 #: The largest management request taken.
 MAX_REQUEST = 64 * 1024
 
@@ -94,6 +108,9 @@ class _PeerState:
     routed: set[RoutedLink] = field(default_factory=set)
     consumers: list[tuple[str, MessageSender]] = field(default_factory=list)
     session: Session | None = None
+    #: Bytes of this peer's deliveries in hand (see PEER_BUDGET).
+    held: int = 0
+    over_budget: bool = False
 
 
 class Forwarder:
@@ -140,6 +157,14 @@ class Forwarder:
     def consume(self, peer: Peer, link: Link) -> None:
         """A peer's receiver for a plain address: a consumer of it."""
         address = str(link.remote_source.address)
+        if address.startswith(DYNAMIC_PREFIX):
+            refuse_link(link, "amqp:unauthorized-access",
+                        f"{address!r} is a dynamic address: only its own receiver takes it")
+            return
+        if len(self._state(peer).consumers) >= MAX_CONSUMERS:
+            refuse_link(link, "amqp:resource-limit-exceeded",
+                        f"at most {MAX_CONSUMERS} consumers per connection")
+            return
         _mirror(link)
         sender = MessageSender(link, peer.socket,
                                on_closed=lambda gone: self._drop_consumer(peer, address, gone))
@@ -167,6 +192,10 @@ class Forwarder:
     def has_destination(self, address: str) -> bool:
         return address in self.consumers or address in self.dynamic
 
+    def is_dynamic(self, address: str | None) -> bool:
+        """Whether ``address`` is a dynamic address given out here and still in use."""
+        return address in self.dynamic
+
     # -- dynamic addresses ------------------------------------------------------
     def add_dynamic(self, address: str, peer: Peer) -> None:
         self.dynamic[address] = peer
@@ -178,14 +207,49 @@ class Forwarder:
         """Where a message for ``address`` goes now, or None."""
         if not address:
             return None
+        if address.startswith(DYNAMIC_PREFIX):
+            peer = self.dynamic.get(address)
+            return peer.reply_sender(address) if peer is not None else None
         senders = self.consumers.get(address)
-        if senders:
-            ready = next((s for s in senders if s.credit > 0), senders[0])
-            senders.remove(ready)
-            senders.append(ready)
-            return ready
-        peer = self.dynamic.get(address)
-        return peer.reply_sender(address) if peer is not None else None
+        if not senders:
+            return None
+        ready = next((s for s in senders if s.credit > 0), senders[0])
+        senders.remove(ready)
+        senders.append(ready)
+        return ready
+
+    def pass_on(self, peer: Peer, receiver: MessageReceiver, delivery: Any, data: bytearray,
+                destination: MessageSender) -> None:
+        """Send one of ``peer``'s deliveries on; its outcome comes back to ``receiver``."""
+        size = len(data)
+        if not self.hold(peer, size):
+            receiver.settle(delivery, RELEASED)
+            return
+
+        def on_outcome(outcome: int, why: str) -> None:
+            self.release(peer, size)
+            _settle_with(receiver, delivery, outcome, why)
+
+        destination.send(data, on_outcome)
+
+    def hold(self, peer: Peer, size: int) -> bool:
+        """Count ``size`` bytes of ``peer``'s in hand; False (nothing counted) if over budget."""
+        state = self._state(peer)
+        if state.held > PEER_BUDGET:
+            if not state.over_budget:
+                logger.warning("direct mode: %s has %d bytes waiting here; releasing what it "
+                               "sends until they are delivered", peer.container, state.held)
+            state.over_budget = True
+            return False
+        state.held += size
+        return True
+
+    def release(self, peer: Peer, size: int) -> None:
+        state = self._peers.get(peer)
+        if state is not None:
+            state.held -= size
+            if state.held <= PEER_BUDGET:
+                state.over_budget = False
 
     # -- link routes ------------------------------------------------------------
     def create_route(self, peer: Peer, request: Message) -> tuple[int, str, dict[str, Any] | None]:
@@ -262,6 +326,8 @@ def _link_route_pattern(request: Message) -> str:
         raise _RouteRefusedError(400, f"direction {direction!r} is not routed, only 'in'")
     if "*" in pattern or "#" in pattern:
         raise _RouteRefusedError(400, f"pattern {pattern!r}: wildcards are not supported")
+    if pattern.startswith(DYNAMIC_PREFIX):
+        raise _RouteRefusedError(403, f"pattern {pattern!r} is a dynamic address")
     return pattern
 
 
@@ -317,6 +383,7 @@ class _Inbound:
 
     def __init__(self, forwarder: Forwarder, peer: Peer, link: Link) -> None:
         self.forwarder = forwarder
+        self.peer = peer
         self.fixed: str | None = link.remote_target.address
         self.receiver = MessageReceiver(link, peer.socket, window=WINDOW,
                                         max_size=forwarder.max_message,
@@ -335,8 +402,7 @@ class _Inbound:
         if destination is None:
             self.receiver.settle(delivery, RELEASED)
             return
-        destination.send(data, lambda outcome, why: _settle_with(
-            self.receiver, delivery, outcome, why))
+        self.forwarder.pass_on(self.peer, self.receiver, delivery, data, destination)
 
     def on_closed(self, link: Link) -> None:
         """A clean detach of a sender to a dynamic address ends that receiver's stream.
@@ -404,10 +470,8 @@ class RoutedLink:
         self.origin.socket.flush_soon()
 
     def on_message(self, delivery: Any, data: bytearray) -> None:
-        receiver = self.receiver
-        assert receiver is not None
-        self.sender.send(data, lambda outcome, why: _settle_with(receiver, delivery,
-                                                                 outcome, why))
+        assert self.receiver is not None
+        self.forwarder.pass_on(self.origin, self.receiver, delivery, data, self.sender)
 
     def on_origin_closed(self, link: Link) -> None:
         if self.closed:
