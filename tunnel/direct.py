@@ -190,7 +190,7 @@ class DirectPeer(HostedTunnels):
         if routed is not None:
             forwarder.route(self, link, routed)
         elif address is None or forwarder.has_destination(address) \
-                or link.remote_source.address not in forwarder.dynamic:
+                or not forwarder.is_dynamic(link.remote_source.address):
             forwarder.forward(self, link)
         else:
             refuse_link(link, "amqp:not-found", f"no egress bridge for address {address!r}")
