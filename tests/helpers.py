@@ -43,18 +43,27 @@ async def eventually(check: Callable[[], T], what: str, timeout: float = 10.0) -
 class TunnelProcess:
     """``python -m tunnel ...`` as a real subprocess, with its log in a file."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.args = args
         self.log_path = log_path
-        full_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("MESSAGING_", "ICPROXY_"))}
+        full_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("MESSAGING_", "ICPROXY_"))
+        }
         full_env.update(env or {})
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tunnel", "--log-level", "DEBUG", *args],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            env=full_env, cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            env=full_env,
+            cwd=cwd,
         )
 
     def log(self) -> str:
@@ -187,15 +196,23 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
 
 
 def _issue(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-    issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool, server: bool,
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    server: bool,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -210,18 +227,32 @@ def _issue(
     )
     if ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False), critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     else:
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"),
-                x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
-            ]), critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
+                    ]
+                ),
+                critical=False,
+            )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -237,8 +268,9 @@ def make_certs(folder: Path) -> Certs:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return dn, key, path
 
-    def leaf(name: str, ca: tuple[x509.Name, ec.EllipticCurvePrivateKey, Path],
-             server: bool) -> tuple[Path, Path]:
+    def leaf(
+        name: str, ca: tuple[x509.Name, ec.EllipticCurvePrivateKey, Path], server: bool
+    ) -> tuple[Path, Path]:
         key = _key()
         cert = _issue(name, key, ca[0], ca[1], ca=False, server=server)
         cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
@@ -251,8 +283,9 @@ def make_certs(folder: Path) -> Certs:
     server_cert, server_key = leaf("localhost", ca, server=True)
     client_cert, client_key = leaf("client", ca, server=False)
     other_cert, other_key = leaf("intruder", other, server=False)
-    return Certs(ca[2], server_cert, server_key, client_cert, client_key, other[2],
-                 other_cert, other_key)
+    return Certs(
+        ca[2], server_cert, server_key, client_cert, client_key, other[2], other_cert, other_key
+    )
 
 
 def write_connect_json(path: Path, content: dict[str, object]) -> Path:

@@ -55,16 +55,32 @@ class Backend(BaseHTTPRequestHandler):
     def _route(self, body: bytes) -> None:
         path = self.path.split("?")[0]
         if path == "/echo":
-            self._send(200, body, [("content-type", self.headers.get("content-type", "x/none")),
-                                   ("x-method", self.command)])
+            self._send(
+                200,
+                body,
+                [
+                    ("content-type", self.headers.get("content-type", "x/none")),
+                    ("x-method", self.command),
+                ],
+            )
         elif path == "/headers":
             seen = {name.lower(): self.headers.get_all(name) for name in set(self.headers)}
-            self._send(200, json.dumps({"headers": seen, "path": self.path,
-                                        "version": self.request_version}).encode(),
-                       [("content-type", "application/json")])
+            self._send(
+                200,
+                json.dumps(
+                    {"headers": seen, "path": self.path, "version": self.request_version}
+                ).encode(),
+                [("content-type", "application/json")],
+            )
         elif path == "/cookies":
-            self._send(200, b"two cookies", [("set-cookie", "a=1; Expires=Wed, 21 Oct 2037 "
-                                              "07:28:00 GMT"), ("set-cookie", "b=2")])
+            self._send(
+                200,
+                b"two cookies",
+                [
+                    ("set-cookie", "a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT"),
+                    ("set-cookie", "b=2"),
+                ],
+            )
         elif path == "/chunked":
             self.send_response(200)
             self.send_header("transfer-encoding", "chunked")
@@ -113,8 +129,13 @@ def backend() -> Iterator[Server]:
         server.server_close()
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: Sequence[tuple[str, str]] = ()) -> tuple[int, http.client.HTTPMessage, bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+) -> tuple[int, http.client.HTTPMessage, bytes]:
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
     try:
         conn.putrequest(method, path)

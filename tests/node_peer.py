@@ -48,12 +48,24 @@ class NodePeer:
         self.events: list[dict[str, Any]] = []
 
     @classmethod
-    async def start(cls, mode: str, amqp_port: int, *args: str | int,
-                    log: Path, env: dict[str, str] | None = None) -> NodePeer:
+    async def start(
+        cls,
+        mode: str,
+        amqp_port: int,
+        *args: str | int,
+        log: Path,
+        env: dict[str, str] | None = None,
+    ) -> NodePeer:
         proc = await asyncio.create_subprocess_exec(
-            node_or_skip(), str(PEER / "peer.js"), mode, str(amqp_port), *map(str, args),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=log.open("ab"), env={**os.environ, **(env or {})},
+            node_or_skip(),
+            str(PEER / "peer.js"),
+            mode,
+            str(amqp_port),
+            *map(str, args),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log.open("ab"),
+            env={**os.environ, **(env or {})},
         )
         return cls(proc, log)
 
@@ -69,8 +81,10 @@ class NodePeer:
                 self.events.append(event)
                 if key in event:
                     return event[key]
-        raise AssertionError(f"the node peer exited ({await self.proc.wait()}) before "
-                             f"{key!r}, having said {self.events}:\n{self.log.read_text()}")
+        raise AssertionError(
+            f"the node peer exited ({await self.proc.wait()}) before "
+            f"{key!r}, having said {self.events}:\n{self.log.read_text()}"
+        )
 
     async def stop(self) -> None:
         if self.proc.returncode is None:

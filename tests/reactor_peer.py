@@ -40,7 +40,6 @@ LINK_ROUTE_TYPE = "org.apache.qpid.dispatch.router.connection.linkRoute"
 E = TypeVar("E")
 
 
-
 # -- snapshots (safe to read from any thread) ---------------------------------
 @dataclass(frozen=True)
 class TerminusInfo:
@@ -146,8 +145,14 @@ class ConnectionClosed:
 
 
 PeerEvent = (
-    Attached | AttachAnswered | Received | Credit | Outcome | Detached
-    | ConnectionOpened | ConnectionClosed
+    Attached
+    | AttachAnswered
+    | Received
+    | Credit
+    | Outcome
+    | Detached
+    | ConnectionOpened
+    | ConnectionClosed
 )
 
 
@@ -343,18 +348,24 @@ class RouterPeer(ReactorThread, MessagingHandler):
         link = event.link
         session = hash(link.session)
         if not link.state & Endpoint.LOCAL_UNINIT:
-            self._record(AttachAnswered(
-                link.name, terminus_info(link.remote_source), terminus_info(link.remote_target),
-                session,
-            ))
+            self._record(
+                AttachAnswered(
+                    link.name,
+                    terminus_info(link.remote_source),
+                    terminus_info(link.remote_target),
+                    session,
+                )
+            )
             return
-        self._record(Attached(
-            link.name,
-            "sender" if link.is_receiver else "receiver",
-            terminus_info(link.remote_source),
-            terminus_info(link.remote_target),
-            session,
-        ))
+        self._record(
+            Attached(
+                link.name,
+                "sender" if link.is_receiver else "receiver",
+                terminus_info(link.remote_source),
+                terminus_info(link.remote_target),
+                session,
+            )
+        )
         self.links[link.name] = link
         link.source.copy(link.remote_source)
         link.target.copy(link.remote_target)
@@ -384,11 +395,14 @@ class RouterPeer(ReactorThread, MessagingHandler):
 
     def _detached(self, link: Any, *, closed: bool) -> None:
         condition = link.remote_condition
-        self._record(Detached(
-            link.name, closed,
-            condition.name if condition else None,
-            condition.description if condition else None,
-        ))
+        self._record(
+            Detached(
+                link.name,
+                closed,
+                condition.name if condition else None,
+                condition.description if condition else None,
+            )
+        )
 
     # The defaults of these close the whole connection on any link error.
     def on_link_error(self, event: Any) -> None:
@@ -417,16 +431,18 @@ class RouterPeer(ReactorThread, MessagingHandler):
     def on_message(self, event: Any) -> None:
         link, delivery, message = event.link, event.delivery, event.message
         body = message.body
-        self._record(Received(
-            link=link.name,
-            body=bytes(body) if isinstance(body, bytes | memoryview) else body,
-            inferred=bool(message.inferred),
-            properties=dict(message.properties or {}),
-            reply_to=message.reply_to,
-            correlation_id=message.correlation_id,
-            settled_on_arrival=bool(delivery.settled),
-            message=message,
-        ))
+        self._record(
+            Received(
+                link=link.name,
+                body=bytes(body) if isinstance(body, bytes | memoryview) else body,
+                inferred=bool(message.inferred),
+                properties=dict(message.properties or {}),
+                reply_to=message.reply_to,
+                correlation_id=message.correlation_id,
+                settled_on_arrival=bool(delivery.settled),
+                message=message,
+            )
+        )
         target = link.remote_target.address
         planned = self.policy.outcomes.get(target or "")
         if planned:
@@ -484,13 +500,30 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SKUPPER_", "MESSAGING_", "ICPROXY_", "LOGLEVEL"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SKUPPER_", "MESSAGING_", "ICPROXY_", "LOGLEVEL"))
+        }
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tunnel", "--config", str(self.config),
-                 *self.args, "--log-level", "DEBUG", "--grace", "0.5"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "tunnel",
+                    "--config",
+                    str(self.config),
+                    *self.args,
+                    "--log-level",
+                    "DEBUG",
+                    "--grace",
+                    "0.5",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=REPO,
+                env=env,
             )
 
     def log(self) -> str:

@@ -41,7 +41,6 @@ CONTENT_TYPE = "application/octet-stream"
 WINDOW = 1_042_432
 
 
-
 @dataclass(frozen=True)
 class StreamSeen:
     """The header of a stream as the peer decoded it."""
@@ -114,8 +113,9 @@ def _decode_header(buf: bytes) -> tuple[dict[str, Any], int] | None:
         section: Any = value.value
         if code == 0x73:
             items = list(section) + [None] * 7
-            fields.update(to=items[2], reply_to=items[4], correlation_id=items[5],
-                          content_type=items[6])
+            fields.update(
+                to=items[2], reply_to=items[4], correlation_id=items[5], content_type=items[6]
+            )
         elif code == 0x74:
             fields["application_properties"] = dict(section)
         elif code == 0x77:
@@ -180,8 +180,11 @@ class SkRouterPeer(ReactorThread, Handler):
     def on_connection_init(self, event: Any) -> None:
         conn = event.connection
         conn.container = self.container_id
-        conn.properties = {symbol("product"): "skupper-router", symbol("version"): "3.5.1",
-                           symbol("qd.conn-id"): next(self._numbers)}
+        conn.properties = {
+            symbol("product"): "skupper-router",
+            symbol("version"): "3.5.1",
+            symbol("qd.conn-id"): next(self._numbers),
+        }
         conn.offered_capabilities = SymbolList(["ANONYMOUS-RELAY", STREAMING_LINKS])
 
     def on_connection_remote_open(self, event: Any) -> None:
@@ -276,12 +279,15 @@ class SkRouterPeer(ReactorThread, Handler):
             caps = terminus_info(link.remote_target).capabilities
             content_type = fields.get("content_type")
             stream.header = StreamSeen(
-                target_capabilities=caps, to=fields.get("to"),
-                reply_to=fields.get("reply_to"), correlation_id=fields.get("correlation_id"),
+                target_capabilities=caps,
+                to=fields.get("to"),
+                reply_to=fields.get("reply_to"),
+                correlation_id=fields.get("correlation_id"),
                 content_type=str(content_type) if content_type is not None else None,
                 content_type_is_symbol=isinstance(content_type, symbol),
-                application_properties={str(k): v for k, v in
-                                        fields.get("application_properties", {}).items()},
+                application_properties={
+                    str(k): v for k, v in fields.get("application_properties", {}).items()
+                },
                 body=fields.get("body"),
             )
             self._record(stream.header)
@@ -372,8 +378,12 @@ class SkRouterPeer(ReactorThread, Handler):
                 stream.consumer_acked = offset
                 self._forward(stream)
                 self._ack_upstream(stream)
-        if delivery.settled or state in (Delivery.ACCEPTED, Delivery.REJECTED,
-                                         Delivery.RELEASED, Delivery.MODIFIED):
+        if delivery.settled or state in (
+            Delivery.ACCEPTED,
+            Delivery.REJECTED,
+            Delivery.RELEASED,
+            Delivery.MODIFIED,
+        ):
             incoming = stream.in_delivery
             if state == Delivery.MODIFIED:
                 incoming.local.failed = delivery.remote.failed
@@ -399,4 +409,3 @@ class SkRouterPeer(ReactorThread, Handler):
         incoming.local.section_offset = stream.consumer_acked
         incoming.update(Delivery.RECEIVED)
         stream.last_ack = stream.consumer_acked
-

@@ -66,12 +66,22 @@ ROUTER_HEADER = (
 def test_encoded_header_layout() -> None:
     """Our header is the layout of §8.2: str8 content-type, {V: 1}, then amqp-value null."""
     head = adaptor_wire.encode_header("echo", "_topo/0/r/temp.1", "c1")
-    fields = (b"\x40\x40" + b"\xa1\x04echo" + b"\x40" + b"\xa1\x10_topo/0/r/temp.1"
-              + b"\xa1\x02c1" + b"\xa1\x18application/octet-stream")
-    expected = (b"\x00\x53\x73\xd0" + (len(fields) + 4).to_bytes(4, "big")
-                + (7).to_bytes(4, "big") + fields
-                + b"\x00\x53\x74\xc1\x06\x02\xa1\x01V\x52\x01"
-                + b"\x00\x53\x77\x40")
+    fields = (
+        b"\x40\x40"
+        + b"\xa1\x04echo"
+        + b"\x40"
+        + b"\xa1\x10_topo/0/r/temp.1"
+        + b"\xa1\x02c1"
+        + b"\xa1\x18application/octet-stream"
+    )
+    expected = (
+        b"\x00\x53\x73\xd0"
+        + (len(fields) + 4).to_bytes(4, "big")
+        + (7).to_bytes(4, "big")
+        + fields
+        + b"\x00\x53\x74\xc1\x06\x02\xa1\x01V\x52\x01"
+        + b"\x00\x53\x77\x40"
+    )
     assert head == expected
     counter = adaptor_wire.encode_header("_topo/0/r/temp.1")
     assert b"\x40\x40\xa1\x10_topo/0/r/temp.1\x40\x40\x40\xa1\x18" in counter
@@ -83,8 +93,11 @@ def test_parse_the_routers_header() -> None:
     assert parsed is not None
     header, start = parsed
     assert header == adaptor_wire.StreamHeader(
-        to="echo", reply_to="_topo/0/router/temp.abc", correlation_id="a:1",
-        content_type=CONTENT_TYPE)
+        to="echo",
+        reply_to="_topo/0/router/temp.abc",
+        correlation_id="a:1",
+        content_type=CONTENT_TYPE,
+    )
     assert start == len(ROUTER_HEADER)
 
 
@@ -94,10 +107,13 @@ def test_parse_waits_for_a_whole_header() -> None:
         assert adaptor_wire.parse_header(ROUTER_HEADER[:cut]) is None, cut
 
 
-@pytest.mark.parametrize("body", [
-    b"\x00\x53\x75\xa0\x03abc",  # a data section: the 2.x legacy encapsulation
-    b"\x00\x53\x76\xc0\x01\x00",  # amqp-sequence
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00\x53\x75\xa0\x03abc",  # a data section: the 2.x legacy encapsulation
+        b"\x00\x53\x76\xc0\x01\x00",  # amqp-sequence
+    ],
+)
 def test_parse_refuses_another_encapsulation(body: bytes) -> None:
     with pytest.raises(WireError, match="not this dialect"):
         adaptor_wire.parse_header(b"\x00\x53\x73\x45" + body)
@@ -123,8 +139,9 @@ class AdaptorPair:
 
 
 @contextlib.asynccontextmanager
-async def adaptor_pair(tmp: Path, backend_port: int | None = None,
-                       policy: Policy | None = None) -> AsyncIterator[AdaptorPair]:
+async def adaptor_pair(
+    tmp: Path, backend_port: int | None = None, policy: Policy | None = None
+) -> AsyncIterator[AdaptorPair]:
     peer = SkRouterPeer(policy)
     port = peer.start()
     config = write_connect_json(tmp / "connect.json", {"host": LOOPBACK, "port": port})
@@ -132,11 +149,13 @@ async def adaptor_pair(tmp: Path, backend_port: int | None = None,
     try:
         async with echo_server() as backend:
             target = backend_port if backend_port is not None else backend.port
-            egress = TunnelProcess(["--config", str(config), f"amqp:echo=>tcp:{LOOPBACK}:{target}"],
-                                   tmp / "egress.log")
+            egress = TunnelProcess(
+                ["--config", str(config), f"amqp:echo=>tcp:{LOOPBACK}:{target}"], tmp / "egress.log"
+            )
             await egress.wait_for(r"connected \(skupper-router 3\.5\.1\): tcp-adaptor dialect")
-            ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
-                                    tmp / "ingress.log")
+            ingress = TunnelProcess(
+                ["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp / "ingress.log"
+            )
             listen = await ingress.listen_port()
             await ingress.wait_for(r"tcp-adaptor dialect")
             yield AdaptorPair(peer, ingress, egress, backend, listen)
@@ -149,8 +168,7 @@ async def adaptor_pair(tmp: Path, backend_port: int | None = None,
         peer.stop()
 
 
-async def test_dialect_is_chosen_from_the_open_and_streaming_links_offered(
-        tmp_path: Path) -> None:
+async def test_dialect_is_chosen_from_the_open_and_streaming_links_offered(tmp_path: Path) -> None:
     """The first Open offers nothing; on seeing skupper-router we reconnect offering links."""
     async with adaptor_pair(tmp_path) as pair:
         assert await round_trip(pair.port, b"hello") == b"hello"
@@ -185,7 +203,9 @@ async def test_16_mib_each_way(tmp_path: Path) -> None:
     async with adaptor_pair(tmp_path) as pair:
         payload = os.urandom(16 * MIB)
         assert await echo_exact(pair.port, payload) == (
-            len(payload), hashlib.sha256(payload).hexdigest())
+            len(payload),
+            hashlib.sha256(payload).hexdigest(),
+        )
 
 
 async def test_half_close_both_ways(tmp_path: Path) -> None:
@@ -288,17 +308,27 @@ async def test_without_acknowledgements_the_stream_stalls_then_resumes(tmp_path:
         assert bytes(received) == payload
 
 
-@pytest.mark.parametrize(("properties", "dialect", "says"), [
-    ({"product": "skupper-router", "version": "3.5.1"}, Dialect.TCP_ADAPTOR,
-     "skupper-router 3.5.1"),
-    ({"product": "skupper-router", "version": "2.7.0"}, Dialect.TCP_ADAPTOR, "legacy"),
-    ({"product": "qpid-dispatch-router", "version": "1.19.0"}, Dialect.LINK_ROUTE,
-     "Qpid Dispatch 1.19.0"),
-    ({"product": "tunnel", "version": "0.1.0"}, Dialect.LINK_ROUTE, "tunnel 0.1.0"),
-    ({}, Dialect.LINK_ROUTE, "unknown product"),
-])
-def test_dialect_from_the_routers_open(properties: dict[str, str], dialect: Dialect,
-                                       says: str) -> None:
+@pytest.mark.parametrize(
+    ("properties", "dialect", "says"),
+    [
+        (
+            {"product": "skupper-router", "version": "3.5.1"},
+            Dialect.TCP_ADAPTOR,
+            "skupper-router 3.5.1",
+        ),
+        ({"product": "skupper-router", "version": "2.7.0"}, Dialect.TCP_ADAPTOR, "legacy"),
+        (
+            {"product": "qpid-dispatch-router", "version": "1.19.0"},
+            Dialect.LINK_ROUTE,
+            "Qpid Dispatch 1.19.0",
+        ),
+        ({"product": "tunnel", "version": "0.1.0"}, Dialect.LINK_ROUTE, "tunnel 0.1.0"),
+        ({}, Dialect.LINK_ROUTE, "unknown product"),
+    ],
+)
+def test_dialect_from_the_routers_open(
+    properties: dict[str, str], dialect: Dialect, says: str
+) -> None:
     chosen, why = choose_dialect(properties)
     assert chosen is dialect
     assert says in why
@@ -309,8 +339,10 @@ async def test_forced_dialect_offers_streaming_links_at_once(tmp_path: Path) -> 
     peer = SkRouterPeer()
     port = peer.start()
     config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": port})
-    ingress = TunnelProcess(["--config", str(config), "--dialect", "tcp-adaptor",
-                             f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+    ingress = TunnelProcess(
+        ["--config", str(config), "--dialect", "tcp-adaptor", f"tcp:{LOOPBACK}:0=>amqp:echo"],
+        tmp_path / "ingress.log",
+    )
     try:
         await ingress.wait_for(r"chosen by --dialect\): tcp-adaptor dialect")
         assert "reconnecting to offer" not in ingress.log()
@@ -323,10 +355,17 @@ async def test_forced_dialect_offers_streaming_links_at_once(tmp_path: Path) -> 
 
 def _client_stream(content_type: bytes, data: bytes) -> bytes:
     """A client stream as a tcpListener would send it, with any content-type (str8)."""
-    fields = (b"\x40\x40" + b"\xa1\x04echo" + b"\x40" + b"\xa1\x06nobody" + b"\xa1\x01x"
-              + b"\xa1" + bytes((len(content_type),)) + content_type)
-    return (b"\x00\x53\x73\xc0" + bytes((len(fields) + 1, 7)) + fields
-            + b"\x00\x53\x77\x40" + data)
+    fields = (
+        b"\x40\x40"
+        + b"\xa1\x04echo"
+        + b"\x40"
+        + b"\xa1\x06nobody"
+        + b"\xa1\x01x"
+        + b"\xa1"
+        + bytes((len(content_type),))
+        + content_type
+    )
+    return b"\x00\x53\x73\xc0" + bytes((len(fields) + 1, 7)) + fields + b"\x00\x53\x77\x40" + data
 
 
 async def test_another_encapsulation_is_released(tmp_path: Path) -> None:
@@ -345,8 +384,10 @@ async def test_no_counter_stream_resets_the_client(tmp_path: Path) -> None:
     peer = SkRouterPeer()
     port = peer.start()
     config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": port})
-    ingress = TunnelProcess(["--config", str(config), "--open-timeout", "1",
-                             f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+    ingress = TunnelProcess(
+        ["--config", str(config), "--open-timeout", "1", f"tcp:{LOOPBACK}:0=>amqp:echo"],
+        tmp_path / "ingress.log",
+    )
     try:
         listen = await ingress.listen_port()
         await ingress.wait_for("tcp-adaptor dialect")

@@ -48,8 +48,10 @@ async def test_readiness_follows_the_router_and_metrics_count_a_transfer(tmp_pat
     holder.bind((LOOPBACK, 0))  # reserved, not listening: connections are refused
     amqp_port = holder.getsockname()[1]
     config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": amqp_port})
-    ingress = TunnelProcess(["--admin", f"{LOOPBACK}:0", "--config", str(config),
-                             f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+    ingress = TunnelProcess(
+        ["--admin", f"{LOOPBACK}:0", "--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
+        tmp_path / "ingress.log",
+    )
     egress: TunnelProcess | None = None
     try:
         base = await admin_base(ingress)
@@ -58,13 +60,20 @@ async def test_readiness_follows_the_router_and_metrics_count_a_transfer(tmp_pat
         status, body = await get(base, "/readyz")
         assert status == 503
         assert json.loads(body) == {
-            "ready": False, "missing": [f"router amqp://{LOOPBACK}:{amqp_port} not connected"],
+            "ready": False,
+            "missing": [f"router amqp://{LOOPBACK}:{amqp_port} not connected"],
         }
         async with echo_server() as backend:
             holder.close()
             egress = TunnelProcess(
-                ["--admin", f"{LOOPBACK}:0", "--listen", f"amqp://{LOOPBACK}:{amqp_port}",
-                 f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}"], tmp_path / "egress.log",
+                [
+                    "--admin",
+                    f"{LOOPBACK}:0",
+                    "--listen",
+                    f"amqp://{LOOPBACK}:{amqp_port}",
+                    f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}",
+                ],
+                tmp_path / "egress.log",
             )
             egress_base = await admin_base(egress)
             assert (await get(egress_base, "/readyz"))[0] == 200
@@ -76,16 +85,19 @@ async def test_readiness_follows_the_router_and_metrics_count_a_transfer(tmp_pat
             await egress.wait_for(r"closed \(finished\)")
             ingress_metrics = samples((await get(base, "/metrics"))[1])
             egress_metrics = samples((await get(egress_base, "/metrics"))[1])
-        for metrics, spec in ((ingress_metrics, f"tcp:{LOOPBACK}:0=>amqp:echo"),
-                              (egress_metrics, f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}")):
+        for metrics, spec in (
+            (ingress_metrics, f"tcp:{LOOPBACK}:0=>amqp:echo"),
+            (egress_metrics, f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}"),
+        ):
             bridge = (("bridge", spec),)
             assert metrics[("tunnel_connections_opened_total", bridge)] == 1
             assert metrics[("tunnel_connections_closed_total", bridge)] == 1
             assert metrics[("tunnel_connections_active", bridge)] == 0
             assert metrics[("tunnel_tcp_bytes_read_total", bridge)] == len(payload)
             assert metrics[("tunnel_tcp_bytes_written_total", bridge)] == len(payload)
-            failures = [v for (name, _), v in metrics.items()
-                        if name == "tunnel_connection_failures_total"]
+            failures = [
+                v for (name, _), v in metrics.items() if name == "tunnel_connection_failures_total"
+            ]
             assert failures and not any(failures)
         assert ingress_metrics[("tunnel_router_connected", ())] == 1
         assert ingress_metrics[("tunnel_router_connects_total", ())] == 1
@@ -102,15 +114,26 @@ async def test_readiness_follows_the_router_and_metrics_count_a_transfer(tmp_pat
 async def test_failures_are_counted_by_reason(tmp_path: Path) -> None:
     """A refused backend counts once on each side, under a fixed reason label."""
     dead = free_port()
-    egress = TunnelProcess(["--admin", f"{LOOPBACK}:0", "--listen", f"amqp://{LOOPBACK}:0",
-                            f"amqp:echo=>tcp:{LOOPBACK}:{dead}"], tmp_path / "egress.log")
+    egress = TunnelProcess(
+        [
+            "--admin",
+            f"{LOOPBACK}:0",
+            "--listen",
+            f"amqp://{LOOPBACK}:0",
+            f"amqp:echo=>tcp:{LOOPBACK}:{dead}",
+        ],
+        tmp_path / "egress.log",
+    )
     ingress: TunnelProcess | None = None
     try:
         egress_base = await admin_base(egress)
-        config = write_connect_json(tmp_path / "connect.json",
-                                    {"host": LOOPBACK, "port": await egress.amqp_port()})
-        ingress = TunnelProcess(["--admin", f"{LOOPBACK}:0", "--config", str(config),
-                                 f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+        config = write_connect_json(
+            tmp_path / "connect.json", {"host": LOOPBACK, "port": await egress.amqp_port()}
+        )
+        ingress = TunnelProcess(
+            ["--admin", f"{LOOPBACK}:0", "--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
+            tmp_path / "ingress.log",
+        )
         base = await admin_base(ingress)
         port = await ingress.listen_port()
         await ingress.wait_for("connected")
@@ -123,11 +146,22 @@ async def test_failures_are_counted_by_reason(tmp_path: Path) -> None:
         ingress_metrics = samples((await get(base, "/metrics"))[1])
         egress_metrics = samples((await get(egress_base, "/metrics"))[1])
         egress_bridge = ("bridge", f"amqp:echo=>tcp:{LOOPBACK}:{dead}")
-        assert egress_metrics[("tunnel_connection_failures_total",
-                               (egress_bridge, ("reason", "backend-unreachable")))] == 1
+        assert (
+            egress_metrics[
+                (
+                    "tunnel_connection_failures_total",
+                    (egress_bridge, ("reason", "backend-unreachable")),
+                )
+            ]
+            == 1
+        )
         ingress_bridge = ("bridge", f"tcp:{LOOPBACK}:0=>amqp:echo")
-        assert ingress_metrics[("tunnel_connection_failures_total",
-                                (ingress_bridge, ("reason", "far-end-reset")))] == 1
+        assert (
+            ingress_metrics[
+                ("tunnel_connection_failures_total", (ingress_bridge, ("reason", "far-end-reset")))
+            ]
+            == 1
+        )
         assert await get(base, "/nope") == (404, "not found\n")
         assert ingress.stop() == 0
         assert egress.stop() == 0

@@ -13,7 +13,10 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "tunnel.bench", "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "tunnel/relay" in result.stdout
@@ -23,8 +26,12 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
         for path in ("direct", "relay", "tunnel"):
             assert rows[key][path] > 0, (key, path)
         assert rows[key]["ratio"] > 0, key
-    for key in ("concurrent_rss_near", "concurrent_per_conn_far", "slow_peak_near",
-                "slow_peak_far"):
+    for key in (
+        "concurrent_rss_near",
+        "concurrent_per_conn_far",
+        "slow_peak_near",
+        "slow_peak_far",
+    ):
         assert rows[key]["direct"] is None
         assert rows[key]["relay"] > 0 and rows[key]["tunnel"] > 0, key
     # Correctness, not speed: every held connection through every path echoed.
@@ -37,7 +44,10 @@ def test_bad_router_url_is_refused() -> None:
     """--amqp takes amqp://HOST:PORT and says so otherwise."""
     result = subprocess.run(
         [sys.executable, "-m", "tunnel.bench", "--amqp", "localhost"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "expected amqp://HOST:PORT" in result.stderr

@@ -30,10 +30,21 @@ def _write(folder: Path, content: object, name: str = "connect.json") -> Path:
 def test_seed_format(tmp_path: Path) -> None:
     """The seed's file loads: string port, verify at both levels, relative certificate paths."""
     certs = make_certs(tmp_path)
-    path = _write(tmp_path, {
-        "scheme": "amqps", "host": "", "port": "443", "verify": False,
-        "tls": {"ca": "test-ca.crt", "cert": "client.crt", "key": "client.key", "verify": False},
-    })
+    path = _write(
+        tmp_path,
+        {
+            "scheme": "amqps",
+            "host": "",
+            "port": "443",
+            "verify": False,
+            "tls": {
+                "ca": "test-ca.crt",
+                "cert": "client.crt",
+                "key": "client.key",
+                "verify": False,
+            },
+        },
+    )
     config = load_connection_file(path)
     assert config.effective_port == 443
     assert config.effective_host == "localhost"
@@ -173,8 +184,13 @@ def test_bad_listen_urls(url: str, message: str) -> None:
 def test_cli_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     """The command exits with status 2 and names what was wrong."""
     result = subprocess.run(
-        [sys.executable, "-m", "tunnel", *args], capture_output=True, text=True,
-        cwd=tmp_path, timeout=30, check=False, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        [sys.executable, "-m", "tunnel", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
@@ -185,7 +201,10 @@ def test_cli_bad_connection_file_names_file_and_field(tmp_path: Path) -> None:
     path = _write(tmp_path, {"scheme": "amqps", "port": "many"})
     result = subprocess.run(
         [sys.executable, "-m", "tunnel", "--config", str(path), "tcp:1=>amqp:a"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert str(path) in result.stderr and "port" in result.stderr
@@ -193,8 +212,13 @@ def test_cli_bad_connection_file_names_file_and_field(tmp_path: Path) -> None:
 
 def test_version() -> None:
     """--version prints the version."""
-    result = subprocess.run([sys.executable, "-m", "tunnel", "--version"],
-                            capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnel", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 0
     assert result.stdout.startswith("tunnel ")
 
@@ -202,10 +226,12 @@ def test_version() -> None:
 async def test_secrets_never_reach_the_log(tmp_path: Path) -> None:
     """A password in the connection file is used but never written to the log, even at DEBUG."""
     dead = free_port()
-    path = _write(tmp_path, {"host": "127.0.0.1", "port": dead, "user": "u",
-                             "password": "s3cret-Passw0rd"})
-    process = TunnelProcess(["--config", str(path), "tcp:127.0.0.1:0=>amqp:a"],
-                            tmp_path / "tunnel.log")
+    path = _write(
+        tmp_path, {"host": "127.0.0.1", "port": dead, "user": "u", "password": "s3cret-Passw0rd"}
+    )
+    process = TunnelProcess(
+        ["--config", str(path), "tcp:127.0.0.1:0=>amqp:a"], tmp_path / "tunnel.log"
+    )
     try:
         await process.wait_for("unreachable")
         assert process.stop() == 0
@@ -219,8 +245,9 @@ async def test_secrets_never_reach_the_log(tmp_path: Path) -> None:
 async def test_listening_beyond_loopback_without_tls_warns(tmp_path: Path) -> None:
     """--listen amqp:// on a non-loopback address logs a warning; on loopback it does not."""
     for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
-        process = TunnelProcess(["--listen", f"amqp://{host}:0", "amqp:a=>tcp:127.0.0.1:9"],
-                                tmp_path / f"{host}.log")
+        process = TunnelProcess(
+            ["--listen", f"amqp://{host}:0", "amqp:a=>tcp:127.0.0.1:9"], tmp_path / f"{host}.log"
+        )
         try:
             await process.wait_for("accepting AMQP")
             assert process.stop() == 0

@@ -25,8 +25,10 @@ LINK_ROUTE = "org.apache.qpid.dispatch.router.connection.linkRoute"
 @pytest.fixture
 async def direct(tmp_path: Path) -> AsyncIterator[int]:
     """A direct-mode process serving ``local`` itself; its AMQP port."""
-    ours = TunnelProcess(["--listen", f"amqp://{LOOPBACK}:0",
-                          f"amqp:local=>tcp:{LOOPBACK}:{free_port()}"], tmp_path / "tunnel.log")
+    ours = TunnelProcess(
+        ["--listen", f"amqp://{LOOPBACK}:0", f"amqp:local=>tcp:{LOOPBACK}:{free_port()}"],
+        tmp_path / "tunnel.log",
+    )
     try:
         yield await ours.amqp_port()
         assert ours.stop() == 0, ours.log()
@@ -43,8 +45,9 @@ def _ask(port: int, requests: list[tuple[dict[str, Any], Any]]) -> list[tuple[in
         sender = conn.create_sender("$management")
         answers = []
         for number, (properties, body) in enumerate(requests, start=1):
-            sender.send(Message(properties=properties, body=body, reply_to=reply_to,
-                                correlation_id=number))
+            sender.send(
+                Message(properties=properties, body=body, reply_to=reply_to, correlation_id=number)
+            )
             answer = replies.receive(timeout=10)
             replies.accept()
             assert answer.correlation_id == number
@@ -57,21 +60,27 @@ def _ask(port: int, requests: list[tuple[dict[str, Any], Any]]) -> list[tuple[in
 
 async def test_management_answers_each_request_naming_what_is_wrong(direct: int) -> None:
     create = {"operation": "CREATE", "type": LINK_ROUTE, "name": "r"}
-    answers = await asyncio.to_thread(_ask, direct, [
-        ({"operation": "READ", "type": LINK_ROUTE}, {}),
-        ({"operation": "CREATE", "type": "org.apache.qpid.dispatch.router.address"}, {}),
-        (create, "not a map"),
-        (create, {"direction": "in"}),
-        (create, {"pattern": "svc", "direction": "out"}),
-        (create, {"pattern": "svc.*", "direction": "in"}),
-        (create, {"pattern": "local", "direction": "in"}),
-        (create, {"pattern": "dynamic/0123", "direction": "in"}),
-        (create, {"pattern": "svc", "direction": "in"}),
-    ])
+    answers = await asyncio.to_thread(
+        _ask,
+        direct,
+        [
+            ({"operation": "READ", "type": LINK_ROUTE}, {}),
+            ({"operation": "CREATE", "type": "org.apache.qpid.dispatch.router.address"}, {}),
+            (create, "not a map"),
+            (create, {"direction": "in"}),
+            (create, {"pattern": "svc", "direction": "out"}),
+            (create, {"pattern": "svc.*", "direction": "in"}),
+            (create, {"pattern": "local", "direction": "in"}),
+            (create, {"pattern": "dynamic/0123", "direction": "in"}),
+            (create, {"pattern": "svc", "direction": "in"}),
+        ],
+    )
     assert answers == [
         (501, "operation 'READ' is not supported, only CREATE"),
-        (400, "type 'org.apache.qpid.dispatch.router.address' is not supported, "
-              f"only {LINK_ROUTE}"),
+        (
+            400,
+            f"type 'org.apache.qpid.dispatch.router.address' is not supported, only {LINK_ROUTE}",
+        ),
         (400, "the body is not a map"),
         (400, "the body has no pattern"),
         (400, "direction 'out' is not routed, only 'in'"),
@@ -82,8 +91,9 @@ async def test_management_answers_each_request_naming_what_is_wrong(direct: int)
     ]
 
 
-def _consume(port: int, address: str, count: int, got: list[bytes],
-             attached: threading.Event) -> None:
+def _consume(
+    port: int, address: str, count: int, got: list[bytes], attached: threading.Event
+) -> None:
     """Take ``count`` messages from ``address``: accept each, but reject ``b"bad"``."""
     conn = BlockingConnection(f"amqp://{LOOPBACK}:{port}", timeout=10)
     try:
@@ -105,8 +115,10 @@ async def test_consumers_take_turns_and_their_outcomes_come_back(direct: int) ->
     first: list[bytes] = []
     second: list[bytes] = []
     ready = [threading.Event(), threading.Event()]
-    consumers = [asyncio.create_task(asyncio.to_thread(_consume, direct, "jobs", n, got, r))
-                 for n, got, r in ((2, first, ready[0]), (2, second, ready[1]))]
+    consumers = [
+        asyncio.create_task(asyncio.to_thread(_consume, direct, "jobs", n, got, r))
+        for n, got, r in ((2, first, ready[0]), (2, second, ready[1]))
+    ]
     for event in ready:
         assert await asyncio.to_thread(event.wait, 10)
 
@@ -126,8 +138,7 @@ async def test_consumers_take_turns_and_their_outcomes_come_back(direct: int) ->
 
     outcomes = await asyncio.to_thread(produce)
     await asyncio.gather(*consumers)
-    assert outcomes == [Delivery.ACCEPTED, Delivery.ACCEPTED, Delivery.REJECTED,
-                        Delivery.ACCEPTED]
+    assert outcomes == [Delivery.ACCEPTED, Delivery.ACCEPTED, Delivery.REJECTED, Delivery.ACCEPTED]
     assert sorted(first + second) == sorted([b"one", b"two", b"bad", b"four"])
     assert first and second, "one consumer took every message"
 

@@ -62,8 +62,14 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TunnelP
     folder = tmp_path_factory.mktemp("hostile")
     backend, backend_port = _echo_backend()
     process = TunnelProcess(
-        ["--handshake-timeout", "1", "--listen", f"amqp://{LOOPBACK}:0",
-         f"amqp:echo=>tcp:{LOOPBACK}:{backend_port}"], folder / "egress.log",
+        [
+            "--handshake-timeout",
+            "1",
+            "--listen",
+            f"amqp://{LOOPBACK}:0",
+            f"amqp:echo=>tcp:{LOOPBACK}:{backend_port}",
+        ],
+        folder / "egress.log",
     )
     try:
         port = int(_wait_log(process, r"accepting AMQP on amqp://[^:]+:(\d+)").group(1))
@@ -74,8 +80,9 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TunnelP
         backend.close()
 
 
-def _closed_by_server(port: int, data: bytes, *, half_close: bool = True,
-                      timeout: float = 5.0) -> bool:
+def _closed_by_server(
+    port: int, data: bytes, *, half_close: bool = True, timeout: float = 5.0
+) -> bool:
     """Send ``data``; True once the server has closed the connection (EOF or reset)."""
     with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
         try:
@@ -95,8 +102,9 @@ def _still_serves(port: int, tmp: Path) -> None:
     """A well-behaved ingress still carries a round trip through the same listener."""
     config = tmp / "connect.json"
     config.write_text(f'{{"host": "{LOOPBACK}", "port": {port}}}')
-    ingress = TunnelProcess(["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
-                            tmp / "ingress.log")
+    ingress = TunnelProcess(
+        ["--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp / "ingress.log"
+    )
     try:
         client_port = int(_wait_log(ingress, r"listening on 127\.0\.0\.1:(\d+)").group(1))
         _wait_log(ingress, r"router \S+ connected")
@@ -117,9 +125,8 @@ BROKEN = {
     "truncated frame": SASL_HEADER + struct.pack(">IBBH", 64, 2, 1, 0) + b"\x00\x53",
     "oversized frame": SASL_HEADER + struct.pack(">IBBH", 0xFFFFFFF0, 2, 1, 0) + b"\x00" * 64,
     "frame shorter than its header": SASL_HEADER + struct.pack(">IBBH", 4, 2, 1, 0),
-    "sasl-init for an unknown mechanism": SASL_HEADER + bytes.fromhex(
-        "0000001a02010000005341d00000000a00000002a308434f4f4b49455321"
-    ),
+    "sasl-init for an unknown mechanism": SASL_HEADER
+    + bytes.fromhex("0000001a02010000005341d00000000a00000002a308434f4f4b49455321"),
 }
 
 
@@ -141,8 +148,11 @@ def test_silent_connection_is_closed_after_the_handshake_timeout(
     _wait_log(process, "did not open an AMQP connection")
 
 
-@settings(max_examples=100, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(prefix=st.sampled_from([b"", SASL_HEADER, AMQP_HEADER]), body=st.binary(max_size=300))
 def test_fuzzed_input_never_hurts_the_listener(
     listener: tuple[TunnelProcess, int], prefix: bytes, body: bytes
@@ -154,7 +164,8 @@ def test_fuzzed_input_never_hurts_the_listener(
 
 
 def test_after_the_abuse_memory_is_flat_and_service_goes_on(
-    listener: tuple[TunnelProcess, int], tmp_path: Path,
+    listener: tuple[TunnelProcess, int],
+    tmp_path: Path,
 ) -> None:
     """A further 300 broken connections add no memory, and a real tunnel still works."""
     process, port = listener
@@ -173,16 +184,25 @@ def test_plaintext_to_a_tls_listener_is_closed(tmp_path: Path) -> None:
     """Plain AMQP sent to an amqps listener ends that connection only."""
     certs = make_certs(tmp_path / "certs")
     process = TunnelProcess(
-        ["--listen", "amqps://localhost:0", "--listen-cert", str(certs.server_cert),
-         "--listen-key", str(certs.server_key), f"amqp:echo=>tcp:{LOOPBACK}:9"],
+        [
+            "--listen",
+            "amqps://localhost:0",
+            "--listen-cert",
+            str(certs.server_cert),
+            "--listen-key",
+            str(certs.server_key),
+            f"amqp:echo=>tcp:{LOOPBACK}:9",
+        ],
         tmp_path / "egress.log",
     )
     try:
         port = int(_wait_log(process, r"accepting AMQP on amqps://[^:]+:(\d+)").group(1))
         assert _closed_by_server(port, SASL_HEADER + b"\x00" * 32)
         context = ssl.create_default_context(cafile=str(certs.ca))
-        with socket.create_connection((LOOPBACK, port), timeout=5) as raw, \
-                context.wrap_socket(raw, server_hostname="localhost") as tls:
+        with (
+            socket.create_connection((LOOPBACK, port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
             assert tls.version() is not None  # the listener still completes handshakes
         assert process.stop() == 0
     finally:

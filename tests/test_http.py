@@ -31,22 +31,35 @@ class HttpPair:
 
 
 def _ingress(tmp: Path, amqp_port: int, log: str, *args: str) -> TunnelProcess:
-    config = write_connect_json(tmp / "connect.json",
-                                {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port})
-    return TunnelProcess(["--config", str(config), *args, f"http:{LOOPBACK}:0=>amqp:web"],
-                         tmp / log)
+    config = write_connect_json(
+        tmp / "connect.json", {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port}
+    )
+    return TunnelProcess(
+        ["--config", str(config), *args, f"http:{LOOPBACK}:0=>amqp:web"], tmp / log
+    )
 
 
-def _egress(tmp: Path, backend_port: int, amqp_port: int, timeout: float,
-            log: str = "egress.log") -> TunnelProcess:
-    return TunnelProcess(["--listen", f"amqp://{LOOPBACK}:{amqp_port}",
-                          "--http-timeout", str(timeout), "--http-max-body", str(MAX_BODY),
-                          f"amqp:web=>http:{LOOPBACK}:{backend_port}"], tmp / log)
+def _egress(
+    tmp: Path, backend_port: int, amqp_port: int, timeout: float, log: str = "egress.log"
+) -> TunnelProcess:
+    return TunnelProcess(
+        [
+            "--listen",
+            f"amqp://{LOOPBACK}:{amqp_port}",
+            "--http-timeout",
+            str(timeout),
+            "--http-max-body",
+            str(MAX_BODY),
+            f"amqp:web=>http:{LOOPBACK}:{backend_port}",
+        ],
+        tmp / log,
+    )
 
 
 @contextlib.asynccontextmanager
-async def http_pair(tmp: Path, backend_port: int,
-                    timeout: float = TIMEOUT) -> AsyncIterator[HttpPair]:
+async def http_pair(
+    tmp: Path, backend_port: int, timeout: float = TIMEOUT
+) -> AsyncIterator[HttpPair]:
     """An HTTP egress in direct mode and an HTTP ingress connected to it."""
     limits = ["--http-timeout", str(timeout), "--http-max-body", str(MAX_BODY)]
     egress = _egress(tmp, backend_port, 0, timeout)
@@ -92,7 +105,8 @@ async def test_post_bodies_arrive_exactly(pair: HttpPair, size: int) -> None:
     """POST bodies of 0 B, 1 KiB and 8 MiB reach the backend and come back byte for byte."""
     payload = hashlib.sha256(b"seed").digest() * (size // 32) + b"x" * (size % 32)
     status, headers, body = await asyncio.to_thread(
-        request, pair.port, "POST", "/echo", payload, [("content-type", "application/x-test")])
+        request, pair.port, "POST", "/echo", payload, [("content-type", "application/x-test")]
+    )
     assert status == 200
     assert headers["x-method"] == "POST"
     assert headers["content-type"] == "application/x-test"
@@ -103,8 +117,7 @@ async def test_post_bodies_arrive_exactly(pair: HttpPair, size: int) -> None:
 def _chunked_post(port: int) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
     try:
-        conn.request("POST", "/echo", body=iter([b"one,", b"two,", b"three"]),
-                     encode_chunked=True)
+        conn.request("POST", "/echo", body=iter([b"one,", b"two,", b"three"]), encode_chunked=True)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -150,9 +163,13 @@ class _KeptOpen(io.BufferedReader):
 
 def _pipelined(port: int) -> list[tuple[int, bytes]]:
     with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
-        sock.sendall(b"".join(
-            b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body) for body in (b"first", b"second", b"third")))
+        sock.sendall(
+            b"".join(
+                b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+                for body in (b"first", b"second", b"third")
+            )
+        )
         stream = _KeptOpen(socket.SocketIO(sock, "rb"))
 
         class _Reader:
@@ -183,11 +200,14 @@ async def _raw_request(port: int, data: bytes) -> bytes:
 
 async def test_50_concurrent_clients(pair: HttpPair) -> None:
     """50 clients at once each get their own answer."""
+
     async def one(n: int) -> bytes:
         body = f"client {n}".encode() * 100
-        answer = await _raw_request(pair.port, b"POST /echo HTTP/1.1\r\nHost: web\r\n"
-                                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                    % (len(body), body))
+        answer = await _raw_request(
+            pair.port,
+            b"POST /echo HTTP/1.1\r\nHost: web\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
         head, _, received = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 "), head
         return received
@@ -200,12 +220,12 @@ async def test_multi_valued_headers_survive(pair: HttpPair) -> None:
     """A repeated request field reaches the backend with every value; two Set-Cookie
     fields reach the client as two fields, the comma inside one intact."""
     _, _, body = await asyncio.to_thread(
-        request, pair.port, "GET", "/headers", None, [("x-multi", "a"), ("x-multi", "b")])
+        request, pair.port, "GET", "/headers", None, [("x-multi", "a"), ("x-multi", "b")]
+    )
     values = json.loads(body)["headers"]["x-multi"]
     assert ", ".join(values) == "a, b"
     _, headers, _ = await asyncio.to_thread(request, pair.port, "GET", "/cookies")
-    assert headers.get_all("set-cookie") == [
-        "a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT", "b=2"]
+    assert headers.get_all("set-cookie") == ["a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT", "b=2"]
 
 
 async def test_request_without_host(pair: HttpPair) -> None:
@@ -221,6 +241,7 @@ async def test_request_without_host(pair: HttpPair) -> None:
 
 async def test_head_keeps_no_body(pair: HttpPair) -> None:
     """A HEAD request is answered without a body, and the connection stays usable."""
+
     def head_then_get(port: int) -> tuple[int, bytes, int]:
         conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
         conn.auto_open = 0
@@ -266,7 +287,8 @@ async def test_slow_backend_is_504(pair: HttpPair) -> None:
 async def test_oversized_bodies(pair: HttpPair) -> None:
     """A request body over --http-max-body gets 413; a response body over it gets 502."""
     status, headers, body = await asyncio.to_thread(
-        request, pair.port, "POST", "/echo", bytes(MAX_BODY + 1))
+        request, pair.port, "POST", "/echo", bytes(MAX_BODY + 1)
+    )
     assert status == 413
     assert headers["connection"] == "close"
     assert f"limited to {MAX_BODY} bytes".encode() in body
@@ -282,11 +304,13 @@ async def test_request_waits_for_the_egress_to_come_back(tmp_path: Path) -> None
             running.egress.kill()
             await running.ingress.wait_for("connection lost")
             waiting = asyncio.ensure_future(
-                asyncio.to_thread(request, running.port, "POST", "/echo", b"patient"))
+                asyncio.to_thread(request, running.port, "POST", "/echo", b"patient")
+            )
             await asyncio.sleep(0.5)
             assert not waiting.done()
-            running.egress = _egress(tmp_path, server.server_address[1], running.amqp_port, 30,
-                                     "egress2.log")
+            running.egress = _egress(
+                tmp_path, server.server_address[1], running.amqp_port, 30, "egress2.log"
+            )
             status, _, body = await asyncio.wait_for(waiting, 25)
             assert (status, body) == (200, b"patient")
 
@@ -316,8 +340,9 @@ async def test_egress_survives_an_answer_for_a_vanished_ingress(tmp_path: Path) 
             ingress = _ingress(tmp_path, amqp_port, "ingress.log")
             port = await ingress.listen_port()
             await ingress.wait_for(r"router amqp://\S+ connected")
-            doomed = asyncio.ensure_future(_raw_request(port, b"GET /pause HTTP/1.1\r\n"
-                                                        b"Host: web\r\n\r\n"))
+            doomed = asyncio.ensure_future(
+                _raw_request(port, b"GET /pause HTTP/1.1\r\nHost: web\r\n\r\n")
+            )
             assert await asyncio.to_thread(server.paused.wait, 10)
             ingress.kill()
             with contextlib.suppress(ConnectionResetError):  # FIN or RST: the ingress died

@@ -35,8 +35,9 @@ CONNECTED = r"router amqp://127\.0\.0\.1:\d+ connected"
 class Client(threading.Thread):
     """One HTTP request from a thread, so that the test can play the far end meanwhile."""
 
-    def __init__(self, port: int, method: str, path: str, body: bytes,
-                 headers: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, port: int, method: str, path: str, body: bytes, headers: list[tuple[str, str]]
+    ) -> None:
         super().__init__(daemon=True)
         self.args = (port, method, path, body, headers)
         self.status = 0
@@ -61,8 +62,9 @@ class Client(threading.Thread):
         return self.status, self.headers, self.body
 
 
-def start_ingress(harness: Harness, policy: Policy, *args: str,
-                  connected: str = CONNECTED) -> tuple[RouterPeer, int]:
+def start_ingress(
+    harness: Harness, policy: Policy, *args: str, connected: str = CONNECTED
+) -> tuple[RouterPeer, int]:
     """An HTTP ingress for 'web' connected to a peer, and the port it serves HTTP on."""
     peer = harness.peer(policy)
     daemon = harness.daemon(peer, *args, "http:127.0.0.1:0=>amqp:web")
@@ -73,11 +75,22 @@ def start_ingress(harness: Harness, policy: Policy, *args: str,
 
 def test_ingress_request_message_fields(harness: Harness) -> None:
     """A request becomes the §2.1 message; a node-style response becomes the HTTP answer."""
-    peer, port = start_ingress(harness, Policy(dynamic_addresses=["reply-7"]),
-                               "--site-id", "site-a")
-    client = Client(port, "POST", "/items?id=3", b"hello", [
-        ("Host", "myservice:8080"), ("Content-Type", "text/plain"),
-        ("X-Multi", "a"), ("X-Multi", "b"), ("Connection", "keep-alive")])
+    peer, port = start_ingress(
+        harness, Policy(dynamic_addresses=["reply-7"]), "--site-id", "site-a"
+    )
+    client = Client(
+        port,
+        "POST",
+        "/items?id=3",
+        b"hello",
+        [
+            ("Host", "myservice:8080"),
+            ("Content-Type", "text/plain"),
+            ("X-Multi", "a"),
+            ("X-Multi", "b"),
+            ("Connection", "keep-alive"),
+        ],
+    )
     client.start()
 
     got = peer.wait_for(Received, lambda r: r.link == "site-a-http-web")
@@ -93,18 +106,29 @@ def test_ingress_request_message_fields(harness: Harness) -> None:
     # Every other end-to-end header, names in lower case, values simple strings;
     # Connection describes the hop, not the request. Content-Length is the body's
     # own, which a node egress needs to frame the request.
-    assert message.properties == {"host": "myservice:8080", "x-multi": "a, b",
-                                  "content-length": "5"}
+    assert message.properties == {
+        "host": "myservice:8080",
+        "x-multi": "a, b",
+        "content-length": "5",
+    }
     assert message.group_id == "site-a"
     assert message.correlation_id == 1
     assert message.reply_to == "reply-7"
     assert got.is_value_binary and got.data == b"hello"
     assert not got.settled_on_arrival
 
-    peer.send(replies.name, Message(
-        address="reply-7", correlation_id=ulong(1), subject="201",
-        content_type=symbol("application/json"), group_id="site-b",
-        properties={"set-cookie": ["a=1", "b=2"], "x-answer": "yes"}, body=b'{"id": 3}'))
+    peer.send(
+        replies.name,
+        Message(
+            address="reply-7",
+            correlation_id=ulong(1),
+            subject="201",
+            content_type=symbol("application/json"),
+            group_id="site-b",
+            properties={"set-cookie": ["a=1", "b=2"], "x-answer": "yes"},
+            body=b'{"id": 3}',
+        ),
+    )
     status, headers, body = client.answer()
     assert status == 201
     assert headers.get_all("set-cookie") == ["a=1", "b=2"]
@@ -119,26 +143,35 @@ def test_http_is_the_same_through_skupper_router(harness: Harness) -> None:
     """With a skupper-router 3.x (TCP adaptor dialect, qd.streaming-links offered), HTTP still
     travels as ordinary messages: same links, same fields."""
     peer, port = start_ingress(
-        harness, Policy(dynamic_addresses=["r-0", "r-1"], product=("skupper-router", "3.5.1")),
-        "--site-id", "site-a",
-        connected=r"connected \(skupper-router 3\.5\.1\): tcp-adaptor dialect")
+        harness,
+        Policy(dynamic_addresses=["r-0", "r-1"], product=("skupper-router", "3.5.1")),
+        "--site-id",
+        "site-a",
+        connected=r"connected \(skupper-router 3\.5\.1\): tcp-adaptor dialect",
+    )
     client = Client(port, "GET", "/x", b"", [("Host", "svc")])
     client.start()
     got = peer.wait_for(Received, lambda r: r.link == "site-a-http-web")
     assert got.message is not None
     assert (got.message.address, got.message.subject) == ("svc/x", "GET")
-    replies = [a for a in peer.events() if isinstance(a, Attached)
-               and a.daemon_role == "receiver" and a.source.dynamic]
-    peer.send(replies[-1].name, Message(address=got.reply_to, correlation_id=got.correlation_id,
-                                        subject="204", body=None))
+    replies = [
+        a
+        for a in peer.events()
+        if isinstance(a, Attached) and a.daemon_role == "receiver" and a.source.dynamic
+    ]
+    peer.send(
+        replies[-1].name,
+        Message(address=got.reply_to, correlation_id=got.correlation_id, subject="204", body=None),
+    )
     status, _, body = client.answer()
     assert (status, body) == (204, b"")
 
 
 def test_ingress_retries_released_and_modified(harness: Harness) -> None:
     """Released and modified requests are sent again, same correlation id, until one is taken."""
-    policy = Policy(dynamic_addresses=["reply-1"],
-                    outcomes={"web": [Delivery.RELEASED, Delivery.MODIFIED]})
+    policy = Policy(
+        dynamic_addresses=["reply-1"], outcomes={"web": [Delivery.RELEASED, Delivery.MODIFIED]}
+    )
     peer, port = start_ingress(harness, policy, "--site-id", "site-a")
     client = Client(port, "GET", "/", b"", [("Host", "svc")])
     client.start()
@@ -146,8 +179,10 @@ def test_ingress_retries_released_and_modified(harness: Harness) -> None:
     copies = peer.received("site-a-http-web")
     assert {c.correlation_id for c in copies} == {1}
     replies = peer.wait_for(Attached, lambda a: a.daemon_role == "receiver" and a.source.dynamic)
-    peer.send(replies.name, Message(address="reply-1", correlation_id=ulong(1), subject="200",
-                                    body=b"third time"))
+    peer.send(
+        replies.name,
+        Message(address="reply-1", correlation_id=ulong(1), subject="200", body=b"third time"),
+    )
     assert client.answer()[::2] == (200, b"third time")
 
 
@@ -165,8 +200,9 @@ def test_ingress_rejected_is_502_with_the_error(harness: Harness) -> None:
 def test_ingress_without_consumer_is_504_and_never_sent_later(harness: Harness) -> None:
     """No credit (nobody consumes the address): 504 naming that, and the request is not
     sent when credit comes after the client was answered."""
-    peer, port = start_ingress(harness, Policy(credit=0), "--site-id", "site-a",
-                               "--http-timeout", "1")
+    peer, port = start_ingress(
+        harness, Policy(credit=0), "--site-id", "site-a", "--http-timeout", "1"
+    )
     client = Client(port, "GET", "/", b"", [("Host", "svc")])
     client.start()
     status, _, body = client.answer()
@@ -178,19 +214,25 @@ def test_ingress_without_consumer_is_504_and_never_sent_later(harness: Harness) 
     got = peer.wait_for(Received, lambda r: r.link == "site-a-http-web")
     assert got.message is not None and got.message.address == "svc/second"
     replies = peer.wait_for(Attached, lambda a: a.daemon_role == "receiver" and a.source.dynamic)
-    peer.send(replies.name, Message(address=got.reply_to, correlation_id=got.correlation_id,
-                                    subject="200", body=b"second"))
+    peer.send(
+        replies.name,
+        Message(
+            address=got.reply_to, correlation_id=got.correlation_id, subject="200", body=b"second"
+        ),
+    )
     assert client.answer()[::2] == (200, b"second")
     assert len(peer.received("site-a-http-web")) == 1
 
 
-def start_egress(harness: Harness, backend_port: int,
-                 *args: str) -> tuple[RouterPeer, Daemon, Attached]:
+def start_egress(
+    harness: Harness, backend_port: int, *args: str
+) -> tuple[RouterPeer, Daemon, Attached]:
     """An HTTP egress for 'web' connected to a peer, and the consumer link it attached."""
     peer = harness.peer(Policy())
     daemon = harness.daemon(peer, *args, f"amqp:web=>http:127.0.0.1:{backend_port}")
     consumer = peer.wait_for(
-        Attached, lambda a: a.daemon_role == "receiver" and a.source.address == "web")
+        Attached, lambda a: a.daemon_role == "receiver" and a.source.address == "web"
+    )
     daemon.wait_log(r"consuming 'web'")
     return peer, daemon, consumer
 
@@ -200,11 +242,20 @@ def test_egress_response_message_fields(harness: Harness) -> None:
     with backend() as server:
         peer, _, consumer = start_egress(harness, server.server_address[1], "--site-id", "site-b")
         responses = peer.wait_for(
-            Attached, lambda a: a.daemon_role == "sender" and a.target.address is None)
-        peer.send(consumer.name, Message(
-            address="svc/headers?q=1", subject="GET", group_id="site-a",
-            properties={"x-multi": ["a", "b"], "host": "svc:80", "x-single": "1"},
-            correlation_id=ulong(7), reply_to="reply-9", body=None))
+            Attached, lambda a: a.daemon_role == "sender" and a.target.address is None
+        )
+        peer.send(
+            consumer.name,
+            Message(
+                address="svc/headers?q=1",
+                subject="GET",
+                group_id="site-a",
+                properties={"x-multi": ["a", "b"], "host": "svc:80", "x-single": "1"},
+                correlation_id=ulong(7),
+                reply_to="reply-9",
+                body=None,
+            ),
+        )
         got = peer.wait_for(Received, lambda r: r.link == responses.name)
         outcome = peer.wait_for(Outcome, lambda o: o.link == consumer.name)
 
@@ -232,8 +283,12 @@ def test_egress_response_message_fields(harness: Harness) -> None:
 def test_egress_backend_down_is_modified(harness: Harness) -> None:
     """A backend that cannot be reached: the request is settled MODIFIED and nothing is sent."""
     peer, _, consumer = start_egress(harness, free_port())
-    peer.send(consumer.name, Message(address="svc/", subject="GET", correlation_id=ulong(1),
-                                     reply_to="reply-1", body=b""))
+    peer.send(
+        consumer.name,
+        Message(
+            address="svc/", subject="GET", correlation_id=ulong(1), reply_to="reply-1", body=b""
+        ),
+    )
     outcome = peer.wait_for(Outcome, lambda o: o.link == consumer.name)
     assert outcome.state == Delivery.MODIFIED
     assert not [e for e in peer.events() if isinstance(e, Received)]
@@ -242,8 +297,10 @@ def test_egress_backend_down_is_modified(harness: Harness) -> None:
 def test_egress_rejects_a_message_that_is_not_a_request(harness: Harness) -> None:
     """No method in the subject: REJECTED, naming the field, and the backend is not called."""
     peer, daemon, consumer = start_egress(harness, free_port())
-    peer.send(consumer.name, Message(address="svc/", correlation_id=ulong(1),
-                                     reply_to="reply-1", body=b""))
+    peer.send(
+        consumer.name,
+        Message(address="svc/", correlation_id=ulong(1), reply_to="reply-1", body=b""),
+    )
     outcome = peer.wait_for(Outcome, lambda o: o.link == consumer.name)
     assert outcome.state == Delivery.REJECTED
     assert "subject None is not an HTTP method" in daemon.log()

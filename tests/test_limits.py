@@ -14,16 +14,22 @@ from reactor_peer import free_port
 
 
 @contextlib.asynccontextmanager
-async def pair(tmp: Path, backend_port: int, *ingress_args: str) -> AsyncIterator[
-        tuple[TunnelProcess, int]]:
-    egress = TunnelProcess(["--listen", f"amqp://{LOOPBACK}:0",
-                            f"amqp:echo=>tcp:{LOOPBACK}:{backend_port}"], tmp / "egress.log")
+async def pair(
+    tmp: Path, backend_port: int, *ingress_args: str
+) -> AsyncIterator[tuple[TunnelProcess, int]]:
+    egress = TunnelProcess(
+        ["--listen", f"amqp://{LOOPBACK}:0", f"amqp:echo=>tcp:{LOOPBACK}:{backend_port}"],
+        tmp / "egress.log",
+    )
     ingress: TunnelProcess | None = None
     try:
-        config = write_connect_json(tmp / "connect.json",
-                                    {"host": LOOPBACK, "port": await egress.amqp_port()})
-        ingress = TunnelProcess(["--config", str(config), *ingress_args,
-                                 f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp / "ingress.log")
+        config = write_connect_json(
+            tmp / "connect.json", {"host": LOOPBACK, "port": await egress.amqp_port()}
+        )
+        ingress = TunnelProcess(
+            ["--config", str(config), *ingress_args, f"tcp:{LOOPBACK}:0=>amqp:echo"],
+            tmp / "ingress.log",
+        )
         port = await ingress.listen_port()
         await ingress.wait_for("connected")
         yield ingress, port
@@ -43,8 +49,10 @@ async def _echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 async def test_connections_past_the_limit_are_reset(tmp_path: Path) -> None:
     """With --max-connections 2 a third client is reset; the first two keep working."""
-    async with echo_server() as backend, pair(tmp_path, backend.port,
-                                              "--max-connections", "2") as (ingress, port):
+    async with (
+        echo_server() as backend,
+        pair(tmp_path, backend.port, "--max-connections", "2") as (ingress, port),
+    ):
         held = [await asyncio.open_connection(LOOPBACK, port) for _ in range(2)]
         for reader, writer in held:
             await _echoes(reader, writer)
@@ -67,8 +75,10 @@ async def test_connections_past_the_limit_are_reset(tmp_path: Path) -> None:
 
 async def test_idle_tunnels_are_reset(tmp_path: Path) -> None:
     """A tunnel that carries nothing for --idle-timeout is reset; a busy one is not."""
-    async with echo_server() as backend, pair(tmp_path, backend.port,
-                                              "--idle-timeout", "1") as (ingress, port):
+    async with (
+        echo_server() as backend,
+        pair(tmp_path, backend.port, "--idle-timeout", "1") as (ingress, port),
+    ):
         quiet = await asyncio.open_connection(LOOPBACK, port)
         busy = await asyncio.open_connection(LOOPBACK, port)
         await _echoes(*quiet)
@@ -95,8 +105,9 @@ async def test_half_closed_tunnels_are_reset(tmp_path: Path) -> None:
 
     server = await asyncio.start_server(mute, LOOPBACK, 0)
     try:
-        async with pair(tmp_path, server.sockets[0].getsockname()[1],
-                        "--half-closed-timeout", "1") as (ingress, port):
+        async with pair(
+            tmp_path, server.sockets[0].getsockname()[1], "--half-closed-timeout", "1"
+        ) as (ingress, port):
             reader, writer = await asyncio.open_connection(LOOPBACK, port)
             writer.write(b"request")
             writer.write_eof()
@@ -115,8 +126,10 @@ async def test_connections_wait_for_the_router_then_flow(tmp_path: Path) -> None
     holder.bind((LOOPBACK, 0))  # reserved, not listening: the router is "away"
     amqp_port = holder.getsockname()[1]
     config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": amqp_port})
-    ingress = TunnelProcess(["--config", str(config), "--hold-timeout", "10",
-                             f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+    ingress = TunnelProcess(
+        ["--config", str(config), "--hold-timeout", "10", f"tcp:{LOOPBACK}:0=>amqp:echo"],
+        tmp_path / "ingress.log",
+    )
     egress: TunnelProcess | None = None
     try:
         port = await ingress.listen_port()
@@ -125,11 +138,17 @@ async def test_connections_wait_for_the_router_then_flow(tmp_path: Path) -> None
             reader, writer = await asyncio.open_connection(LOOPBACK, port)
             writer.write(b"sent while the router was away")
             holder.close()
-            egress = TunnelProcess(["--listen", f"amqp://{LOOPBACK}:{amqp_port}",
-                                    f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}"],
-                                   tmp_path / "egress.log")
+            egress = TunnelProcess(
+                [
+                    "--listen",
+                    f"amqp://{LOOPBACK}:{amqp_port}",
+                    f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}",
+                ],
+                tmp_path / "egress.log",
+            )
             assert await asyncio.wait_for(reader.readexactly(30), 15) == (
-                b"sent while the router was away")
+                b"sent while the router was away"
+            )
             writer.close()
             assert await asyncio.to_thread(ingress.stop) == 0
             assert await asyncio.to_thread(egress.stop) == 0
@@ -144,8 +163,10 @@ async def test_held_connections_are_reset_after_the_hold_timeout(tmp_path: Path)
     """With no router for --hold-timeout, a held client is reset, not left hanging."""
     dead = free_port()
     config = write_connect_json(tmp_path / "connect.json", {"host": LOOPBACK, "port": dead})
-    ingress = TunnelProcess(["--config", str(config), "--hold-timeout", "1",
-                             f"tcp:{LOOPBACK}:0=>amqp:echo"], tmp_path / "ingress.log")
+    ingress = TunnelProcess(
+        ["--config", str(config), "--hold-timeout", "1", f"tcp:{LOOPBACK}:0=>amqp:echo"],
+        tmp_path / "ingress.log",
+    )
     try:
         port = await ingress.listen_port()
         reader, writer = await asyncio.open_connection(LOOPBACK, port)

@@ -47,9 +47,15 @@ def _egress_args(certs: Certs | None, backend_port: int, amqp_port: int = 0) -> 
     spec = f"amqp:echo=>tcp:{LOOPBACK}:{backend_port}"
     if certs is not None:
         return [
-            "--listen", f"amqps://localhost:{amqp_port}",
-            "--listen-cert", str(certs.server_cert), "--listen-key", str(certs.server_key),
-            "--listen-ca", str(certs.ca), spec,
+            "--listen",
+            f"amqps://localhost:{amqp_port}",
+            "--listen-cert",
+            str(certs.server_cert),
+            "--listen-key",
+            str(certs.server_key),
+            "--listen-ca",
+            str(certs.ca),
+            spec,
         ]
     return ["--listen", f"amqp://{LOOPBACK}:{amqp_port}", spec]
 
@@ -57,19 +63,34 @@ def _egress_args(certs: Certs | None, backend_port: int, amqp_port: int = 0) -> 
 def _connect_json(mode: str, tmp: Path, amqp_port: int) -> Path:
     if mode == "tls":
         # Relative names: resolved against the file's own folder.
-        return write_connect_json(tmp / "certs" / "connect.json", {
-            "scheme": "amqps", "host": "localhost", "port": str(amqp_port),
-            "tls": {"ca": "test-ca.crt", "cert": "client.crt", "key": "client.key"},
-        })
-    return write_connect_json(tmp / "connect.json", {
-        "scheme": "amqp", "host": LOOPBACK, "port": amqp_port,
-    })
+        return write_connect_json(
+            tmp / "certs" / "connect.json",
+            {
+                "scheme": "amqps",
+                "host": "localhost",
+                "port": str(amqp_port),
+                "tls": {"ca": "test-ca.crt", "cert": "client.crt", "key": "client.key"},
+            },
+        )
+    return write_connect_json(
+        tmp / "connect.json",
+        {
+            "scheme": "amqp",
+            "host": LOOPBACK,
+            "port": amqp_port,
+        },
+    )
 
 
 @contextlib.asynccontextmanager
 async def processes(
-    tmp: Path, egress_args: list[str], *, config: Callable[[int], Path] | None = None,
-    address: str = "echo", loop: str = "uvloop", ingress_args: tuple[str, ...] = (),
+    tmp: Path,
+    egress_args: list[str],
+    *,
+    config: Callable[[int], Path] | None = None,
+    address: str = "echo",
+    loop: str = "uvloop",
+    ingress_args: tuple[str, ...] = (),
 ) -> AsyncIterator[Pair]:
     """An egress process in direct mode and an ingress process connected to it.
 
@@ -80,8 +101,14 @@ async def processes(
         pair.amqp_port = await pair.egress.amqp_port()
         config_path = (config or (lambda port: _connect_json("plain", tmp, port)))(pair.amqp_port)
         pair.ingress = TunnelProcess(
-            ["--loop", loop, "--config", str(config_path), *ingress_args,
-             f"tcp:{LOOPBACK}:0=>amqp:{address}"],
+            [
+                "--loop",
+                loop,
+                "--config",
+                str(config_path),
+                *ingress_args,
+                f"tcp:{LOOPBACK}:0=>amqp:{address}",
+            ],
             tmp / "ingress.log",
         )
         pair.port = await pair.ingress.listen_port()
@@ -99,17 +126,21 @@ async def processes(
 async def tunnel_pair(tmp: Path, mode: str, loop: str) -> AsyncIterator[Pair]:
     """A pair in front of an echo backend, connected, over plain AMQP or mutual TLS."""
     certs = make_certs(tmp / "certs") if mode == "tls" else None
-    async with echo_server() as backend, processes(
-        tmp, _egress_args(certs, backend.port), loop=loop,
-        config=lambda port: _connect_json(mode, tmp, port),
-    ) as pair:
+    async with (
+        echo_server() as backend,
+        processes(
+            tmp,
+            _egress_args(certs, backend.port),
+            loop=loop,
+            config=lambda port: _connect_json(mode, tmp, port),
+        ) as pair,
+    ):
         pair.backend = backend
         await pair.ingress.wait_for(r"router amqps?://\S+ connected")
         yield pair
 
 
-@pytest.fixture(params=[("plain", "uvloop"), ("tls", "uvloop"), ("plain", "asyncio")],
-                ids="-".join)
+@pytest.fixture(params=[("plain", "uvloop"), ("tls", "uvloop"), ("plain", "asyncio")], ids="-".join)
 async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pair]:
     mode, loop = request.param
     async with tunnel_pair(tmp_path, mode, loop) as value:
@@ -125,7 +156,9 @@ async def test_64_mib_each_way(pair: Pair) -> None:
     """64 MiB through the pair and back arrive byte-exact (SHA-256)."""
     payload = os.urandom(64 * MIB)
     assert await echo_exact(pair.port, payload) == (
-        len(payload), hashlib.sha256(payload).hexdigest())
+        len(payload),
+        hashlib.sha256(payload).hexdigest(),
+    )
 
 
 async def test_200_concurrent_connections(pair: Pair) -> None:
@@ -210,8 +243,7 @@ async def test_slow_reader_memory_is_bounded(tmp_path: Path) -> None:
                 for reader, _ in readers:
                     read += len(await reader.read(4096))
                 await asyncio.sleep(0.01)
-                peak = (max(peak[0], pair.egress.rss_kib()),
-                        max(peak[1], pair.ingress.rss_kib()))
+                peak = (max(peak[0], pair.egress.rss_kib()), max(peak[1], pair.ingress.rss_kib()))
             in_flight = pushed - read
             push_stop.set()
             for _, writer in readers:
@@ -282,8 +314,10 @@ async def test_closed_tunnels_release_memory(tmp_path: Path) -> None:
         # The server's CA is not trusted: verification is on by default.
         ({"cert": "client.crt", "key": "client.key"}, "CERTIFICATE_VERIFY_FAILED"),
         # A client certificate from another CA: the direct-mode listener refuses it.
-        ({"ca": "test-ca.crt", "cert": "intruder.crt", "key": "intruder.key"},
-         "refused the connection"),
+        (
+            {"ca": "test-ca.crt", "cert": "intruder.crt", "key": "intruder.key"},
+            "refused the connection",
+        ),
         # No client certificate at all, though --listen-ca requires one.
         ({"ca": "test-ca.crt"}, "refused the connection"),
     ],
@@ -293,10 +327,18 @@ async def test_tls_refusals(tmp_path: Path, tls: dict[str, str], expect: str) ->
     certs = make_certs(tmp_path / "certs")
     async with echo_server() as backend:
         async with processes(
-            tmp_path, _egress_args(certs, backend.port), ingress_args=("--hold-timeout", "0.5"),
-            config=lambda port: write_connect_json(tmp_path / "certs" / "bad.json", {
-                "scheme": "amqps", "host": "localhost", "port": port, "tls": tls,
-            }),
+            tmp_path,
+            _egress_args(certs, backend.port),
+            ingress_args=("--hold-timeout", "0.5"),
+            config=lambda port: write_connect_json(
+                tmp_path / "certs" / "bad.json",
+                {
+                    "scheme": "amqps",
+                    "host": "localhost",
+                    "port": port,
+                    "tls": tls,
+                },
+            ),
         ) as pair:
             await pair.ingress.wait_for(expect)
             await expect_reset(pair.port)
@@ -306,13 +348,23 @@ async def test_tls_refusals(tmp_path: Path, tls: dict[str, str], expect: str) ->
 async def test_verify_false_connects_with_a_warning(tmp_path: Path) -> None:
     """verify:false turns verification off, and says so in the log."""
     certs = make_certs(tmp_path / "certs")
-    async with echo_server() as backend, processes(
-        tmp_path, _egress_args(certs, backend.port),
-        config=lambda port: write_connect_json(tmp_path / "certs" / "insecure.json", {
-            "scheme": "amqps", "host": "localhost", "port": port, "verify": False,
-            "tls": {"cert": "client.crt", "key": "client.key"},
-        }),
-    ) as pair:
+    async with (
+        echo_server() as backend,
+        processes(
+            tmp_path,
+            _egress_args(certs, backend.port),
+            config=lambda port: write_connect_json(
+                tmp_path / "certs" / "insecure.json",
+                {
+                    "scheme": "amqps",
+                    "host": "localhost",
+                    "port": port,
+                    "verify": False,
+                    "tls": {"cert": "client.crt", "key": "client.key"},
+                },
+            ),
+        ) as pair,
+    ):
         await pair.ingress.wait_for("connected")
         assert "TLS verification off" in pair.ingress.log()
         assert await round_trip(pair.port, b"insecure but working") == b"insecure but working"
@@ -320,9 +372,10 @@ async def test_verify_false_connects_with_a_warning(tmp_path: Path) -> None:
 
 async def test_sigterm_grace_then_reset(tmp_path: Path) -> None:
     """On SIGTERM the ingress stops accepting, waits out the grace, resets what is open, exits 0."""
-    async with echo_server() as backend, processes(
-        tmp_path, _egress_args(None, backend.port)
-    ) as pair:
+    async with (
+        echo_server() as backend,
+        processes(tmp_path, _egress_args(None, backend.port)) as pair,
+    ):
         await pair.ingress.wait_for("connected")
         reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
         writer.write(b"still talking")
@@ -340,9 +393,10 @@ async def test_sigterm_grace_then_reset(tmp_path: Path) -> None:
 
 async def test_resets_right_after_connect_leave_other_tunnels_alone(tmp_path: Path) -> None:
     """Clients that reset before their links are up cost nothing to the tunnels beside them."""
-    async with echo_server() as backend, processes(
-        tmp_path, _egress_args(None, backend.port)
-    ) as pair:
+    async with (
+        echo_server() as backend,
+        processes(tmp_path, _egress_args(None, backend.port)) as pair,
+    ):
         await pair.ingress.wait_for("connected")
         reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
         writer.write(b"survivor")
@@ -365,9 +419,14 @@ async def test_resets_right_after_connect_leave_other_tunnels_alone(tmp_path: Pa
 
 async def test_sigterm_resets_even_when_the_peer_is_frozen(tmp_path: Path) -> None:
     """After the grace the ingress resets its clients itself: no FIN left to the exit."""
-    async with echo_server() as backend, processes(
-        tmp_path, _egress_args(None, backend.port), ingress_args=("--grace", "0.3"),
-    ) as pair:
+    async with (
+        echo_server() as backend,
+        processes(
+            tmp_path,
+            _egress_args(None, backend.port),
+            ingress_args=("--grace", "0.3"),
+        ) as pair,
+    ):
         await pair.ingress.wait_for("connected")
         reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
         writer.write(b"hello")
@@ -399,8 +458,9 @@ async def test_backend_reset_mid_stream_resets_client(tmp_path: Path) -> None:
 
     server = await asyncio.start_server(resetting, LOOPBACK, 0)
     try:
-        async with processes(tmp_path, _egress_args(None, server.sockets[0].getsockname()[1])
-                             ) as pair:
+        async with processes(
+            tmp_path, _egress_args(None, server.sockets[0].getsockname()[1])
+        ) as pair:
             await pair.ingress.wait_for("connected")
             reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
             writer.write(b"hello")
@@ -416,9 +476,14 @@ async def test_backend_reset_mid_stream_resets_client(tmp_path: Path) -> None:
 async def test_small_frames_and_session_window(tmp_path: Path) -> None:
     """With 4 KiB frames and a 16 KiB session window both ways, 8 MiB still arrive intact."""
     limits = ("--max-frame-size", "4096", "--session-window", "16384")
-    async with echo_server() as backend, processes(
-        tmp_path, [*limits, *_egress_args(None, backend.port)], ingress_args=limits,
-    ) as pair:
+    async with (
+        echo_server() as backend,
+        processes(
+            tmp_path,
+            [*limits, *_egress_args(None, backend.port)],
+            ingress_args=limits,
+        ) as pair,
+    ):
         await pair.ingress.wait_for("connected")
         payload = os.urandom(8 * MIB)
         assert await round_trip(pair.port, payload) == payload
@@ -429,18 +494,29 @@ async def test_tls_hostname_is_verified(tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "certs")
     async with echo_server() as backend:
         # 127.0.0.2 is loopback too, but the certificate names localhost and 127.0.0.1 only.
-        egress_args = ["--listen", "amqps://127.0.0.2:0",
-                       "--listen-cert", str(certs.server_cert),
-                       "--listen-key", str(certs.server_key),
-                       f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}"]
+        egress_args = [
+            "--listen",
+            "amqps://127.0.0.2:0",
+            "--listen-cert",
+            str(certs.server_cert),
+            "--listen-key",
+            str(certs.server_key),
+            f"amqp:echo=>tcp:{LOOPBACK}:{backend.port}",
+        ]
         async with processes(
-            tmp_path, egress_args, ingress_args=("--hold-timeout", "0.5"),
-            config=lambda port: write_connect_json(tmp_path / "certs" / "ip.json", {
-                "scheme": "amqps", "host": "127.0.0.2", "port": port,
-                "tls": {"ca": "test-ca.crt", "cert": "client.crt", "key": "client.key"},
-            }),
+            tmp_path,
+            egress_args,
+            ingress_args=("--hold-timeout", "0.5"),
+            config=lambda port: write_connect_json(
+                tmp_path / "certs" / "ip.json",
+                {
+                    "scheme": "amqps",
+                    "host": "127.0.0.2",
+                    "port": port,
+                    "tls": {"ca": "test-ca.crt", "cert": "client.crt", "key": "client.key"},
+                },
+            ),
         ) as pair:
             await pair.ingress.wait_for("CERTIFICATE_VERIFY_FAILED")
             assert "IP address mismatch" in pair.ingress.log()
             await expect_reset(pair.port)
-

@@ -106,14 +106,16 @@ class TlsRouterPeer(RouterPeer):
         ssl = getattr(transport, "_ssl", None)
         subject = ssl.get_cert_subject() if ssl is not None else None
         with self._tls_lock:
-            self._authenticated.append(Authenticated(
-                mechanism=sasl.mech,
-                outcome=sasl.outcome,
-                sasl_user=sasl.user,
-                transport_user=transport.user,
-                authenticated=bool(transport.authenticated),
-                tls_subject=subject,
-            ))
+            self._authenticated.append(
+                Authenticated(
+                    mechanism=sasl.mech,
+                    outcome=sasl.outcome,
+                    sasl_user=sasl.user,
+                    transport_user=transport.user,
+                    authenticated=bool(transport.authenticated),
+                    tls_subject=subject,
+                )
+            )
         super().on_connection_opened(event)
 
     def on_transport_error(self, event: Any) -> None:
@@ -141,9 +143,9 @@ def tls_daemon(harness: Harness, peer: RouterPeer, tls: dict[str, str], *args: s
     """Start an ingress daemon whose connect.json says amqps://localhost:<peer> with ``tls``."""
     daemon = Daemon(harness.workdir, peer.port, [f"tcp:127.0.0.1:0=>amqp:{ADDRESS}", *args])
     # The server certificate names localhost, so that is the host to verify.
-    daemon.config.write_text(json.dumps(
-        {"scheme": "amqps", "host": "localhost", "port": peer.port, "tls": tls}
-    ))
+    daemon.config.write_text(
+        json.dumps({"scheme": "amqps", "host": "localhost", "port": peer.port, "tls": tls})
+    )
     harness.daemons.append(daemon)
     daemon.start()
     return daemon
@@ -163,16 +165,27 @@ def assert_refused(daemon: Daemon, peer: TlsRouterPeer, pattern: str = REFUSED) 
     return line
 
 
-def test_mutual_tls_and_sasl_external_connects_and_links(
-    harness: Harness, certs: Certs
-) -> None:
+def test_mutual_tls_and_sasl_external_connects_and_links(harness: Harness, certs: Certs) -> None:
     """Mutual TLS + SASL EXTERNAL: identity from the client certificate, then links attach."""
-    peer = tls_peer(harness, certs, Policy(
-        dynamic_addresses=[INGRESS_DYNAMIC], target_capabilities={ADDRESS: (HALF_CLOSE,)},
-    ))
-    daemon = tls_daemon(harness, peer, {
-        "ca": str(certs.ca), "cert": str(certs.client_cert), "key": str(certs.client_key),
-    }, "--site-id", SITE)
+    peer = tls_peer(
+        harness,
+        certs,
+        Policy(
+            dynamic_addresses=[INGRESS_DYNAMIC],
+            target_capabilities={ADDRESS: (HALF_CLOSE,)},
+        ),
+    )
+    daemon = tls_daemon(
+        harness,
+        peer,
+        {
+            "ca": str(certs.ca),
+            "cert": str(certs.client_cert),
+            "key": str(certs.client_key),
+        },
+        "--site-id",
+        SITE,
+    )
     port = int(daemon.wait_log(LISTENING).group(1))
     daemon.wait_log(CONNECTED)
     opened = peer.wait_for(ConnectionOpened)
@@ -192,15 +205,17 @@ def test_mutual_tls_and_sasl_external_connects_and_links(
     # attached; then the ingress attaches its sender over this connection.
     receiver = peer.wait_for(Attached, lambda a: a.daemon_role == "receiver")
     assert receiver.source.dynamic
-    assert not any(isinstance(e, Attached) and e.daemon_role == "sender"
-                   for e in peer.events()), peer.events()
+    assert not any(isinstance(e, Attached) and e.daemon_role == "sender" for e in peer.events()), (
+        peer.events()
+    )
     client = harness.client(port)
     sender = peer.wait_for(Attached, lambda a: a.daemon_role == "sender")
     assert sender.name.startswith(f"127.0.0.1:{client.getsockname()[1]}@{SITE}@")
     assert sender.target.address == ADDRESS
     # The sender replies through one of the pooled dynamic receivers.
-    assigned = peer.call(lambda p: {link.source.address for link in p.links.values()
-                                    if link.is_sender})
+    assigned = peer.call(
+        lambda p: {link.source.address for link in p.links.values() if link.is_sender}
+    )
     assert sender.source.address in assigned
     assert INGRESS_DYNAMIC in assigned
     assert peer.events().index(receiver) < peer.events().index(sender)
@@ -214,15 +229,18 @@ def test_daemon_without_client_certificate_is_refused(harness: Harness, certs: C
     assert peer.transport_errors(), "the peer should have seen the failed handshake"
 
 
-def test_daemon_with_foreign_client_certificate_is_refused(
-    harness: Harness, certs: Certs
-) -> None:
+def test_daemon_with_foreign_client_certificate_is_refused(harness: Harness, certs: Certs) -> None:
     """A client certificate signed by another CA is refused like a missing one."""
     peer = tls_peer(harness, certs)
-    daemon = tls_daemon(harness, peer, {
-        "ca": str(certs.ca),
-        "cert": str(certs.other_client_cert), "key": str(certs.other_client_key),
-    })
+    daemon = tls_daemon(
+        harness,
+        peer,
+        {
+            "ca": str(certs.ca),
+            "cert": str(certs.other_client_cert),
+            "key": str(certs.other_client_key),
+        },
+    )
     assert_refused(daemon, peer)
     assert peer.transport_errors(), "the peer should have seen the failed handshake"
 
@@ -230,8 +248,13 @@ def test_daemon_with_foreign_client_certificate_is_refused(
 def test_default_trust_store_rejects_private_ca(harness: Harness, certs: Certs) -> None:
     """Without "ca" the system trust store is used and the router's private CA fails to verify."""
     peer = tls_peer(harness, certs)
-    daemon = tls_daemon(harness, peer, {
-        "cert": str(certs.client_cert), "key": str(certs.client_key),
-    })
+    daemon = tls_daemon(
+        harness,
+        peer,
+        {
+            "cert": str(certs.client_cert),
+            "key": str(certs.client_key),
+        },
+    )
     line = assert_refused(daemon, peer, r"router amqps://localhost:\d+ .*CERTIFICATE_VERIFY_FAILED")
     assert re.search(REFUSED, line), line

@@ -73,7 +73,9 @@ def test_comma_separated_and_separate_arguments() -> None:
     """Specs may be comma-joined in one argument, as skupper-proxy takes them, or separate."""
     specs = parse_specs(["amqp:echo=>tcp:2000,tcp:3000=>amqp:echo", "tcp:4000=>amqp:x"], {})
     assert [str(s) for s in specs] == [
-        "amqp:echo=>tcp:localhost:2000", "tcp:3000=>amqp:echo", "tcp:4000=>amqp:x",
+        "amqp:echo=>tcp:localhost:2000",
+        "tcp:3000=>amqp:echo",
+        "tcp:4000=>amqp:x",
     ]
 
 

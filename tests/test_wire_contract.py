@@ -203,8 +203,9 @@ def test_egress_backend_refused_detaches_with_error(harness: Harness) -> None:
     detach = wait_detached(peer, ROUTED)
     assert detach.closed
     assert detach.condition is not None, detach
-    assert not any(isinstance(e, Credit) and e.link == ROUTED and e.credit > 0
-                   for e in peer.events())
+    assert not any(
+        isinstance(e, Credit) and e.link == ROUTED and e.credit > 0 for e in peer.events()
+    )
 
 
 # -- ingress: tcp:127.0.0.1:0=>amqp:echo ---------------------------------------------
@@ -223,11 +224,14 @@ def ingress_links(peer: RouterPeer, client: socket.socket) -> tuple[Attached, At
     one a tunnel uses is found by the address its sender carries as source.
     """
     sender = peer.wait_for(Attached, lambda a: a.daemon_role == "sender")
-    assigned = peer.call(lambda p: {name: link.source.address
-                                    for name, link in p.links.items()})
-    [receiver] = [a for a in peer.events() if isinstance(a, Attached)
-                  and a.daemon_role == "receiver"
-                  and assigned.get(a.name) == sender.source.address]
+    assigned = peer.call(lambda p: {name: link.source.address for name, link in p.links.items()})
+    [receiver] = [
+        a
+        for a in peer.events()
+        if isinstance(a, Attached)
+        and a.daemon_role == "receiver"
+        and assigned.get(a.name) == sender.source.address
+    ]
     assert receiver.source.dynamic
     events = peer.events()
     assert events.index(receiver) < events.index(sender)
@@ -242,8 +246,8 @@ def ingress_links(peer: RouterPeer, client: socket.socket) -> tuple[Attached, At
 def test_ingress_carries_bytes_and_half_close_both_ways(harness: Harness) -> None:
     """Ingress sends unsettled amqp-value binary with reply-to; FINs travel as eos markers."""
     peer, port = start_ingress(
-        harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC],
-                        target_capabilities={ADDRESS: (HALF_CLOSE,)}),
+        harness,
+        Policy(dynamic_addresses=[INGRESS_DYNAMIC], target_capabilities={ADDRESS: (HALF_CLOSE,)}),
     )
     client = harness.client(port)
     receiver, sender = ingress_links(peer, client)
@@ -283,7 +287,8 @@ def test_ingress_carries_bytes_and_half_close_both_ways(harness: Harness) -> Non
 def test_ingress_without_half_close_detaches_after_settlement(harness: Harness) -> None:
     """Towards a node egress a client FIN is a clean detach once every delivery is settled."""
     peer, port = start_ingress(
-        harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC], hold_targets=frozenset({ADDRESS})),
+        harness,
+        Policy(dynamic_addresses=[INGRESS_DYNAMIC], hold_targets=frozenset({ADDRESS})),
     )
     client = harness.client(port)
     receiver, sender = ingress_links(peer, client)
@@ -311,8 +316,8 @@ def test_ingress_without_half_close_detaches_after_settlement(harness: Harness) 
 def test_ingress_resets_client_when_link_detached_with_error(harness: Harness) -> None:
     """A detach with an error condition resets the client's TCP connection (RST, not FIN)."""
     peer, port = start_ingress(
-        harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC],
-                        target_capabilities={ADDRESS: (HALF_CLOSE,)}),
+        harness,
+        Policy(dynamic_addresses=[INGRESS_DYNAMIC], target_capabilities={ADDRESS: (HALF_CLOSE,)}),
     )
     client = harness.client(port)
     receiver, sender = ingress_links(peer, client)
@@ -365,8 +370,9 @@ def test_ingress_reads_nothing_until_credit(harness: Harness) -> None:
 
 def test_ingress_resets_when_node_egress_connection_is_lost(harness: Harness) -> None:
     """qd:routed-link-lost at the ingress means the egress died: the client gets an RST."""
-    peer, port = start_ingress(harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC],
-                                               hold_targets=frozenset({ADDRESS})))
+    peer, port = start_ingress(
+        harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC], hold_targets=frozenset({ADDRESS}))
+    )
     client = harness.client(port)
     receiver, sender = ingress_links(peer, client)
     client.sendall(b"important request")
@@ -382,9 +388,14 @@ def test_ingress_resets_when_node_egress_connection_is_lost(harness: Harness) ->
 @pytest.mark.parametrize("outcome", [Delivery.RELEASED, Delivery.REJECTED, Delivery.MODIFIED])
 def test_ingress_resets_client_on_unaccepted_delivery(harness: Harness, outcome: Any) -> None:
     """A delivery released, rejected or modified resets the client (RST), never a FIN."""
-    peer, port = start_ingress(harness, Policy(dynamic_addresses=[INGRESS_DYNAMIC],
-                                               target_capabilities={ADDRESS: (HALF_CLOSE,)},
-                                               hold_targets=frozenset({ADDRESS})))
+    peer, port = start_ingress(
+        harness,
+        Policy(
+            dynamic_addresses=[INGRESS_DYNAMIC],
+            target_capabilities={ADDRESS: (HALF_CLOSE,)},
+            hold_targets=frozenset({ADDRESS}),
+        ),
+    )
     client = harness.client(port)
     _, sender = ingress_links(peer, client)
     client.sendall(b"will not be accepted")

@@ -37,61 +37,127 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("specs", nargs="*", metavar="SPEC", help="bridge spec(s)")
     parser.add_argument("--config", metavar="PATH", help="router connection file (connect.json)")
-    parser.add_argument("--listen", metavar="URL",
-                        help="direct mode: accept AMQP on amqp://HOST:PORT or amqps://HOST:PORT")
+    parser.add_argument(
+        "--listen",
+        metavar="URL",
+        help="direct mode: accept AMQP on amqp://HOST:PORT or amqps://HOST:PORT",
+    )
     parser.add_argument("--listen-cert", metavar="PEM", help="direct mode TLS certificate")
     parser.add_argument("--listen-key", metavar="PEM", help="direct mode TLS private key")
-    parser.add_argument("--listen-ca", metavar="PEM",
-                        help="direct mode: require client certificates signed by this CA")
-    parser.add_argument("--admin", metavar="HOST:PORT",
-                        help="serve /healthz, /readyz and /metrics over HTTP (off by default)")
-    parser.add_argument("--site-id", help="site id in link names (default: $SKUPPER_SITE_ID, "
-                        "else the host name)")
-    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                        help="default: $LOGLEVEL, else INFO")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                        help="credit window per link, in deliveries (default %(default)s)")
-    parser.add_argument("--open-timeout", type=float, default=DEFAULT_OPEN_TIMEOUT,
-                        help="seconds an ingress waits for credit before resetting the client "
-                        "(default %(default)s)")
-    parser.add_argument("--hold-timeout", type=float, default=DEFAULT_HOLD_TIMEOUT,
-                        help="seconds a new connection is held while the router is away, "
-                        "before it is reset (default %(default)s)")
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
-                        help="seconds open tunnels get to finish on SIGTERM (default %(default)s)")
-    parser.add_argument("--handshake-timeout", type=float, default=10.0,
-                        help="direct mode: seconds a new AMQP connection has to open "
-                        "(default %(default)s)")
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                        help="tunnels open at once per bridge; past it new connections are "
-                        "reset (default %(default)s)")
-    parser.add_argument("--idle-timeout", type=float, default=0.0,
-                        help="reset a tunnel that carries nothing for this many seconds "
-                        "(default 0: never)")
-    parser.add_argument("--half-closed-timeout", type=float,
-                        default=DEFAULT_HALF_CLOSED_TIMEOUT,
-                        help="reset a tunnel left half-closed and silent this long "
-                        "(default %(default)s; 0: never)")
-    parser.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE,
-                        help="largest AMQP frame we accept, in bytes (default %(default)s)")
-    parser.add_argument("--session-window", type=int, default=0,
-                        help="bytes an AMQP session takes in before the peer must wait; "
-                        "at least the frame size (default 0: proton's)")
-    parser.add_argument("--dialect", choices=[d.value for d in Dialect], default="auto",
-                        help="how TCP travels through the router: link-route (Qpid Dispatch, "
-                        "skupper-proxy's messages), tcp-adaptor (skupper-router 3.x streams), "
-                        "or auto: chosen from the router's Open (default %(default)s)")
-    parser.add_argument("--http-timeout", type=float, default=http_message.DEFAULT_TIMEOUT,
-                        help="HTTP bridges: seconds a request may take before it is answered "
-                        "504 (default %(default)s)")
-    parser.add_argument("--http-max-body", type=int, default=http_message.DEFAULT_MAX_BODY,
-                        help="HTTP bridges: largest request or response body, in bytes; larger "
-                        "requests get 413, larger responses 502 (default %(default)s)")
-    parser.add_argument("--http-window", type=int, default=http_message.DEFAULT_WINDOW,
-                        help="HTTP egress: requests in hand at once per consumer link "
-                        "(default %(default)s)")
-    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
-                        help="event loop (default %(default)s)")
+    parser.add_argument(
+        "--listen-ca",
+        metavar="PEM",
+        help="direct mode: require client certificates signed by this CA",
+    )
+    parser.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz and /metrics over HTTP (off by default)",
+    )
+    parser.add_argument(
+        "--site-id", help="site id in link names (default: $SKUPPER_SITE_ID, else the host name)"
+    )
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, help="default: $LOGLEVEL, else INFO"
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help="credit window per link, in deliveries (default %(default)s)",
+    )
+    parser.add_argument(
+        "--open-timeout",
+        type=float,
+        default=DEFAULT_OPEN_TIMEOUT,
+        help="seconds an ingress waits for credit before resetting the client "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=DEFAULT_HOLD_TIMEOUT,
+        help="seconds a new connection is held while the router is away, "
+        "before it is reset (default %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        help="seconds open tunnels get to finish on SIGTERM (default %(default)s)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="direct mode: seconds a new AMQP connection has to open (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="tunnels open at once per bridge; past it new connections are "
+        "reset (default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=0.0,
+        help="reset a tunnel that carries nothing for this many seconds (default 0: never)",
+    )
+    parser.add_argument(
+        "--half-closed-timeout",
+        type=float,
+        default=DEFAULT_HALF_CLOSED_TIMEOUT,
+        help="reset a tunnel left half-closed and silent this long (default %(default)s; 0: never)",
+    )
+    parser.add_argument(
+        "--max-frame-size",
+        type=int,
+        default=DEFAULT_MAX_FRAME_SIZE,
+        help="largest AMQP frame we accept, in bytes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--session-window",
+        type=int,
+        default=0,
+        help="bytes an AMQP session takes in before the peer must wait; "
+        "at least the frame size (default 0: proton's)",
+    )
+    parser.add_argument(
+        "--dialect",
+        choices=[d.value for d in Dialect],
+        default="auto",
+        help="how TCP travels through the router: link-route (Qpid Dispatch, "
+        "skupper-proxy's messages), tcp-adaptor (skupper-router 3.x streams), "
+        "or auto: chosen from the router's Open (default %(default)s)",
+    )
+    parser.add_argument(
+        "--http-timeout",
+        type=float,
+        default=http_message.DEFAULT_TIMEOUT,
+        help="HTTP bridges: seconds a request may take before it is answered "
+        "504 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--http-max-body",
+        type=int,
+        default=http_message.DEFAULT_MAX_BODY,
+        help="HTTP bridges: largest request or response body, in bytes; larger "
+        "requests get 413, larger responses 502 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--http-window",
+        type=int,
+        default=http_message.DEFAULT_WINDOW,
+        help="HTTP egress: requests in hand at once per consumer link (default %(default)s)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop (default %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=f"tunnel {__version__}")
     return parser
 
@@ -123,16 +189,28 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         source = "own direct-mode listener"
     site_id = args.site_id or env.get("SKUPPER_SITE_ID") or socket.gethostname()
     return Settings(
-        specs=tuple(specs), router=router, router_source=source, listen=listen, site_id=site_id,
-        window=args.window, open_timeout=args.open_timeout, grace=args.grace,
+        specs=tuple(specs),
+        router=router,
+        router_source=source,
+        listen=listen,
+        site_id=site_id,
+        window=args.window,
+        open_timeout=args.open_timeout,
+        grace=args.grace,
         admin=_admin_address(args.admin) if args.admin else None,
-        handshake_timeout=args.handshake_timeout, hold_timeout=args.hold_timeout,
-        max_frame_size=args.max_frame_size, session_window=args.session_window,
-        limits=Limits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-                      half_closed_timeout=args.half_closed_timeout),
+        handshake_timeout=args.handshake_timeout,
+        hold_timeout=args.hold_timeout,
+        max_frame_size=args.max_frame_size,
+        session_window=args.session_window,
+        limits=Limits(
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
+            half_closed_timeout=args.half_closed_timeout,
+        ),
         dialect=Dialect(args.dialect),
-        http=http_message.HttpSettings(timeout=args.http_timeout, max_body=args.http_max_body,
-                                      window=args.http_window),
+        http=http_message.HttpSettings(
+            timeout=args.http_timeout, max_body=args.http_max_body, window=args.http_window
+        ),
     )
 
 
@@ -150,29 +228,37 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if not 512 <= args.max_frame_size <= 1 << 30:
         raise ConfigError(f"--max-frame-size {args.max_frame_size}: expected 512 to 2**30")
     if args.session_window and args.session_window < args.max_frame_size:
-        raise ConfigError(f"--session-window {args.session_window}: must be 0 or at least "
-                          f"the frame size ({args.max_frame_size})")
+        raise ConfigError(
+            f"--session-window {args.session_window}: must be 0 or at least "
+            f"the frame size ({args.max_frame_size})"
+        )
     if args.max_connections < 1:
         raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
     if args.idle_timeout < 0 or args.half_closed_timeout < 0:
         raise ConfigError("--idle-timeout and --half-closed-timeout must not be negative")
-    for flag, count in (("--window", args.window), ("--http-window", args.http_window),
-                        ("--http-max-body", args.http_max_body)):
+    for flag, count in (
+        ("--window", args.window),
+        ("--http-window", args.http_window),
+        ("--http-max-body", args.http_max_body),
+    ):
         if count < 1:
             raise ConfigError(f"{flag} {count}: must be at least 1")
-    for flag, value, least in (("--open-timeout", args.open_timeout, "above 0"),
-                               ("--handshake-timeout", args.handshake_timeout, "above 0"),
-                               ("--http-timeout", args.http_timeout, "above 0"),
-                               ("--grace", args.grace, "0 or more"),
-                               ("--hold-timeout", args.hold_timeout, "0 or more")):
+    for flag, value, least in (
+        ("--open-timeout", args.open_timeout, "above 0"),
+        ("--handshake-timeout", args.handshake_timeout, "above 0"),
+        ("--http-timeout", args.http_timeout, "above 0"),
+        ("--grace", args.grace, "0 or more"),
+        ("--hold-timeout", args.hold_timeout, "0 or more"),
+    ):
         if value < 0 or (value == 0 and least == "above 0"):
             raise ConfigError(f"{flag} {value:g}: must be {least}")
 
 
 def _warn_insecure(conn: ConnectionConfig, source: str) -> None:
     if conn.scheme == "amqps" and not conn.verify_peer:
-        logger.warning("%s turns TLS verification off: the router's identity is not checked",
-                       source)
+        logger.warning(
+            "%s turns TLS verification off: the router's identity is not checked", source
+        )
     if conn.scheme == "amqp" and conn.password:
         logger.warning("%s sends a SASL PLAIN password without TLS", source)
 
@@ -184,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if level not in LOG_LEVELS:
         parser.error(f"$LOGLEVEL {level!r}: expected one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(
-        level=level, stream=sys.stderr,
+        level=level,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -135,8 +135,16 @@ class Flow:
         "write_open",
     )
 
-    def __init__(self, name: str, host: FlowHost, dispatcher: StreamDispatcher, role: Role,
-                 address: str, *, stats: BridgeStats | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        host: FlowHost,
+        dispatcher: StreamDispatcher,
+        role: Role,
+        address: str,
+        *,
+        stats: BridgeStats | None = None,
+    ) -> None:
         self.name = name
         self.host = host
         self.amqp = host.socket
@@ -177,8 +185,14 @@ class Flow:
             stats.tunnel_opened(self)
 
     # -- starting -----------------------------------------------------------------
-    def start_listener(self, session: Session, transport: asyncio.Transport,
-                       open_timeout: float, parked: bytes = b"", read_open: bool = True) -> None:
+    def start_listener(
+        self,
+        session: Session,
+        transport: asyncio.Transport,
+        open_timeout: float,
+        parked: bytes = b"",
+        read_open: bool = True,
+    ) -> None:
         """Our ingress: a client is connected; ask for a reply address, then send our stream.
 
         ``parked`` is what was read from the client already, and
@@ -195,7 +209,8 @@ class Flow:
         receiver.open()
         self.receiver = receiver
         self.open_timer = asyncio.get_running_loop().call_later(
-            open_timeout, self._on_open_timeout, open_timeout)
+            open_timeout, self._on_open_timeout, open_timeout
+        )
         self.log.debug("accepted; opening a stream to %r", self.address)
         self.amqp.flush_soon()
 
@@ -203,8 +218,7 @@ class Flow:
         """Our egress: a client stream arrived; it waits for the backend connect."""
         self.in_delivery = delivery
         self.reply_to = header.reply_to
-        self.log.debug("client stream (correlation %s) for %r", header.correlation_id,
-                       header.to)
+        self.log.debug("client stream (correlation %s) for %r", header.correlation_id, header.to)
 
     # -- AMQP: link events ------------------------------------------------------------
     def on_link_opened(self, link: Link) -> None:
@@ -246,8 +260,10 @@ class Flow:
         what = f"{condition.name}: {condition.description}" if condition else "no error"
         if link.is_sender and self.out_settled:
             return
-        self.reset(f"the far end detached our {'sender' if link.is_sender else 'receiver'} "
-                   f"({what})", Failure.FAR_END)
+        self.reset(
+            f"the far end detached our {'sender' if link.is_sender else 'receiver'} ({what})",
+            Failure.FAR_END,
+        )
 
     def on_delivery(self, link: Any, delivery: Any) -> None:
         """An update on our own stream: the far end's acknowledgements and outcome."""
@@ -269,14 +285,16 @@ class Flow:
         self._check_finished()
 
     # -- AMQP: the far end's stream (called by the dispatcher) --------------------------
-    def on_in_stream(self, delivery: Any, header: adaptor_wire.StreamHeader,
-                     first: memoryview) -> None:
+    def on_in_stream(
+        self, delivery: Any, header: adaptor_wire.StreamHeader, first: memoryview
+    ) -> None:
         """The far end's stream began; ``first`` is what came after its header."""
         if self.role is Role.LISTENER:
             if header.content_type != adaptor_wire.CONTENT_TYPE:
                 settle(delivery, REJECTED)
-                self.reset(f"counter-stream with content-type {header.content_type!r}",
-                           Failure.PROTOCOL)
+                self.reset(
+                    f"counter-stream with content-type {header.content_type!r}", Failure.PROTOCOL
+                )
                 return
             self.in_delivery = delivery
             if self.open_timer is not None:
@@ -466,8 +484,7 @@ class Flow:
         if self.tcp is not None:
             self.tcp.close()
         self.phase = Phase.CLOSED
-        self.log.info("closed (finished): %d bytes in, %d bytes out", self.bytes_in,
-                      self.bytes_out)
+        self.log.info("closed (finished): %d bytes in, %d bytes out", self.bytes_in, self.bytes_out)
         self._ended()
 
     def reset(self, reason: str, failure: Failure) -> None:
@@ -490,8 +507,9 @@ class Flow:
             self.in_delivery = None
         self._close_links(Condition(RESET_CONDITION, reason))
         self.phase = Phase.CLOSED
-        self.log.info("reset (%s): %d bytes in, %d bytes out", reason, self.bytes_in,
-                      self.bytes_out)
+        self.log.info(
+            "reset (%s): %d bytes in, %d bytes out", reason, self.bytes_in, self.bytes_out
+        )
         self._ended()
 
     def _close_links(self, condition: Condition | None) -> None:
@@ -524,9 +542,12 @@ class StreamDispatcher:
     released, so the router can try elsewhere.
     """
 
-    def __init__(self, session: Session,
-                 on_client_stream: Callable[[str, Any, adaptor_wire.StreamHeader], Flow | None],
-                 on_consumer_ready: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        session: Session,
+        on_client_stream: Callable[[str, Any, adaptor_wire.StreamHeader], Flow | None],
+        on_consumer_ready: Callable[[str], None],
+    ) -> None:
         self.session = session
         self.on_client_stream = on_client_stream
         self.on_consumer_ready = on_consumer_ready
@@ -589,8 +610,12 @@ class StreamDispatcher:
             del self.heads[delivery]
         condition = link.remote_condition
         if condition is not None and link.name.startswith("tunnel-consumer-"):
-            logger.error("router closed the consumer link %s: %s: %s", link.name,
-                         condition.name, condition.description)
+            logger.error(
+                "router closed the consumer link %s: %s: %s",
+                link.name,
+                condition.name,
+                condition.description,
+            )
 
     def on_delivery(self, link: Any, delivery: Any) -> None:
         flow = self.flows.get(delivery)
@@ -636,8 +661,7 @@ class StreamDispatcher:
             flow.on_in_stream(delivery, header, memoryview(buf)[start:])
             self._check_end(link, delivery, flow)
 
-    def _flow_for(self, link: Any, delivery: Any,
-                  header: adaptor_wire.StreamHeader) -> Flow | None:
+    def _flow_for(self, link: Any, delivery: Any, header: adaptor_wire.StreamHeader) -> Flow | None:
         """A listener's counter-stream, or a new connector flow; None once refused."""
         flow = self.replies.get(header.to or "")
         if flow is not None:
@@ -647,8 +671,9 @@ class StreamDispatcher:
             return None
         if header.content_type != adaptor_wire.CONTENT_TYPE:
             # Another encapsulation: the router may have a connector that speaks it.
-            self._refuse(link, delivery, RELEASED,
-                         f"content-type {header.content_type!r} is not ours")
+            self._refuse(
+                link, delivery, RELEASED, f"content-type {header.content_type!r} is not ours"
+            )
             return None
         flow = self.on_client_stream(header.to or "", delivery, header)
         if flow is None:
@@ -656,8 +681,11 @@ class StreamDispatcher:
         return flow
 
     def _check_end(self, link: Any, delivery: Any, flow: Flow) -> None:
-        if (_lib.pn_delivery_partial(delivery) or _lib.pn_delivery_pending(delivery)
-                or delivery not in self.flows):
+        if (
+            _lib.pn_delivery_partial(delivery)
+            or _lib.pn_delivery_pending(delivery)
+            or delivery not in self.flows
+        ):
             return
         self.ended.add(delivery)
         flow.on_in_end(bool(_lib.pn_delivery_aborted(delivery)))

@@ -64,8 +64,7 @@ class StreamHeader:
     content_type: str | None = CONTENT_TYPE
 
 
-def encode_header(to: str, reply_to: str | None = None,
-                  correlation_id: str | None = None) -> bytes:
+def encode_header(to: str, reply_to: str | None = None, correlation_id: str | None = None) -> bytes:
     """The header sections of a stream, to be followed by its raw octets."""
     fields = [
         _NULL,  # message-id
@@ -115,8 +114,10 @@ def _parse(view: memoryview) -> tuple[StreamHeader, int]:
         if code == AMQP_VALUE:
             return header, end
         if code not in _HEADER_SECTIONS:
-            raise WireError(f"a body section 0x{code:02x} where a TCP adaptor stream has "
-                            "amqp-value null: not this dialect")
+            raise WireError(
+                f"a body section 0x{code:02x} where a TCP adaptor stream has "
+                "amqp-value null: not this dialect"
+            )
         if code == PROPERTIES:
             header = _properties(view[value_at:end])
         pos = end

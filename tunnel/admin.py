@@ -28,6 +28,7 @@ METRICS_PATH = "/metrics"
 MAX_HEAD = 8192
 READ_TIMEOUT = 10.0
 
+
 class AdminProtocol(asyncio.Protocol):
     """One admin HTTP connection: one request, one response."""
 
@@ -68,8 +69,7 @@ class AdminProtocol(asyncio.Protocol):
 class AdminServer:
     """Answers the three paths; ``readiness`` returns what is missing, empty when ready."""
 
-    def __init__(self, registry: CollectorRegistry,
-                 readiness: Callable[[], list[str]]) -> None:
+    def __init__(self, registry: CollectorRegistry, readiness: Callable[[], list[str]]) -> None:
         self.registry = registry
         self.readiness = readiness
         self.server: asyncio.Server | None = None
@@ -79,8 +79,14 @@ class AdminServer:
             lambda: AdminProtocol(self), host, port, reuse_address=True
         )
         bound = self.server.sockets[0].getsockname()
-        logger.info("admin endpoint on http://%s:%d (%s, %s, %s)", bound[0], bound[1],
-                    HEALTH_PATH, READY_PATH, METRICS_PATH)
+        logger.info(
+            "admin endpoint on http://%s:%d (%s, %s, %s)",
+            bound[0],
+            bound[1],
+            HEALTH_PATH,
+            READY_PATH,
+            METRICS_PATH,
+        )
 
     def respond(self, request_line: bytes) -> tuple[int, str, bytes]:
         parts = request_line.decode("latin-1").split()

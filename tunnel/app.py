@@ -67,21 +67,30 @@ class App:
             if isinstance(spec, HttpEgressSpec)
         }
         self.http_ingress = [
-            HttpIngressBridge(spec, settings.site_id, settings.http,
-                              settings.limits.max_connections)
+            HttpIngressBridge(
+                spec, settings.site_id, settings.http, settings.limits.max_connections
+            )
             for spec in settings.specs
             if isinstance(spec, HttpIngressSpec)
         ]
         # Through a router, HTTP egress bridges consume their addresses there.
-        self.routed_http = [RoutedEgress(bridge) for bridge in self.http_egress.values()
-                            if settings.router is not None]
+        self.routed_http = [
+            RoutedEgress(bridge)
+            for bridge in self.http_egress.values()
+            if settings.router is not None
+        ]
         self.direct = (
-            DirectListener(settings.listen, self.egress, http_egress=self.http_egress,
-                           handshake_timeout=settings.handshake_timeout,
-                           max_frame_size=settings.max_frame_size,
-                           session_window=settings.session_window,
-                           max_message=settings.http.max_message)
-            if settings.listen else None
+            DirectListener(
+                settings.listen,
+                self.egress,
+                http_egress=self.http_egress,
+                handshake_timeout=settings.handshake_timeout,
+                max_frame_size=settings.max_frame_size,
+                session_window=settings.session_window,
+                max_message=settings.http.max_message,
+            )
+            if settings.listen
+            else None
         )
         self.router: RouterClient | None = None
         self.ingress: list[IngressBridge] = []
@@ -105,9 +114,11 @@ class App:
         if endpoint is not None:
             # Link routes only where a router will route: not to our own listener.
             self.router = RouterClient(
-                endpoint, self.egress if settings.router else {},
+                endpoint,
+                self.egress if settings.router else {},
                 ingress=any(isinstance(s, IngressSpec) for s in settings.specs),
-                max_frame_size=settings.max_frame_size, session_window=settings.session_window,
+                max_frame_size=settings.max_frame_size,
+                session_window=settings.session_window,
                 dialect=settings.dialect,
                 messaging=[*self.http_ingress, *self.routed_http],
             )
@@ -116,9 +127,13 @@ class App:
             if isinstance(spec, IngressSpec):
                 assert self.router is not None
                 bridge = IngressBridge(
-                    spec, self.router, settings.site_id,
-                    window=settings.window, open_timeout=settings.open_timeout,
-                    hold_timeout=settings.hold_timeout, limits=settings.limits,
+                    spec,
+                    self.router,
+                    settings.site_id,
+                    window=settings.window,
+                    open_timeout=settings.open_timeout,
+                    hold_timeout=settings.hold_timeout,
+                    limits=settings.limits,
                 )
                 await bridge.start()
                 self.ingress.append(bridge)
@@ -129,8 +144,11 @@ class App:
             verify = "on" if endpoint.ssl.verify_mode != 0 else "OFF"
         logger.info(
             "tunnel %s started: bridges [%s]; router %s (%s, TLS verification %s)",
-            __version__, ", ".join(str(s) for s in settings.specs),
-            endpoint.url if endpoint else "none", settings.router_source, verify,
+            __version__,
+            ", ".join(str(s) for s in settings.specs),
+            endpoint.url if endpoint else "none",
+            settings.router_source,
+            verify,
         )
 
     def bridge_stats(self) -> list[BridgeStats]:
@@ -141,8 +159,7 @@ class App:
         missing = []
         for spec in self.settings.specs:
             if isinstance(spec, IngressSpec) and not any(
-                b.spec == spec and b.server is not None and b.server.sockets
-                for b in self.ingress
+                b.spec == spec and b.server is not None and b.server.sockets for b in self.ingress
             ):
                 missing.append(f"listener for {spec} not bound")
         for http in self.http_ingress:
@@ -152,13 +169,17 @@ class App:
                 missing.append(f"reply address for {http.spec} not assigned")
         for routed in self.routed_http:
             if not routed.active:
-                missing.append(f"consumer for {routed.bridge.spec.address!r} not active "
-                               f"({routed.bridge.spec})")
+                missing.append(
+                    f"consumer for {routed.bridge.spec.address!r} not active ({routed.bridge.spec})"
+                )
         router = self.router
         if router is not None and router.connection is None:
             missing.append(f"router {router.endpoint.url} not connected")
-        adaptor = (router is not None and router.connection is not None
-                   and router.connection.dialect is Dialect.TCP_ADAPTOR)
+        adaptor = (
+            router is not None
+            and router.connection is not None
+            and router.connection.dialect is Dialect.TCP_ADAPTOR
+        )
         for address, bridge in self.egress.items():
             if self.settings.router is not None:
                 if router is None or address not in router.routes_active:
@@ -169,9 +190,11 @@ class App:
         return missing
 
     def hosts_busy(self) -> int:
-        return (sum(len(stats.live) for stats in self.bridge_stats())
-                + sum(http.busy() for http in self.http_ingress)
-                + sum(len(http.tasks) for http in self.http_egress.values()))
+        return (
+            sum(len(stats.live) for stats in self.bridge_stats())
+            + sum(http.busy() for http in self.http_ingress)
+            + sum(len(http.tasks) for http in self.http_egress.values())
+        )
 
     def _stop_accepting(self) -> None:
         for bridge in self.ingress:
@@ -189,8 +212,9 @@ class App:
         deadline = loop.time() + self.settings.grace
         busy = self.hosts_busy()
         if busy:
-            logger.info("shutting down: waiting up to %gs for %d tunnels",
-                        self.settings.grace, busy)
+            logger.info(
+                "shutting down: waiting up to %gs for %d tunnels", self.settings.grace, busy
+            )
         while self.hosts_busy() and loop.time() < deadline:
             await asyncio.sleep(0.05)
         left = self.hosts_busy()

@@ -134,8 +134,9 @@ class IngressTunnel(Tunnel):
     def _on_hold_timeout(self) -> None:
         self.open_timer = None
         if self.host is None:
-            self.reset(f"no router connection within {self.bridge.hold_timeout:g} s",
-                       Failure.NO_ROUTER)
+            self.reset(
+                f"no router connection within {self.bridge.hold_timeout:g} s", Failure.NO_ROUTER
+            )
 
     def _open(self, host: TunnelHost, session: Any) -> None:
         """Open this tunnel's links on the live router connection."""
@@ -283,8 +284,9 @@ def listening_addresses(server: asyncio.Server) -> str:
 class EgressBridge:
     """``amqp:ADDRESS=>tcp:HOST:PORT``."""
 
-    def __init__(self, spec: EgressSpec, *, window: int = DEFAULT_WINDOW,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, spec: EgressSpec, *, window: int = DEFAULT_WINDOW, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
         self.spec = spec
         self.window = window
         self.limits = limits
@@ -301,7 +303,10 @@ class EgressBridge:
         """
         name = "@".join(receiver.name.split("@")[:2])
         tunnel = Tunnel(
-            name, host.socket, routed_is_sender=False, window=self.window,
+            name,
+            host.socket,
+            routed_is_sender=False,
+            window=self.window,
             on_finished=host.forget_tunnel,
         )
         receiver.source.copy(receiver.remote_source)
@@ -329,8 +334,9 @@ class EgressBridge:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def on_client_stream(self, host: TunnelHost, dispatcher: StreamDispatcher, delivery: Any,
-                         header: StreamHeader) -> Flow:
+    def on_client_stream(
+        self, host: TunnelHost, dispatcher: StreamDispatcher, delivery: Any, header: StreamHeader
+    ) -> Flow:
         """skupper-router's dialect: a client stream for our address; connect to the backend."""
         assert header.reply_to is not None
         name = f"{header.correlation_id or 'stream'}@{_PROCESS_TAG}-{next(_sequence)}"
@@ -353,11 +359,10 @@ class EgressBridge:
                 )
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-            tunnel.log.info(
-                "backend %s:%d unreachable: %s", self.spec.host, self.spec.port, reason
+            tunnel.log.info("backend %s:%d unreachable: %s", self.spec.host, self.spec.port, reason)
+            tunnel.reset(
+                f"backend {self.spec.host}:{self.spec.port} unreachable: {reason}", Failure.BACKEND
             )
-            tunnel.reset(f"backend {self.spec.host}:{self.spec.port} unreachable: {reason}",
-                         Failure.BACKEND)
 
     async def stop(self) -> None:
         self.sweeper.stop()

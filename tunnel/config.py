@@ -100,9 +100,14 @@ class ConnectionConfig(BaseModel):
     def endpoint(self) -> RouterEndpoint:
         ctx = self.ssl_context()
         return RouterEndpoint(
-            url=self.url, host=self.effective_host, port=self.effective_port, ssl=ctx,
+            url=self.url,
+            host=self.effective_host,
+            port=self.effective_port,
+            ssl=ctx,
             server_hostname=self.effective_host if ctx is not None else None,
-            hostname=self.effective_host, user=self.user, password=self.password,
+            hostname=self.effective_host,
+            user=self.user,
+            password=self.password,
             has_client_cert=ctx is not None and self.tls is not None and self.tls.cert is not None,
         )
 
@@ -261,8 +266,14 @@ class ListenConfig(BaseModel):
             if self.ca is not None:
                 ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
         return RouterEndpoint(
-            url=f"{self.scheme}://{_bracket(host)}:{port}", host=host, port=port, ssl=ctx,
-            server_hostname=None, hostname=host, user=None, password=None,
+            url=f"{self.scheme}://{_bracket(host)}:{port}",
+            host=host,
+            port=port,
+            ssl=ctx,
+            server_hostname=None,
+            hostname=host,
+            user=None,
+            password=None,
             has_client_cert=ctx is not None and self.ca is not None,
         )
 

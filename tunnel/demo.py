@@ -62,14 +62,16 @@ async def demo(tunnel: list[str]) -> int:
     echo_port = echo.sockets[0].getsockname()[1]
     with tempfile.TemporaryDirectory() as folder:
         egress_log, ingress_log = Path(folder) / "egress.log", Path(folder) / "ingress.log"
-        async with _process([*tunnel, "--listen", "amqp://127.0.0.1:0",
-                             f"amqp:echo=>tcp:127.0.0.1:{echo_port}"], egress_log) as egress:
-            amqp_port = await _wait_for(egress_log, r"accepting AMQP on amqp://[^:]+:(\d+)",
-                                        egress)
+        async with _process(
+            [*tunnel, "--listen", "amqp://127.0.0.1:0", f"amqp:echo=>tcp:127.0.0.1:{echo_port}"],
+            egress_log,
+        ) as egress:
+            amqp_port = await _wait_for(egress_log, r"accepting AMQP on amqp://[^:]+:(\d+)", egress)
             config = Path(folder) / "connect.json"
             config.write_text(json.dumps({"host": "127.0.0.1", "port": int(amqp_port)}))
-            async with _process([*tunnel, "--config", str(config),
-                                 "tcp:127.0.0.1:0=>amqp:echo"], ingress_log) as ingress:
+            async with _process(
+                [*tunnel, "--config", str(config), "tcp:127.0.0.1:0=>amqp:echo"], ingress_log
+            ) as ingress:
                 port = await _wait_for(ingress_log, r"listening on 127\.0\.0\.1:(\d+)", ingress)
                 await _wait_for(ingress_log, r"router amqp://\S+ (connected)", ingress)
                 reader, writer = await asyncio.open_connection("127.0.0.1", int(port))
@@ -90,10 +92,17 @@ async def demo(tunnel: list[str]) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunnel.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tunnel", metavar="COMMAND", default=f"{sys.executable} -m tunnel",
-                        help="how to run the tunnel (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m tunnel.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--tunnel",
+        metavar="COMMAND",
+        default=f"{sys.executable} -m tunnel",
+        help="how to run the tunnel (default: %(default)s)",
+    )
     args = parser.parse_args()
     return asyncio.run(demo(shlex.split(args.tunnel)))
 

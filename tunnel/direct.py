@@ -56,11 +56,17 @@ HANDSHAKE_TIMEOUT = 10.0
 class DirectListener:
     """The ``--listen`` server."""
 
-    def __init__(self, config: ListenConfig, egress: dict[str, EgressBridge], *,
-                 http_egress: dict[str, HttpEgressBridge] | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, session_window: int = 0,
-                 max_message: int = HttpSettings().max_message) -> None:
+    def __init__(
+        self,
+        config: ListenConfig,
+        egress: dict[str, EgressBridge],
+        *,
+        http_egress: dict[str, HttpEgressBridge] | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        session_window: int = 0,
+        max_message: int = HttpSettings().max_message,
+    ) -> None:
         self.config = config
         self.max_frame_size = max_frame_size
         self.session_window = session_window
@@ -71,19 +77,31 @@ class DirectListener:
         self.peers: set[DirectPeer] = set()
         self.forwarder = Forwarder(
             max_message=max_message,
-            is_local=lambda address: address in self.egress or address in self.http_egress)
+            is_local=lambda address: address in self.egress or address in self.http_egress,
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            self._accept, self.config.host, self.config.port,
-            ssl=self.config.ssl_context(), reuse_address=True, backlog=LISTEN_BACKLOG,
+            self._accept,
+            self.config.host,
+            self.config.port,
+            ssl=self.config.ssl_context(),
+            reuse_address=True,
+            backlog=LISTEN_BACKLOG,
         )
-        logger.info("direct mode: accepting AMQP on %s://%s:%d", self.config.scheme,
-                    self.config.host, self.bound_port)
+        logger.info(
+            "direct mode: accepting AMQP on %s://%s:%d",
+            self.config.scheme,
+            self.config.host,
+            self.bound_port,
+        )
         if self.config.scheme == "amqp" and not _is_loopback(self.config.host):
-            logger.warning("direct mode listens on %s without TLS: anyone who can reach it "
-                           "can use the tunnels; use amqps:// with --listen-ca", self.config.host)
+            logger.warning(
+                "direct mode listens on %s without TLS: anyone who can reach it "
+                "can use the tunnels; use amqps:// with --listen-ca",
+                self.config.host,
+            )
 
     @property
     def bound_port(self) -> int:
@@ -93,10 +111,14 @@ class DirectListener:
 
     def _accept(self) -> AmqpSocket:
         peer = DirectPeer(self)
-        engine = AmqpEngine(EngineOptions(
-            server=True, outer_tls=self.config.scheme == "amqps",
-            max_frame_size=self.max_frame_size, session_window=self.session_window,
-        ))
+        engine = AmqpEngine(
+            EngineOptions(
+                server=True,
+                outer_tls=self.config.scheme == "amqps",
+                max_frame_size=self.max_frame_size,
+                session_window=self.session_window,
+            )
+        )
         peer.socket = AmqpSocket(engine, peer)
         self.peers.add(peer)
         return peer.socket
@@ -134,8 +156,10 @@ class DirectPeer(HostedTunnels):
 
     def _on_handshake_timeout(self) -> None:
         self.handshake_timer = None
-        logger.info("direct-mode peer did not open an AMQP connection within %gs: closing",
-                    self.listener.handshake_timeout)
+        logger.info(
+            "direct-mode peer did not open an AMQP connection within %gs: closing",
+            self.listener.handshake_timeout,
+        )
         if self.socket.transport is not None:
             self.socket.transport.abort()
 
@@ -154,8 +178,9 @@ class DirectPeer(HostedTunnels):
 
     def on_connection_closed(self, condition: Condition | None) -> None:
         if condition is not None:
-            logger.info("direct-mode peer closed with %s: %s",
-                        condition.name, condition.description)
+            logger.info(
+                "direct-mode peer closed with %s: %s", condition.name, condition.description
+            )
             return
         for tunnel in list(self.tunnels):
             if isinstance(tunnel, Tunnel):  # the only kind direct mode runs
@@ -189,8 +214,11 @@ class DirectPeer(HostedTunnels):
             routed = forwarder.routed_peer(address)
         if routed is not None:
             forwarder.route(self, link, routed)
-        elif address is None or forwarder.has_destination(address) \
-                or not forwarder.is_dynamic(link.remote_source.address):
+        elif (
+            address is None
+            or forwarder.has_destination(address)
+            or not forwarder.is_dynamic(link.remote_source.address)
+        ):
             forwarder.forward(self, link)
         else:
             refuse_link(link, "amqp:not-found", f"no egress bridge for address {address!r}")
@@ -199,9 +227,12 @@ class DirectPeer(HostedTunnels):
         reply_to = link.remote_source.address or ""
         reply = self.dynamic.pop(reply_to, None)
         if reply is None:
-            refuse_link(link, "amqp:not-found",
-                    f"reply address {link.remote_source.address!r} is not a dynamic address "
-                    "of this connection")
+            refuse_link(
+                link,
+                "amqp:not-found",
+                f"reply address {link.remote_source.address!r} is not a dynamic address "
+                "of this connection",
+            )
             return
         self.listener.forwarder.remove_dynamic(reply_to)
         bridge.on_attach(link, reply, self)
@@ -230,8 +261,9 @@ class DirectPeer(HostedTunnels):
             link = self.dynamic.pop(address, None)
             if link is None:
                 return None
-            sender = MessageSender(link, self.socket,
-                                   on_closed=lambda _: self._reply_closed(address))
+            sender = MessageSender(
+                link, self.socket, on_closed=lambda _: self._reply_closed(address)
+            )
             self.reply_senders[address] = sender
         return sender
 

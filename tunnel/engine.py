@@ -208,8 +208,9 @@ class AmqpEngine:
             self._outbox.append(out)
 
     # -- sending --------------------------------------------------------------
-    def send_delivery(self, link: Any, tag: bytes, head: bytes,
-                      body: bytes | bytearray | memoryview = b"") -> Any:
+    def send_delivery(
+        self, link: Any, tag: bytes, head: bytes, body: bytes | bytearray | memoryview = b""
+    ) -> Any:
         """One whole delivery on a C sender handle: ``head`` then ``body``, uncopied; returns it.
 
         Each slice is framed as soon as it is in, taking proton's output
@@ -226,8 +227,9 @@ class AmqpEngine:
         """Add ``data`` to ``delivery``, the current one on ``link``, leaving it open."""
         self._send_sliced(link, delivery, data, SLICE)
 
-    def _send_sliced(self, link: Any, delivery: Any, data: bytes | bytearray | memoryview,
-                     first: int) -> None:
+    def _send_sliced(
+        self, link: Any, delivery: Any, data: bytes | bytearray | memoryview, first: int
+    ) -> None:
         view = memoryview(data)  # slices of bytes would be copies
         start, end = 0, first
         while start < len(view):
@@ -303,7 +305,6 @@ class AmqpEngine:
         self.collector.release()
         self.transport.unbind()
         self.connection.free()
-
 
 
 class LinkOwner(Protocol):
@@ -500,16 +501,22 @@ RELEASED = int(Delivery.RELEASED)
 REJECTED = int(Delivery.REJECTED)
 MODIFIED = int(Delivery.MODIFIED)
 #: The terminal outcomes (AMQP 1.0 §3.4), and received, by name for logs.
-OUTCOME_NAMES = {ACCEPTED: "accepted", RELEASED: "released", REJECTED: "rejected",
-                 MODIFIED: "modified", RECEIVED: "received"}
+OUTCOME_NAMES = {
+    ACCEPTED: "accepted",
+    RELEASED: "released",
+    REJECTED: "rejected",
+    MODIFIED: "modified",
+    RECEIVED: "received",
+}
 
 
 def outcome_name(state: int) -> str:
     return OUTCOME_NAMES.get(state, str(state))
 
 
-def settle(delivery: Any, outcome: int, *, failed: bool = False,
-           condition: Condition | None = None) -> None:
+def settle(
+    delivery: Any, outcome: int, *, failed: bool = False, condition: Condition | None = None
+) -> None:
     """Settle a received delivery (C handle) with ``outcome``; ``failed`` marks a modified
     outcome delivery-failed, ``condition`` is a rejection's error."""
     if condition is not None:

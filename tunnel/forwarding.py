@@ -132,8 +132,9 @@ class Forwarder:
         """A peer's sender to ``$management``: it may ask for link routes."""
         _mirror(link)
         agent = _Management(self, peer)
-        agent.receiver = MessageReceiver(link, peer.socket, window=4, max_size=MAX_REQUEST,
-                                         on_message=agent.on_request)
+        agent.receiver = MessageReceiver(
+            link, peer.socket, window=4, max_size=MAX_REQUEST, on_message=agent.on_request
+        )
         link.open()
 
     def routed_peer(self, address: str) -> Peer | None:
@@ -158,16 +159,23 @@ class Forwarder:
         """A peer's receiver for a plain address: a consumer of it."""
         address = str(link.remote_source.address)
         if address.startswith(DYNAMIC_PREFIX):
-            refuse_link(link, "amqp:unauthorized-access",
-                        f"{address!r} is a dynamic address: only its own receiver takes it")
+            refuse_link(
+                link,
+                "amqp:unauthorized-access",
+                f"{address!r} is a dynamic address: only its own receiver takes it",
+            )
             return
         if len(self._state(peer).consumers) >= MAX_CONSUMERS:
-            refuse_link(link, "amqp:resource-limit-exceeded",
-                        f"at most {MAX_CONSUMERS} consumers per connection")
+            refuse_link(
+                link,
+                "amqp:resource-limit-exceeded",
+                f"at most {MAX_CONSUMERS} consumers per connection",
+            )
             return
         _mirror(link)
-        sender = MessageSender(link, peer.socket,
-                               on_closed=lambda gone: self._drop_consumer(peer, address, gone))
+        sender = MessageSender(
+            link, peer.socket, on_closed=lambda gone: self._drop_consumer(peer, address, gone)
+        )
         self.consumers.setdefault(address, []).append(sender)
         self._state(peer).consumers.append((address, sender))
         link.open()
@@ -218,8 +226,14 @@ class Forwarder:
         senders.append(ready)
         return ready
 
-    def pass_on(self, peer: Peer, receiver: MessageReceiver, delivery: Any, data: bytearray,
-                destination: MessageSender) -> None:
+    def pass_on(
+        self,
+        peer: Peer,
+        receiver: MessageReceiver,
+        delivery: Any,
+        data: bytearray,
+        destination: MessageSender,
+    ) -> None:
         """Send one of ``peer``'s deliveries on; its outcome comes back to ``receiver``."""
         size = len(data)
         if not self.hold(peer, size):
@@ -237,8 +251,12 @@ class Forwarder:
         state = self._state(peer)
         if state.held > PEER_BUDGET:
             if not state.over_budget:
-                logger.warning("direct mode: %s has %d bytes waiting here; releasing what it "
-                               "sends until they are delivered", peer.container, state.held)
+                logger.warning(
+                    "direct mode: %s has %d bytes waiting here; releasing what it "
+                    "sends until they are delivered",
+                    peer.container,
+                    state.held,
+                )
             state.over_budget = True
             return False
         state.held += size
@@ -266,8 +284,7 @@ class Forwarder:
         if pattern not in state.routes:
             state.routes.add(pattern)
             self.routes.setdefault(pattern, []).append(peer)
-            logger.info("direct mode: %s serves %r through a link route", peer.container,
-                        pattern)
+            logger.info("direct mode: %s serves %r through a link route", peer.container, pattern)
         name = request.properties.get("name") if isinstance(request.properties, dict) else None
         return 201, "Created", {"name": name, "pattern": pattern, "direction": "in"}
 
@@ -286,8 +303,9 @@ class Forwarder:
                 peers.remove(peer)
             if not peers:
                 self.routes.pop(address, None)
-                logger.info("direct mode: the link route for %r is gone with %s", address,
-                            peer.container)
+                logger.info(
+                    "direct mode: the link route for %r is gone with %s", address, peer.container
+                )
         for _, sender in list(state.consumers):
             sender.lost()
         for routed in list(state.routed):
@@ -340,8 +358,9 @@ def _settle_with(receiver: MessageReceiver, delivery: Any, outcome: int, why: st
     """Settle a forwarded delivery as the far end settled its copy (0: it never did)."""
     if outcome == REJECTED:
         name, _, description = why.partition(": ")
-        receiver.settle(delivery, REJECTED,
-                        condition=Condition(name or "amqp:rejected", description))
+        receiver.settle(
+            delivery, REJECTED, condition=Condition(name or "amqp:rejected", description)
+        )
     elif outcome in (ACCEPTED, RELEASED):
         receiver.settle(delivery, outcome)
     else:
@@ -361,21 +380,33 @@ class _Management:
         try:
             request = decode(data)
         except WireError as exc:
-            self.receiver.settle(delivery, REJECTED,
-                                 condition=Condition("amqp:decode-error", str(exc)))
+            self.receiver.settle(
+                delivery, REJECTED, condition=Condition("amqp:decode-error", str(exc))
+            )
             return
         self.receiver.settle(delivery, ACCEPTED)
         status, description, body = self.forwarder.create_route(self.peer, request)
         if status >= 300:
-            logger.warning("direct mode: %s asked for a link route: %d %s",
-                           self.peer.container, status, description)
+            logger.warning(
+                "direct mode: %s asked for a link route: %d %s",
+                self.peer.container,
+                status,
+                description,
+            )
         # Answers go only to the asker's own dynamic receiver, never to another peer.
         reply = self.peer.reply_sender(request.reply_to) if request.reply_to else None
         if reply is None:
             return
-        reply.send(encode(Message(
-            address=request.reply_to, correlation_id=request.correlation_id,
-            properties={"statusCode": status, "statusDescription": description}, body=body)))
+        reply.send(
+            encode(
+                Message(
+                    address=request.reply_to,
+                    correlation_id=request.correlation_id,
+                    properties={"statusCode": status, "statusDescription": description},
+                    body=body,
+                )
+            )
+        )
 
 
 class _Inbound:
@@ -385,9 +416,14 @@ class _Inbound:
         self.forwarder = forwarder
         self.peer = peer
         self.fixed: str | None = link.remote_target.address
-        self.receiver = MessageReceiver(link, peer.socket, window=WINDOW,
-                                        max_size=forwarder.max_message,
-                                        on_message=self.on_message, on_closed=self.on_closed)
+        self.receiver = MessageReceiver(
+            link,
+            peer.socket,
+            window=WINDOW,
+            max_size=forwarder.max_message,
+            on_message=self.on_message,
+            on_closed=self.on_closed,
+        )
 
     def on_message(self, delivery: Any, data: bytearray) -> None:
         address = self.fixed
@@ -395,8 +431,9 @@ class _Inbound:
             try:
                 address = decode(data).address
             except WireError as exc:
-                self.receiver.settle(delivery, REJECTED,
-                                     condition=Condition("amqp:decode-error", str(exc)))
+                self.receiver.settle(
+                    delivery, REJECTED, condition=Condition("amqp:decode-error", str(exc))
+                )
                 return
         destination = self.forwarder.destination(address)
         if destination is None:
@@ -426,8 +463,9 @@ class RoutedLink:
     target answers, the origin's attach is not answered and gets no credit.
     """
 
-    def __init__(self, forwarder: Forwarder, origin: Peer, link: Link, target: Peer,
-                 session: Session) -> None:
+    def __init__(
+        self, forwarder: Forwarder, origin: Peer, link: Link, target: Peer, session: Session
+    ) -> None:
         self.forwarder = forwarder
         self.origin, self.target = origin, target
         self.origin_link = link
@@ -436,8 +474,9 @@ class RoutedLink:
         out = session.sender(f"{link.name}@{origin.container}")
         out.source.copy(link.remote_source)
         out.target.copy(link.remote_target)
-        self.sender = MessageSender(out, target.socket, on_closed=self.on_target_closed,
-                                    on_opened=self.on_target_opened)
+        self.sender = MessageSender(
+            out, target.socket, on_closed=self.on_target_closed, on_opened=self.on_target_opened
+        )
         out.open()
         # Until the target answers, the origin's link is ours: an early detach ends both.
         set_owner(link, self)
@@ -464,8 +503,13 @@ class RoutedLink:
         link.source.copy(out.remote_source)
         link.target.copy(out.remote_target)
         self.receiver = MessageReceiver(
-            link, self.origin.socket, window=WINDOW, max_size=self.forwarder.max_message,
-            on_message=self.on_message, on_closed=self.on_origin_closed)
+            link,
+            self.origin.socket,
+            window=WINDOW,
+            max_size=self.forwarder.max_message,
+            on_message=self.on_message,
+            on_closed=self.on_origin_closed,
+        )
         link.open()
         self.origin.socket.flush_soon()
 

@@ -69,8 +69,9 @@ class BackendConnection:
     def close(self) -> None:
         self.writer.close()
 
-    async def exchange(self, request: hm.HttpRequest, default_host: str,
-                       max_body: int) -> hm.HttpResponse:
+    async def exchange(
+        self, request: hm.HttpRequest, default_host: str, max_body: int
+    ) -> hm.HttpResponse:
         self.writer.writelines(self._encode(request, default_host))
         return await self._response(max_body)
 
@@ -83,8 +84,12 @@ class BackendConnection:
         if hm.has_body(request.method, request.body):
             headers.append(("content-length", str(len(request.body))))
         try:
-            parts = conn.send_with_data_passthrough(
-                h11.Request(method=request.method, target=request.target, headers=headers)) or []
+            parts = (
+                conn.send_with_data_passthrough(
+                    h11.Request(method=request.method, target=request.target, headers=headers)
+                )
+                or []
+            )
             if request.body:
                 parts += conn.send_with_data_passthrough(h11.Data(data=request.body)) or []
             parts += conn.send_with_data_passthrough(h11.EndOfMessage()) or []
@@ -121,8 +126,9 @@ class BackendConnection:
                     raise BackendError(f"response body over the limit of {max_body} bytes")
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
-                return hm.HttpResponse(status=head.status_code,
-                                       headers=hm.end_to_end(head.headers), body=bytes(body))
+                return hm.HttpResponse(
+                    status=head.status_code, headers=hm.end_to_end(head.headers), body=bytes(body)
+                )
             elif isinstance(event, h11.ConnectionClosed):
                 raise BackendError("backend closed the connection mid-response")
             # InformationalResponse (100 Continue and the like): nothing to carry.
@@ -142,8 +148,9 @@ class BackendPool:
         try:
             reader, writer = await asyncio.open_connection(self.host, self.port)
         except OSError as exc:
-            raise UnreachableError(f"cannot connect to {self.host_header}: "
-                                     f"{exc.strerror or exc}") from None
+            raise UnreachableError(
+                f"cannot connect to {self.host_header}: {exc.strerror or exc}"
+            ) from None
         return BackendConnection(reader, writer)
 
     async def exchange(self, request: hm.HttpRequest, max_body: int) -> hm.HttpResponse:
@@ -156,11 +163,13 @@ class BackendPool:
         try:
             return await self._use(await self._connect(), request, max_body)
         except _StaleError as exc:
-            raise BackendError(f"backend closed the connection without a response ({exc})") \
-                from None
+            raise BackendError(
+                f"backend closed the connection without a response ({exc})"
+            ) from None
 
-    async def _use(self, conn: BackendConnection, request: hm.HttpRequest,
-                   max_body: int) -> hm.HttpResponse:
+    async def _use(
+        self, conn: BackendConnection, request: hm.HttpRequest, max_body: int
+    ) -> hm.HttpResponse:
         done = False
         try:
             response = await conn.exchange(request, self.host_header, max_body)
@@ -196,7 +205,8 @@ class HttpEgressBridge:
         backend could not be reached."""
         try:
             response = await asyncio.wait_for(
-                self.pool.exchange(parsed, self.settings.max_body), self.settings.timeout)
+                self.pool.exchange(parsed, self.settings.max_body), self.settings.timeout
+            )
         except UnreachableError as exc:
             if not self.unreachable:
                 logger.warning("%s: the backend is unreachable: %s", self.spec, exc)
@@ -207,22 +217,38 @@ class HttpEgressBridge:
             logger.debug("%s: %s %s: %s", self.spec, parsed.method, parsed.target, exc)
             response = hm.plain_response(502, f"Bad Gateway: {exc}")
         except TimeoutError:
-            logger.debug("%s: %s %s: no response within %gs", self.spec, parsed.method,
-                         parsed.target, self.settings.timeout)
+            logger.debug(
+                "%s: %s %s: no response within %gs",
+                self.spec,
+                parsed.method,
+                parsed.target,
+                self.settings.timeout,
+            )
             response = hm.plain_response(
-                504, f"Gateway Timeout: {self.spec.host}:{self.spec.port} gave no response "
-                f"within {self.settings.timeout:g} s")
+                504,
+                f"Gateway Timeout: {self.spec.host}:{self.spec.port} gave no response "
+                f"within {self.settings.timeout:g} s",
+            )
         else:
             if self.unreachable:
                 logger.info("%s: the backend answers again", self.spec)
             self.unreachable = False
         bodyless = hm.is_bodyless(parsed.method, response.status)
-        return hm.response_message(response, to=str(request.reply_to),
-                                   correlation_id=request.correlation_id, site_id=self.site_id,
-                                   bodyless=bodyless)
+        return hm.response_message(
+            response,
+            to=str(request.reply_to),
+            correlation_id=request.correlation_id,
+            site_id=self.site_id,
+            bodyless=bodyless,
+        )
 
-    def consume(self, link: Link, host: AmqpHost, reply: Callable[[str, bytes], bool],
-                on_opened: Callable[[Link], None] | None = None) -> None:
+    def consume(
+        self,
+        link: Link,
+        host: AmqpHost,
+        reply: Callable[[str, bytes], bool],
+        on_opened: Callable[[Link], None] | None = None,
+    ) -> None:
         """Open ``link`` and serve the requests on it; ``reply(to, message)`` sends a response."""
         RequestServer(self, link, host, reply, on_opened)
         link.open()
@@ -239,15 +265,25 @@ class HttpEgressBridge:
 class RequestServer:
     """The requests of one receiver link, each served and then settled."""
 
-    def __init__(self, bridge: HttpEgressBridge, link: Link, host: AmqpHost,
-                 reply: Callable[[str, bytes], bool],
-                 on_opened: Callable[[Link], None] | None) -> None:
+    def __init__(
+        self,
+        bridge: HttpEgressBridge,
+        link: Link,
+        host: AmqpHost,
+        reply: Callable[[str, bytes], bool],
+        on_opened: Callable[[Link], None] | None,
+    ) -> None:
         self.bridge = bridge
         self.reply = reply
         settings = bridge.settings
         self.receiver = MessageReceiver(
-            link, host, window=settings.window, max_size=settings.max_message,
-            on_message=self.on_request, on_opened=on_opened)
+            link,
+            host,
+            window=settings.window,
+            max_size=settings.max_message,
+            on_message=self.on_request,
+            on_opened=on_opened,
+        )
 
     def on_request(self, delivery: Any, data: bytearray) -> None:
         try:
@@ -257,15 +293,17 @@ class RequestServer:
                 raise WireError("no reply_to to answer to")
         except WireError as exc:
             logger.debug("%s: request refused: %s", self.bridge.spec, exc)
-            self.receiver.settle(delivery, REJECTED,
-                                 condition=Condition("amqp:invalid-field", str(exc)))
+            self.receiver.settle(
+                delivery, REJECTED, condition=Condition("amqp:invalid-field", str(exc))
+            )
             return
         task = asyncio.get_running_loop().create_task(self.bridge.serve(message, parsed))
         self.bridge.tasks.add(task)
         task.add_done_callback(lambda done: self.on_served(delivery, message, done))
 
-    def on_served(self, delivery: Any, request: Message,
-                  task: asyncio.Task[Message | None]) -> None:
+    def on_served(
+        self, delivery: Any, request: Message, task: asyncio.Task[Message | None]
+    ) -> None:
         self.bridge.tasks.discard(task)
         if task.cancelled():
             return
@@ -281,9 +319,11 @@ class RequestServer:
         elif self.reply(str(request.reply_to), hm.encode(response)):
             self.receiver.settle(delivery, ACCEPTED)
         else:
-            self.receiver.settle(delivery, REJECTED, condition=Condition(
-                "amqp:not-found", f"no way to reply to {request.reply_to!r}"))
-
+            self.receiver.settle(
+                delivery,
+                REJECTED,
+                condition=Condition("amqp:not-found", f"no way to reply to {request.reply_to!r}"),
+            )
 
 
 class RoutedEgress:

@@ -68,11 +68,23 @@ def retry_delay(attempt: int) -> float:
 class Exchange:
     """One request on its way to an answer."""
 
-    __slots__ = ("attempts", "bridge", "correlation_id", "on_done", "request", "retry", "sender",
-                 "timer")
+    __slots__ = (
+        "attempts",
+        "bridge",
+        "correlation_id",
+        "on_done",
+        "request",
+        "retry",
+        "sender",
+        "timer",
+    )
 
-    def __init__(self, bridge: HttpIngressBridge, request: hm.HttpRequest,
-                 on_done: Callable[[hm.HttpResponse], None]) -> None:
+    def __init__(
+        self,
+        bridge: HttpIngressBridge,
+        request: hm.HttpRequest,
+        on_done: Callable[[hm.HttpResponse], None],
+    ) -> None:
         self.bridge = bridge
         self.request = request
         self.on_done: Callable[[hm.HttpResponse], None] | None = on_done
@@ -104,16 +116,24 @@ class Exchange:
         if outcome in (RELEASED, MODIFIED, 0):
             self.sender = None
             if self.attempts >= MAX_ATTEMPTS:
-                self.finish(hm.plain_response(
-                    502, f"Bad Gateway: amqp:{self.bridge.spec.address} did not take the "
-                    f"request ({self.attempts} attempts)"))
+                self.finish(
+                    hm.plain_response(
+                        502,
+                        f"Bad Gateway: amqp:{self.bridge.spec.address} did not take the "
+                        f"request ({self.attempts} attempts)",
+                    )
+                )
                 return
             delay = retry_delay(self.attempts)
             self.retry = asyncio.get_running_loop().call_later(delay, self.bridge.send, self)
             return
-        self.finish(hm.plain_response(
-            502, f"Bad Gateway: amqp:{self.bridge.spec.address} rejected the request"
-            + (f" ({why})" if why else "")))
+        self.finish(
+            hm.plain_response(
+                502,
+                f"Bad Gateway: amqp:{self.bridge.spec.address} rejected the request"
+                + (f" ({why})" if why else ""),
+            )
+        )
 
     def finish(self, response: hm.HttpResponse) -> None:
         on_done = self.on_done
@@ -146,17 +166,24 @@ class RequestLinks:
         receiver_link = session.receiver(f"{name}-replies")
         receiver_link.source.dynamic = True
         self.receiver = MessageReceiver(
-            receiver_link, host, window=REPLY_WINDOW,
+            receiver_link,
+            host,
+            window=REPLY_WINDOW,
             max_size=bridge.settings.max_message,
-            on_message=self.on_response, on_opened=self.on_reply_opened)
+            on_message=self.on_response,
+            on_opened=self.on_reply_opened,
+        )
         receiver_link.open()
         host.flush_soon()
 
     def on_sender_closed(self, sender: MessageSender) -> None:
         condition = sender.link.remote_condition
-        logger.warning("%s: the router closed the link to %r%s; requests wait for the next "
-                       "connection", self.bridge.spec, self.bridge.spec.address,
-                       f" ({condition.name}: {condition.description})" if condition else "")
+        logger.warning(
+            "%s: the router closed the link to %r%s; requests wait for the next connection",
+            self.bridge.spec,
+            self.bridge.spec.address,
+            f" ({condition.name}: {condition.description})" if condition else "",
+        )
 
     def on_reply_opened(self, link: Link) -> None:
         address = link.remote_source.address
@@ -179,8 +206,9 @@ class RequestLinks:
 class HttpIngressBridge:
     """``http:[HOST:]PORT=>amqp:ADDRESS``."""
 
-    def __init__(self, spec: HttpIngressSpec, site_id: str, settings: hm.HttpSettings,
-                 max_connections: int) -> None:
+    def __init__(
+        self, spec: HttpIngressSpec, site_id: str, settings: hm.HttpSettings, max_connections: int
+    ) -> None:
         self.spec = spec
         self.site_id = site_id
         self.settings = settings
@@ -197,8 +225,12 @@ class HttpIngressBridge:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: HttpServerConnection(self), host=self.spec.host, port=self.spec.port,
-            reuse_address=True, backlog=LISTEN_BACKLOG)
+            lambda: HttpServerConnection(self),
+            host=self.spec.host,
+            port=self.spec.port,
+            reuse_address=True,
+            backlog=LISTEN_BACKLOG,
+        )
         logger.info("bridge %s listening on %s", self.spec, listening_addresses(self.server))
 
     def stop_accepting(self) -> None:
@@ -228,8 +260,11 @@ class HttpIngressBridge:
                 exchange.sender = None
                 self.waiting.append(exchange)
             else:
-                exchange.finish(hm.plain_response(
-                    502, "Bad Gateway: the connection to the router was lost before a response"))
+                exchange.finish(
+                    hm.plain_response(
+                        502, "Bad Gateway: the connection to the router was lost before a response"
+                    )
+                )
 
     def on_links_ready(self, links: RequestLinks) -> None:
         if links is not self.links:
@@ -239,8 +274,9 @@ class HttpIngressBridge:
             self.send(exchange)
 
     # -- exchanges ----------------------------------------------------------------
-    def submit(self, request: hm.HttpRequest,
-               on_done: Callable[[hm.HttpResponse], None]) -> Exchange:
+    def submit(
+        self, request: hm.HttpRequest, on_done: Callable[[hm.HttpResponse], None]
+    ) -> Exchange:
         exchange = Exchange(self, request, on_done)
         self.exchanges[exchange.correlation_id] = exchange
         self.send(exchange)
@@ -254,9 +290,12 @@ class HttpIngressBridge:
         if links is None or links.reply_to is None or links.sender.closed:
             self.waiting.append(exchange)
             return
-        message = hm.request_message(exchange.request, site_id=self.site_id,
-                                     correlation_id=exchange.correlation_id,
-                                     reply_to=links.reply_to)
+        message = hm.request_message(
+            exchange.request,
+            site_id=self.site_id,
+            correlation_id=exchange.correlation_id,
+            reply_to=links.reply_to,
+        )
         exchange.attempts += 1
         exchange.sender = links.sender
         links.sender.send(hm.encode(message), exchange.on_outcome)
@@ -268,8 +307,7 @@ class HttpIngressBridge:
 
     def on_response(self, message: Any) -> None:
         correlation_id = message.correlation_id
-        exchange = self.exchanges.get(correlation_id) if isinstance(correlation_id, int) \
-            else None
+        exchange = self.exchanges.get(correlation_id) if isinstance(correlation_id, int) else None
         if exchange is None:
             logger.debug("%s: a response for %r, which nobody awaits", self.spec, correlation_id)
             return
@@ -299,6 +337,7 @@ class Phase(enum.Enum):
     DRAINING = "draining"
     CLOSED = "closed"
 
+
 #: Seconds a connection is drained after a closing answer, at most.
 LINGER = 2.0
 
@@ -327,8 +366,11 @@ class HttpServerConnection(asyncio.Protocol):
         self.bridge.connections.add(self)
         if len(self.bridge.connections) > self.bridge.max_connections:
             # As the TCP bridges do: HTTP has no way to answer before a request.
-            logger.info("%s: connection reset: over the bridge's limit of %d connections",
-                        self.bridge.spec, self.bridge.max_connections)
+            logger.info(
+                "%s: connection reset: over the bridge's limit of %d connections",
+                self.bridge.spec,
+                self.bridge.max_connections,
+            )
             self.abort("over the connection limit")
             return
         self._advance()
@@ -363,8 +405,9 @@ class HttpServerConnection(asyncio.Protocol):
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                self._answer(hm.plain_response(exc.error_status_hint, f"Bad Request: {exc}"),
-                             close=True)
+                self._answer(
+                    hm.plain_response(exc.error_status_hint, f"Bad Request: {exc}"), close=True
+                )
                 return
             if event is h11.NEED_DATA:
                 self._on_need_data()
@@ -384,7 +427,8 @@ class HttpServerConnection(asyncio.Protocol):
         self.transport.resume_reading()
         if self.h11.their_state is h11.IDLE and self.keep_alive is None:
             self.keep_alive = asyncio.get_running_loop().call_later(
-                KEEP_ALIVE_TIMEOUT, self.close_if_idle)
+                KEEP_ALIVE_TIMEOUT, self.close_if_idle
+            )
 
     def _on_request_head(self, head: h11.Request) -> None:
         self.head = head
@@ -402,16 +446,24 @@ class HttpServerConnection(asyncio.Protocol):
             self._too_large()
 
     def _too_large(self) -> None:
-        self._answer(hm.plain_response(
-            413, f"Content Too Large: request bodies are limited to "
-            f"{self.bridge.settings.max_body} bytes"), close=True)
+        self._answer(
+            hm.plain_response(
+                413,
+                f"Content Too Large: request bodies are limited to "
+                f"{self.bridge.settings.max_body} bytes",
+            ),
+            close=True,
+        )
 
     def _on_request_end(self) -> None:
         head = self.head
         assert head is not None and self.transport is not None
         request = hm.HttpRequest(
-            method=head.method.decode("ascii"), target=head.target.decode("latin-1"),
-            headers=hm.end_to_end(head.headers), body=bytes(self.body)).origin_form()
+            method=head.method.decode("ascii"),
+            target=head.target.decode("latin-1"),
+            headers=hm.end_to_end(head.headers),
+            body=bytes(self.body),
+        ).origin_form()
         self.body = bytearray()
         self.phase = Phase.ANSWERING
         # Pipelined requests wait in the socket, not in our memory.
@@ -440,8 +492,11 @@ class HttpServerConnection(asyncio.Protocol):
             headers.append(("connection", "close"))
         try:
             # h11 passes the body through: written as it is, never copied into the head.
-            parts = self._send(h11.Response(status_code=response.status, headers=headers,
-                                            reason=_reason(response.status)))
+            parts = self._send(
+                h11.Response(
+                    status_code=response.status, headers=headers, reason=_reason(response.status)
+                )
+            )
             if response.body and not bodyless:
                 parts += self._send(h11.Data(data=response.body))
             parts += self._send(h11.EndOfMessage())

@@ -49,10 +49,20 @@ from .codec import WireError
 Headers = list[tuple[str, str]]
 
 #: Fields that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the framing ones.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
 _SET_COOKIE = "set-cookie"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_SEPARATOR = "\n"
@@ -119,16 +129,22 @@ class HttpResponse:
 def end_to_end(headers: Iterable[tuple[bytes | str, bytes | str]]) -> Headers:
     """The fields of ``headers`` worth forwarding, names in lower case."""
     fields = [(_text(name).lower(), _text(value)) for name, value in headers]
-    named = {token.strip().lower() for name, value in fields if name == "connection"
-             for token in value.split(",")}
-    return [(name, value) for name, value in fields
-            if name not in HOP_BY_HOP and name not in named]
+    named = {
+        token.strip().lower()
+        for name, value in fields
+        if name == "connection"
+        for token in value.split(",")
+    }
+    return [(name, value) for name, value in fields if name not in HOP_BY_HOP and name not in named]
 
 
 def plain_response(status: int, text: str) -> HttpResponse:
     """A short plain-text response made by the tunnel itself."""
-    return HttpResponse(status=status, headers=[("content-type", "text/plain; charset=utf-8")],
-                        body=text.encode() + b"\n")
+    return HttpResponse(
+        status=status,
+        headers=[("content-type", "text/plain; charset=utf-8")],
+        body=text.encode() + b"\n",
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -205,8 +221,9 @@ def body_of(message: Message) -> bytes:
 
 
 # -- requests -----------------------------------------------------------------
-def request_message(request: HttpRequest, *, site_id: str, correlation_id: int,
-                    reply_to: str) -> Message:
+def request_message(
+    request: HttpRequest, *, site_id: str, correlation_id: int, reply_to: str
+) -> Message:
     """The message §2.1 makes of ``request``."""
     content_type, props = fold(request.headers)
     if has_body(request.method, request.body):
@@ -257,13 +274,16 @@ def _check_length(props: Mapping[Any, Any] | None, body: bytes) -> None:
         return
     text = str(value).strip()
     if not text.isdigit() or int(text) != len(body):
-        raise WireError(f"application property 'content-length' is {value!r}, "
-                        f"but the body has {len(body)} bytes")
+        raise WireError(
+            f"application property 'content-length' is {value!r}, "
+            f"but the body has {len(body)} bytes"
+        )
 
 
 # -- responses ----------------------------------------------------------------
-def response_message(response: HttpResponse, *, to: str, correlation_id: Any,
-                     site_id: str, bodyless: bool = False) -> Message:
+def response_message(
+    response: HttpResponse, *, to: str, correlation_id: Any, site_id: str, bodyless: bool = False
+) -> Message:
     """The message §2.2 makes of ``response``, answering ``correlation_id``.
 
     ``bodyless`` says the response has no body whatever its headers say (one to
@@ -272,8 +292,11 @@ def response_message(response: HttpResponse, *, to: str, correlation_id: Any,
     content_type, props = fold(response.headers)
     if not bodyless:
         props[_CONTENT_LENGTH] = str(len(response.body))
-    if isinstance(correlation_id, int) and not isinstance(correlation_id, bool) \
-            and correlation_id >= 0:
+    if (
+        isinstance(correlation_id, int)
+        and not isinstance(correlation_id, bool)
+        and correlation_id >= 0
+    ):
         correlation_id = ulong(correlation_id)
     return Message(
         address=to,
@@ -295,8 +318,11 @@ def response_of(message: Message) -> HttpResponse:
         raise WireError(f"subject {subject!r} is not an HTTP status code") from None
     if not 100 <= status <= 599:
         raise WireError(f"subject {subject!r} is not an HTTP status code")
-    return HttpResponse(status=status, headers=unfold(message.properties, message.content_type),
-                        body=body_of(message))
+    return HttpResponse(
+        status=status,
+        headers=unfold(message.properties, message.content_type),
+        body=body_of(message),
+    )
 
 
 def encode(message: Message) -> bytes:

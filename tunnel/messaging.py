@@ -64,9 +64,13 @@ class AmqpHost(Protocol):
 class MessageSender:
     """A sender link that sends queued messages as credit allows."""
 
-    def __init__(self, link: Link, host: AmqpHost,
-                 on_closed: Callable[[MessageSender], object] | None = None,
-                 on_opened: Callable[[Link], object] | None = None) -> None:
+    def __init__(
+        self,
+        link: Link,
+        host: AmqpHost,
+        on_closed: Callable[[MessageSender], object] | None = None,
+        on_opened: Callable[[Link], object] | None = None,
+    ) -> None:
         self.link = link
         self.raw = link._impl
         self.host = host
@@ -173,10 +177,17 @@ class MessageSender:
 class MessageReceiver:
     """A receiver link that hands on whole messages and keeps ``window`` credits out."""
 
-    def __init__(self, link: Link, host: AmqpHost, *, window: int, max_size: int,
-                 on_message: Callable[[Any, bytearray], None],
-                 on_opened: Callable[[Link], None] | None = None,
-                 on_closed: Callable[[Link], None] | None = None) -> None:
+    def __init__(
+        self,
+        link: Link,
+        host: AmqpHost,
+        *,
+        window: int,
+        max_size: int,
+        on_message: Callable[[Any, bytearray], None],
+        on_opened: Callable[[Link], None] | None = None,
+        on_closed: Callable[[Link], None] | None = None,
+    ) -> None:
         self.raw = link._impl
         self.host = host
         self.on_closed = on_closed
@@ -191,8 +202,14 @@ class MessageReceiver:
         set_owner(link, self)
         _lib.pn_link_flow(self.raw, window)
 
-    def settle(self, delivery: Any, outcome: int, *, failed: bool = False,
-               condition: Condition | None = None) -> None:
+    def settle(
+        self,
+        delivery: Any,
+        outcome: int,
+        *,
+        failed: bool = False,
+        condition: Condition | None = None,
+    ) -> None:
         """Settle a message handed on earlier, and give its credit back."""
         self.in_hand -= 1
         if self.closed or self.host.closed:
@@ -226,9 +243,14 @@ class MessageReceiver:
                 size, self._oversize = self._oversize, 0
                 self.in_hand += 1
                 _lib.pn_link_advance(link)
-                self.settle(delivery, REJECTED, condition=Condition(
-                    "amqp:link:message-size-exceeded",
-                    f"a message of {size} bytes; at most {self.max_size} are taken"))
+                self.settle(
+                    delivery,
+                    REJECTED,
+                    condition=Condition(
+                        "amqp:link:message-size-exceeded",
+                        f"a message of {size} bytes; at most {self.max_size} are taken",
+                    ),
+                )
             return
         if pending:
             self._partial = receive_more(link, pending, self._partial)
@@ -243,4 +265,3 @@ class MessageReceiver:
         self.closed = True
         if self.on_closed is not None:
             self.on_closed(link)
-

@@ -33,8 +33,9 @@ METRICS = {
 }
 
 
-def _family(kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str,
-            labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
+def _family(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, labels: list[str]
+) -> CounterMetricFamily | GaugeMetricFamily:
     base = name.removesuffix("_total") if kind is CounterMetricFamily else name
     return kind(base, METRICS[name], labels=labels)
 
@@ -49,8 +50,9 @@ class TunnelCollector(Collector):
         opened = _family(CounterMetricFamily, "tunnel_connections_opened_total", ["bridge"])
         closed = _family(CounterMetricFamily, "tunnel_connections_closed_total", ["bridge"])
         active = _family(GaugeMetricFamily, "tunnel_connections_active", ["bridge"])
-        failures = _family(CounterMetricFamily, "tunnel_connection_failures_total",
-                           ["bridge", "reason"])
+        failures = _family(
+            CounterMetricFamily, "tunnel_connection_failures_total", ["bridge", "reason"]
+        )
         read = _family(CounterMetricFamily, "tunnel_tcp_bytes_read_total", ["bridge"])
         written = _family(CounterMetricFamily, "tunnel_tcp_bytes_written_total", ["bridge"])
         for stats in self.app.bridge_stats():

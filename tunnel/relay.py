@@ -320,8 +320,10 @@ class Tunnel:
             and not self.routed_is_sender
         )
         if condition is not None and not lost_node:
-            self.reset(f"far end detached: {condition.name}: {condition.description or ''}",
-                       Failure.FAR_END)
+            self.reset(
+                f"far end detached: {condition.name}: {condition.description or ''}",
+                Failure.FAR_END,
+            )
         elif is_sender:
             self._on_sender_gone(routed)
         else:
@@ -330,8 +332,9 @@ class Tunnel:
     def on_open_timeout(self, seconds: float) -> None:
         """Nothing granted credit in time: nothing serves the address (§8.1)."""
         if self.phase is Phase.OPENING:
-            self.reset(f"no credit within {seconds:g} s: nothing serves the address",
-                       Failure.NO_CREDIT)
+            self.reset(
+                f"no credit within {seconds:g} s: nothing serves the address", Failure.NO_CREDIT
+            )
 
     def on_peer_closed(self) -> None:
         """The far end closed its whole AMQP connection cleanly.
@@ -440,8 +443,9 @@ class Tunnel:
         _lib.pn_delivery_settle(delivery)
         self.unsettled -= 1
         if state not in (ACCEPTED, 0):
-            self.reset(f"far end did not accept a delivery ({outcome_name(state)})",
-                       Failure.NOT_ACCEPTED)
+            self.reset(
+                f"far end did not accept a delivery ({outcome_name(state)})", Failure.NOT_ACCEPTED
+            )
             return
         self._pump()
         self._check_finished()

@@ -84,8 +84,10 @@ def choose_dialect(properties: Mapping[Any, Any]) -> tuple[Dialect, str]:
     if product == "skupper-router":
         major = version.split(".", maxsplit=1)[0]
         if major.isdigit() and int(major) < 3:
-            return Dialect.TCP_ADAPTOR, (f"skupper-router {version}: 2.x defaults to a legacy "
-                                         "encapsulation we do not speak; trying 3.x's")
+            return Dialect.TCP_ADAPTOR, (
+                f"skupper-router {version}: 2.x defaults to a legacy "
+                "encapsulation we do not speak; trying 3.x's"
+            )
         return Dialect.TCP_ADAPTOR, f"skupper-router {version}"
     if product == "qpid-dispatch-router":
         return Dialect.LINK_ROUTE, f"Qpid Dispatch {version}"
@@ -169,13 +171,17 @@ class RouterClient:
                     self.disconnects += 1
                     logger.warning(
                         "router %s connection lost%s; reconnecting",
-                        self.endpoint.url, f": {exc}" if exc else "",
+                        self.endpoint.url,
+                        f": {exc}" if exc else "",
                     )
                 elif was_up:
                     # The socket's error (a TLS alert, say) explains more than
                     # proton's complaint about the missing protocol header.
-                    logger.warning("router %s refused the connection: %s", self.endpoint.url,
-                                   exc or conn.failure or "closed")
+                    logger.warning(
+                        "router %s refused the connection: %s",
+                        self.endpoint.url,
+                        exc or conn.failure or "closed",
+                    )
                     was_up = False
             if self._stopping:
                 break
@@ -203,8 +209,11 @@ class RouterClient:
         loop = asyncio.get_running_loop()
         await asyncio.wait_for(
             loop.create_connection(
-                lambda: conn.make_socket(engine), ep.host, ep.port,
-                ssl=ep.ssl, server_hostname=ep.server_hostname,
+                lambda: conn.make_socket(engine),
+                ep.host,
+                ep.port,
+                ssl=ep.ssl,
+                server_hostname=ep.server_hostname,
             ),
             timeout=10.0,
         )
@@ -263,8 +272,12 @@ class RouterConnection(HostedTunnels):
             dialect, who = client.dialect, f"{who}; chosen by --dialect"
         elif dialect is Dialect.TCP_ADAPTOR and not client.offers_streaming_links():
             client.found = dialect
-            logger.info("router %s is %s: reconnecting to offer %s", client.endpoint.url, who,
-                        adaptor_wire.STREAMING_LINKS)
+            logger.info(
+                "router %s is %s: reconnecting to offer %s",
+                client.endpoint.url,
+                who,
+                adaptor_wire.STREAMING_LINKS,
+            )
             self.redial = True
             self.socket.close()
             return
@@ -272,8 +285,7 @@ class RouterConnection(HostedTunnels):
         client.connection = self
         client.connects += 1
         self.dialect = dialect
-        logger.info("router %s connected (%s): %s dialect", client.endpoint.url, who,
-                    dialect.value)
+        logger.info("router %s connected (%s): %s dialect", client.endpoint.url, who, dialect.value)
         self.session = self.socket.engine.connection.session()
         open_session(self.session)
         if dialect is Dialect.TCP_ADAPTOR:
@@ -303,13 +315,15 @@ class RouterConnection(HostedTunnels):
             logger.debug("transport error: %s", failure)
 
     def _start_streams(self, session: Session) -> None:
-        self.dispatcher = StreamDispatcher(session, self._on_client_stream,
-                                           self.client.routes_active.add)
+        self.dispatcher = StreamDispatcher(
+            session, self._on_client_stream, self.client.routes_active.add
+        )
         for address in self.client.egress:
             self.dispatcher.consume(address)
 
-    def _on_client_stream(self, address: str, delivery: Any,
-                          header: adaptor_wire.StreamHeader) -> Flow | None:
+    def _on_client_stream(
+        self, address: str, delivery: Any, header: adaptor_wire.StreamHeader
+    ) -> Flow | None:
         bridge = self.client.egress.get(address)
         if bridge is None or self.dispatcher is None:
             return None
@@ -332,8 +346,9 @@ class RouterConnection(HostedTunnels):
             return
         reply_to = link.remote_source.address
         if not reply_to:
-            refuse_link(link, "amqp:invalid-field",
-                        "routed attach has no source address to reply to")
+            refuse_link(
+                link, "amqp:invalid-field", "routed attach has no source address to reply to"
+            )
             return
         sender = link.session.sender(f"{link.name}/reply")
         sender.target.address = reply_to
@@ -486,12 +501,16 @@ class ManagementClient:
         else:
             logger.error(
                 "router refused the link route for %r: %s %s",
-                address, status, props.get("statusDescription", ""),
+                address,
+                status,
+                props.get("statusDescription", ""),
             )
 
     def on_link_closed(self, link: Link) -> None:
         condition = link.remote_condition
         if condition is not None:
-            logger.error("management link closed by the router: %s: %s",
-                         condition.name, condition.description)
-
+            logger.error(
+                "management link closed by the router: %s: %s",
+                condition.name,
+                condition.description,
+            )

@@ -74,8 +74,12 @@ class Soak:
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with (self.folder / log).open("ab") as sink:
-            return subprocess.Popen([sys.executable, "-m", "tunnel", *args],
-                                    stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                [sys.executable, "-m", "tunnel", *args],
+                stdout=sink,
+                stderr=sink,
+                stdin=subprocess.DEVNULL,
+            )
 
     async def _wait_log(self, log: str, pattern: str, after: int = 0) -> re.Match[str]:
         for _ in range(400):
@@ -87,14 +91,20 @@ class Soak:
 
     async def start_backend(self) -> None:
         self.backend = await asyncio.get_running_loop().create_server(
-            Echo, "127.0.0.1", self.backend_port, reuse_address=True)
+            Echo, "127.0.0.1", self.backend_port, reuse_address=True
+        )
         self.backend_port = self.backend.sockets[0].getsockname()[1]
 
     async def start_egress(self) -> None:
         mark = len((self.folder / "egress.log").read_text()) if self.egress else 0
-        self.egress = self._spawn(["--listen", f"amqp://127.0.0.1:{self.amqp_port}",
-                                   f"amqp:echo=>tcp:127.0.0.1:{self.backend_port}"],
-                                  "egress.log")
+        self.egress = self._spawn(
+            [
+                "--listen",
+                f"amqp://127.0.0.1:{self.amqp_port}",
+                f"amqp:echo=>tcp:127.0.0.1:{self.backend_port}",
+            ],
+            "egress.log",
+        )
         match = await self._wait_log("egress.log", r"accepting AMQP on amqp://[^:]+:(\d+)", mark)
         self.amqp_port = int(match.group(1))
 
@@ -103,10 +113,12 @@ class Soak:
         await self.start_egress()
         config = self.folder / "connect.json"
         config.write_text(json.dumps({"host": "127.0.0.1", "port": self.amqp_port}))
-        self.ingress = self._spawn(["--config", str(config), "tcp:127.0.0.1:0=>amqp:echo"],
-                                   "ingress.log")
-        self.port = int((await self._wait_log("ingress.log",
-                                              r"listening on 127\.0\.0\.1:(\d+)")).group(1))
+        self.ingress = self._spawn(
+            ["--config", str(config), "tcp:127.0.0.1:0=>amqp:echo"], "ingress.log"
+        )
+        self.port = int(
+            (await self._wait_log("ingress.log", r"listening on 127\.0\.0\.1:(\d+)")).group(1)
+        )
         await self._wait_log("ingress.log", r"router \S+ connected")
 
     async def transfer(self, size: int) -> None:
@@ -115,7 +127,8 @@ class Soak:
         self.report.connections += 1
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", self.port), 10)
+                asyncio.open_connection("127.0.0.1", self.port), 10
+            )
         except (OSError, TimeoutError) as exc:
             self.report.failures[f"connect: {type(exc).__name__}"] += 1
             return
@@ -218,8 +231,10 @@ class Soak:
     async def run(self) -> Report:
         await self.start()
         assert self.ingress is not None
-        workers = [self.worker(kind) for kind in
-                   ("bulk", "bulk", "churn", "churn", "churn", "pingpong", "pingpong")]
+        workers = [
+            self.worker(kind)
+            for kind in ("bulk", "bulk", "churn", "churn", "churn", "pingpong", "pingpong")
+        ]
         warm = asyncio.create_task(self._record_start())
         sampler = asyncio.create_task(self._sample_rss())
         await asyncio.gather(self.chaos(), *workers)
@@ -252,8 +267,11 @@ class Soak:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunnel.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tunnel.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")

@@ -155,9 +155,7 @@ def parse_spec(spec: str, bridge_host: str = DEFAULT_BRIDGE_HOST) -> BridgeSpec:
     if src_scheme == "amqp" and dst_scheme in ("tcp", "http"):
         egress_host, port = _parse_endpoint(dst, spec, listener=False)
         server = EgressSpec if dst_scheme == "tcp" else HttpEgressSpec
-        return server(
-            address=_check_address(src, spec), host=egress_host or bridge_host, port=port
-        )
+        return server(address=_check_address(src, spec), host=egress_host or bridge_host, port=port)
     raise ConfigError(
         f"spec {spec!r} bridges {src_scheme!r} to {dst_scheme!r}: expected tcp:...=>amqp:..., "
         "amqp:...=>tcp:..., http:...=>amqp:... or amqp:...=>http:..."

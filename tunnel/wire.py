@@ -48,8 +48,15 @@ from .codec import (
     str_value,
 )
 
-__all__ = ["EOS_PROPERTY", "HALF_CLOSE", "WireError", "body_header", "decode", "eos_message",
-           "properties_section"]
+__all__ = [
+    "EOS_PROPERTY",
+    "HALF_CLOSE",
+    "WireError",
+    "body_header",
+    "decode",
+    "eos_message",
+    "properties_section",
+]
 
 HALF_CLOSE = "tunnel:half-close"
 EOS_PROPERTY = "tunnel:eos"

@@ -56,10 +56,22 @@ class Sizes:
     slow_seconds: float
 
 
-FULL = Sizes(bulk_bytes=1 << 30, rtt_rounds=5000, new_conns=1000, concurrent=10_000,
-             slow_conns=100, slow_seconds=5.0)
-QUICK = Sizes(bulk_bytes=64 << 20, rtt_rounds=500, new_conns=100, concurrent=500,
-              slow_conns=20, slow_seconds=1.5)
+FULL = Sizes(
+    bulk_bytes=1 << 30,
+    rtt_rounds=5000,
+    new_conns=1000,
+    concurrent=10_000,
+    slow_conns=100,
+    slow_seconds=5.0,
+)
+QUICK = Sizes(
+    bulk_bytes=64 << 20,
+    rtt_rounds=500,
+    new_conns=100,
+    concurrent=500,
+    slow_conns=20,
+    slow_seconds=1.5,
+)
 
 
 # -- processes ------------------------------------------------------------------
@@ -73,8 +85,9 @@ class Route:
 
 
 def _spawn_json(args: list[str]) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -109,12 +122,14 @@ def _wait_log(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> list[re
 @contextlib.contextmanager
 def relay_path(servers: dict[str, int]) -> Iterator[Route]:
     far, far_ports = _spawn_json(
-        ["tunnel.bench.relay", *(f"0=>127.0.0.1:{servers[t]}" for t in TARGETS)])
+        ["tunnel.bench.relay", *(f"0=>127.0.0.1:{servers[t]}" for t in TARGETS)]
+    )
     near = None
     try:
         mid = {t: far_ports[f"127.0.0.1:{servers[t]}"] for t in TARGETS}
         near, near_ports = _spawn_json(
-            ["tunnel.bench.relay", *(f"0=>127.0.0.1:{mid[t]}" for t in TARGETS)])
+            ["tunnel.bench.relay", *(f"0=>127.0.0.1:{mid[t]}" for t in TARGETS)]
+        )
         ports = {t: near_ports[f"127.0.0.1:{mid[t]}"] for t in TARGETS}
         yield Route("relay", ports, [near, far])
     finally:
@@ -132,29 +147,32 @@ def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iter
     if amqp:
         host, _, port = amqp.partition("://")[2].rpartition(":")
         config = folder / "connect.json"
-        config.write_text(json.dumps({"scheme": amqp.partition("://")[0], "host": host,
-                                      "port": int(port)}))
+        config.write_text(
+            json.dumps({"scheme": amqp.partition("://")[0], "host": host, "port": int(port)})
+        )
         egress_args = ["--config", str(config), *egress_specs]
     else:
         egress_args = ["--listen", "amqp://127.0.0.1:0", *egress_specs]
     with egress_log.open("wb") as sink:
-        egress = subprocess.Popen([*common, *egress_args],
-                                  stderr=sink, stdin=subprocess.DEVNULL)
+        egress = subprocess.Popen([*common, *egress_args], stderr=sink, stdin=subprocess.DEVNULL)
     ingress = None
     try:
         if amqp:
             _wait_log(egress_log, r"link route for 'bench-source' active", egress)
         else:
-            amqp_port = _wait_log(egress_log, r"accepting AMQP on amqp://[^:]+:(\d+)",
-                                  egress)[0].group(1)
+            amqp_port = _wait_log(egress_log, r"accepting AMQP on amqp://[^:]+:(\d+)", egress)[
+                0
+            ].group(1)
             config = folder / "connect.json"
             config.write_text(json.dumps({"host": "127.0.0.1", "port": int(amqp_port)}))
         with ingress_log.open("wb") as sink:
-            ingress = subprocess.Popen([*common, "--config", str(config), *ingress_specs],
-                                       stderr=sink, stdin=subprocess.DEVNULL)
+            ingress = subprocess.Popen(
+                [*common, "--config", str(config), *ingress_specs],
+                stderr=sink,
+                stdin=subprocess.DEVNULL,
+            )
         _wait_log(ingress_log, r"router \S+ connected", ingress)
-        found = _wait_log(ingress_log, r"amqp:bench-(\w+) listening on 127\.0\.0\.1:(\d+)",
-                          ingress)
+        found = _wait_log(ingress_log, r"amqp:bench-(\w+) listening on 127\.0\.0\.1:(\d+)", ingress)
         ports = {m.group(1): int(m.group(2)) for m in found}
         if set(ports) != set(TARGETS):
             raise SystemExit(f"ingress bridges missing:\n{ingress_log.read_text()}")
@@ -302,7 +320,8 @@ async def new_connections(port: int, count: int) -> tuple[float, float, int]:
         start = time.perf_counter()
         try:
             transport, pinger = await asyncio.wait_for(
-                loop.create_connection(Pinger, "127.0.0.1", port), 2)
+                loop.create_connection(Pinger, "127.0.0.1", port), 2
+            )
             await asyncio.wait_for(pinger.ping(), 2)
             samples.append(time.perf_counter() - start)
             transport.close()
@@ -313,8 +332,9 @@ async def new_connections(port: int, count: int) -> tuple[float, float, int]:
     return _pct(samples, 50) * 1e3, _pct(samples, 99) * 1e3, failures
 
 
-async def concurrent(port: int, count: int, hops: list[subprocess.Popen[bytes]]
-                     ) -> tuple[int, list[float], list[float]]:
+async def concurrent(
+    port: int, count: int, hops: list[subprocess.Popen[bytes]]
+) -> tuple[int, list[float], list[float]]:
     """Open ``count`` connections, each echoing once, all held open; RSS per hop."""
     loop = asyncio.get_running_loop()
     idle = [rss_kib(p) for p in hops]
@@ -332,22 +352,24 @@ async def concurrent(port: int, count: int, hops: list[subprocess.Popen[bytes]]
         batch = await asyncio.gather(*(one() for _ in range(min(500, count - offset))))
         opened.extend(item for item in batch if item is not None)
     # Every held connection must still answer, not just have answered once.
-    alive = await asyncio.gather(*(asyncio.wait_for(p.ping(), 30) for _, p in opened),
-                                 return_exceptions=True)
+    alive = await asyncio.gather(
+        *(asyncio.wait_for(p.ping(), 30) for _, p in opened), return_exceptions=True
+    )
     working = sum(1 for result in alive if result is None)
     loaded = [rss_kib(p) for p in hops]
     for transport, _ in opened:
         transport.close()
-    per_conn = [(after - before) / max(working, 1) for after, before in
-                zip(loaded, idle, strict=True)]
+    per_conn = [
+        (after - before) / max(working, 1) for after, before in zip(loaded, idle, strict=True)
+    ]
     return working, [kib / 1024 for kib in loaded], per_conn
 
 
-async def slow_readers(port: int, conns: int, seconds: float,
-                       hops: list[subprocess.Popen[bytes]]) -> list[float]:
+async def slow_readers(
+    port: int, conns: int, seconds: float, hops: list[subprocess.Popen[bytes]]
+) -> list[float]:
     loop = asyncio.get_running_loop()
-    opened = [await loop.create_connection(SlowReader, "127.0.0.1", port)
-              for _ in range(conns)]
+    opened = [await loop.create_connection(SlowReader, "127.0.0.1", port) for _ in range(conns)]
     peak = [rss_kib(p) for p in hops]
     deadline = loop.time() + seconds
     while loop.time() < deadline:
@@ -379,8 +401,9 @@ class Row:
         return tunnel / relay
 
 
-async def measure_speed(path: Route, sizes: Sizes, rows: dict[str, Row],
-                        log: Callable[[str], None]) -> None:
+async def measure_speed(
+    path: Route, sizes: Sizes, rows: dict[str, Row], log: Callable[[str], None]
+) -> None:
     name, ports = path.name, path.ports
 
     def put(key: str, value: float | None) -> None:
@@ -401,8 +424,9 @@ async def measure_speed(path: Route, sizes: Sizes, rows: dict[str, Row],
     put("conn_failures", failures)
 
 
-async def measure_memory(path: Route, sizes: Sizes, rows: dict[str, Row],
-                         log: Callable[[str], None], workload: str) -> None:
+async def measure_memory(
+    path: Route, sizes: Sizes, rows: dict[str, Row], log: Callable[[str], None], workload: str
+) -> None:
     """One memory workload on freshly started hops, so no other workload's peak counts."""
     name, ports, hops = path.name, path.ports, path.hops
 
@@ -418,8 +442,7 @@ async def measure_memory(path: Route, sizes: Sizes, rows: dict[str, Row],
             put(f"concurrent_per_conn_{hop}", per_conn[index] if hops else None)
     else:
         log(f"{name}: slow readers")
-        peak = await slow_readers(ports["source"], sizes.slow_conns, sizes.slow_seconds,
-                                     hops)
+        peak = await slow_readers(ports["source"], sizes.slow_conns, sizes.slow_seconds, hops)
         for index, hop in enumerate(("near", "far")):
             put(f"slow_peak_{hop}", peak[index] if hops else None)
 
@@ -441,10 +464,12 @@ def make_rows(sizes: Sizes) -> dict[str, Row]:
         "concurrent_rss_far": Row(f"RSS with {n} conns, far hop", "MiB", "lower"),
         "concurrent_per_conn_near": Row("RSS per conn, near hop", "KiB", "lower", "<= 16"),
         "concurrent_per_conn_far": Row("RSS per conn, far hop", "KiB", "lower", "<= 16"),
-        "slow_peak_near": Row(f"{sizes.slow_conns} slow readers, peak RSS near hop", "MiB",
-                              "lower", "< 150"),
-        "slow_peak_far": Row(f"{sizes.slow_conns} slow readers, peak RSS far hop", "MiB",
-                             "lower", "< 150"),
+        "slow_peak_near": Row(
+            f"{sizes.slow_conns} slow readers, peak RSS near hop", "MiB", "lower", "< 150"
+        ),
+        "slow_peak_far": Row(
+            f"{sizes.slow_conns} slow readers, peak RSS far hop", "MiB", "lower", "< 150"
+        ),
     }
 
 
@@ -460,12 +485,22 @@ def render(rows: dict[str, Row]) -> str:
     lines = [header]
     for row in rows.values():
         ratio = row.ratio()
-        lines.append([row.metric, row.unit, fmt(row.values.get("direct")),
-                      fmt(row.values.get("relay")), fmt(row.values.get("tunnel")),
-                      "-" if ratio is None else f"{ratio:.2f}x", row.target])
+        lines.append(
+            [
+                row.metric,
+                row.unit,
+                fmt(row.values.get("direct")),
+                fmt(row.values.get("relay")),
+                fmt(row.values.get("tunnel")),
+                "-" if ratio is None else f"{ratio:.2f}x",
+                row.target,
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
-           for line in lines]
+    out = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+        for line in lines
+    ]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
 
@@ -506,12 +541,16 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunnel.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tunnel.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
     parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
-    parser.add_argument("--amqp", metavar="URL",
-                        help="run the tunnel pair through this router (amqp://HOST:PORT)")
+    parser.add_argument(
+        "--amqp", metavar="URL", help="run the tunnel pair through this router (amqp://HOST:PORT)"
+    )
     args = parser.parse_args(argv)
     if args.amqp and not re.fullmatch(r"amqps?://[^/:]+:\d+", args.amqp):
         parser.error(f"--amqp {args.amqp!r}: expected amqp://HOST:PORT")
@@ -531,19 +570,34 @@ def main(argv: list[str] | None = None) -> int:
         "tunnel": __version__,
         "uvloop": importlib.metadata.version("uvloop"),
     }
-    print(f"tunnel {__version__}, {machine['cpus']} CPUs, Python {machine['python']}, "
-          f"{'quick' if args.quick else 'full'} run, "
-          f"{'router ' + args.amqp if args.amqp else 'direct mode'}")
+    print(
+        f"tunnel {__version__}, {machine['cpus']} CPUs, Python {machine['python']}, "
+        f"{'quick' if args.quick else 'full'} run, "
+        f"{'router ' + args.amqp if args.amqp else 'direct mode'}"
+    )
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "machine": machine,
-            "quick": args.quick,
-            "amqp": args.amqp,
-            "seconds": round(time.monotonic() - started, 1),
-            "rows": {key: {"metric": r.metric, "unit": r.unit, "target": r.target,
-                           **r.values, "ratio": r.ratio()} for key, r in rows.items()},
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "quick": args.quick,
+                    "amqp": args.amqp,
+                    "seconds": round(time.monotonic() - started, 1),
+                    "rows": {
+                        key: {
+                            "metric": r.metric,
+                            "unit": r.unit,
+                            "target": r.target,
+                            **r.values,
+                            "ratio": r.ratio(),
+                        }
+                        for key, r in rows.items()
+                    },
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
