@@ -179,6 +179,18 @@ def test_bad_listen_urls(url: str, message: str) -> None:
         (["--http-timeout", "0", "http:1=>amqp:a"], "--http-timeout 0: must be above 0"),
         (["--http-max-body", "0", "http:1=>amqp:a"], "--http-max-body 0: must be at least 1"),
         (["--http-window", "-3", "amqp:a=>http:1"], "--http-window -3: must be at least 1"),
+        (["--handshake-timeout", "nan", "tcp:1=>amqp:a"], "--handshake-timeout nan: must be"),
+        (["--open-timeout", "nan", "tcp:1=>amqp:a"], "--open-timeout nan: must be"),
+        (["--grace", "nan", "tcp:1=>amqp:a"], "--grace nan: must be"),
+        (["--hold-timeout", "inf", "tcp:1=>amqp:a"], "--hold-timeout inf: must be"),
+        (["--idle-timeout=-inf", "tcp:1=>amqp:a"], "--idle-timeout -inf: must be"),
+        (["--half-closed-timeout", "nan", "tcp:1=>amqp:a"], "--half-closed-timeout nan"),
+        (["--http-timeout", "1e9", "http:1=>amqp:a"], "--http-timeout 1e+09: must be at most"),
+        (["--window", "100000", "tcp:1=>amqp:a"], "--window 100000: must be at most 64"),
+        (["--http-window", "5000", "amqp:a=>http:1"], "--http-window 5000: must be at most"),
+        (["--max-connections", "10000000", "tcp:1=>amqp:a"], "--max-connections 10000000"),
+        (["--http-max-body", "99999999999", "http:1=>amqp:a"], "--http-max-body 99999999999"),
+        (["--session-window", str(1 << 40), "tcp:1=>amqp:a"], "--session-window"),
     ],
 )
 def test_cli_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import socket
 import sys
@@ -222,36 +223,49 @@ def _admin_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+#: Upper bounds of the numeric options: beyond them a value is a typo, not a setting.
+MAX_WINDOW = 64  # deliveries of up to 128 KiB per link, per direction
+MAX_HTTP_WINDOW = 1024
+MAX_HTTP_BODY = 1 << 30
+MAX_CONNECTIONS = 1_000_000
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
-    """Every numeric option in range, or a ConfigError naming it."""
+    """Every numeric option finite and in range, or a ConfigError naming it."""
     # AMQP 1.0 §2.7.1: no peer may require frames smaller than 512 bytes.
     if not 512 <= args.max_frame_size <= 1 << 30:
         raise ConfigError(f"--max-frame-size {args.max_frame_size}: expected 512 to 2**30")
-    if args.session_window and args.session_window < args.max_frame_size:
+    if args.session_window and not args.max_frame_size <= args.session_window <= 1 << 31:
         raise ConfigError(
-            f"--session-window {args.session_window}: must be 0 or at least "
-            f"the frame size ({args.max_frame_size})"
+            f"--session-window {args.session_window}: must be 0, or from "
+            f"the frame size ({args.max_frame_size}) to 2**31"
         )
-    if args.max_connections < 1:
-        raise ConfigError(f"--max-connections {args.max_connections}: must be at least 1")
-    if args.idle_timeout < 0 or args.half_closed_timeout < 0:
-        raise ConfigError("--idle-timeout and --half-closed-timeout must not be negative")
-    for flag, count in (
-        ("--window", args.window),
-        ("--http-window", args.http_window),
-        ("--http-max-body", args.http_max_body),
+    for flag, count, most in (
+        ("--window", args.window, MAX_WINDOW),
+        ("--http-window", args.http_window, MAX_HTTP_WINDOW),
+        ("--http-max-body", args.http_max_body, MAX_HTTP_BODY),
+        ("--max-connections", args.max_connections, MAX_CONNECTIONS),
     ):
         if count < 1:
             raise ConfigError(f"{flag} {count}: must be at least 1")
+        if count > most:
+            raise ConfigError(f"{flag} {count}: must be at most {most}")
     for flag, value, least in (
         ("--open-timeout", args.open_timeout, "above 0"),
         ("--handshake-timeout", args.handshake_timeout, "above 0"),
         ("--http-timeout", args.http_timeout, "above 0"),
         ("--grace", args.grace, "0 or more"),
         ("--hold-timeout", args.hold_timeout, "0 or more"),
+        ("--idle-timeout", args.idle_timeout, "0 or more"),
+        ("--half-closed-timeout", args.half_closed_timeout, "0 or more"),
     ):
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} {value}: must be a number of seconds, not {value}")
         if value < 0 or (value == 0 and least == "above 0"):
             raise ConfigError(f"{flag} {value:g}: must be {least}")
+        if value > MAX_SECONDS:
+            raise ConfigError(f"{flag} {value:g}: must be at most {MAX_SECONDS:g} (a week)")
 
 
 def _warn_insecure(conn: ConnectionConfig, source: str) -> None:
