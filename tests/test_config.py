@@ -266,3 +266,72 @@ async def test_listening_beyond_loopback_without_tls_warns(tmp_path: Path) -> No
         finally:
             process.kill()
         assert ("without TLS" in process.log()) is warned, process.log()
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tunnel", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=30,
+        check=False,
+    )
+
+
+#: (what is wrong, the files by role: ca/cert/key, the field named, the file named)
+BAD_TLS = [
+    ("empty CA", {"ca": "empty", "cert": "cert", "key": "key"}, "ca", "empty"),
+    ("CA not PEM", {"ca": "junk", "cert": "cert", "key": "key"}, "ca", "junk"),
+    ("cert and key swapped", {"ca": "ca", "cert": "key", "key": "cert"}, "cert", "key"),
+    ("key of another cert", {"ca": "ca", "cert": "cert", "key": "other_key"}, "key", "other_key"),
+    ("cert without key", {"ca": "ca", "cert": "cert"}, "cert", "cert"),
+]
+
+
+def _tls_files(folder: Path) -> dict[str, Path]:
+    certs = make_certs(folder)
+    (folder / "empty.pem").write_text("")
+    (folder / "junk.pem").write_text("not a certificate\n")
+    return {
+        "ca": certs.ca,
+        "cert": certs.server_cert,
+        "key": certs.server_key,
+        "other_key": certs.client_key,
+        "empty": folder / "empty.pem",
+        "junk": folder / "junk.pem",
+    }
+
+
+@pytest.mark.parametrize(("case", "roles", "field", "named"), BAD_TLS, ids=[c[0] for c in BAD_TLS])
+def test_bad_tls_files_in_the_connection_file(
+    tmp_path: Path, case: str, roles: dict[str, str], field: str, named: str
+) -> None:
+    """One line naming the field and the file, exit 2, no traceback."""
+    files = _tls_files(tmp_path / "certs")
+    tls = {role: str(files[which]) for role, which in roles.items()}
+    path = _write(tmp_path, {"scheme": "amqps", "host": "localhost", "tls": tls})
+    result = _run(["--config", str(path), "tcp:1=>amqp:a"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line, line
+    assert f"tls.{field} {files[named]}" in line
+    assert str(path) in line
+
+
+@pytest.mark.parametrize(("case", "roles", "field", "named"), BAD_TLS, ids=[c[0] for c in BAD_TLS])
+def test_bad_listen_tls_files(
+    tmp_path: Path, case: str, roles: dict[str, str], field: str, named: str
+) -> None:
+    """The same for --listen-cert, --listen-key and --listen-ca."""
+    files = _tls_files(tmp_path / "certs")
+    flags = [
+        arg for role, which in roles.items() for arg in (f"--listen-{role}", str(files[which]))
+    ]
+    result = _run(["--listen", "amqps://127.0.0.1:0", *flags, "amqp:a=>tcp:1"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line, line
+    assert f"--listen-{field} {files[named]}" in line

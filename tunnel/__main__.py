@@ -181,7 +181,10 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     router = None
     if path is not None:
         conn = load_connection_file(path)
-        router = conn.endpoint()
+        try:
+            router = conn.endpoint()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         _warn_insecure(conn, source)
     elif listen is None:
         source = "default: no connection file found"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -116,13 +117,68 @@ class ConnectionConfig(BaseModel):
         if self.scheme != "amqps":
             return None
         tls = self.tls or TlsConfig()
-        ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
-        if tls.cert:
-            ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+        ctx = ssl.create_default_context()
+        load_tls_files(
+            ctx, cert=tls.cert, key=tls.key, ca=tls.ca, names=("tls.cert", "tls.key", "tls.ca")
+        )
         if not self.verify_peer:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+
+def load_tls_files(
+    ctx: ssl.SSLContext,
+    *,
+    cert: Path | None,
+    key: Path | None,
+    ca: Path | None,
+    names: tuple[str, str, str],
+) -> None:
+    """Load a CA and a certificate chain into ``ctx``.
+
+    Each failure is a :class:`ConfigError` naming the field or option (from
+    ``names``: cert, key, CA) and the file, not OpenSSL's ``PEM lib``.
+    """
+    cert_name, key_name, ca_name = names
+    if ca is not None:
+        _require_pem(ca, ca_name, _CERTIFICATE, "CA certificate")
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"{ca_name} {ca}: not a usable CA certificate: {exc}") from None
+    if cert is None:
+        return
+    _require_pem(cert, cert_name, _CERTIFICATE, "certificate")
+    if key is not None:
+        _require_pem(key, key_name, _PRIVATE_KEY, "private key")
+    elif not _PRIVATE_KEY.search(_read_pem(cert, cert_name)):
+        raise ConfigError(
+            f"{cert_name} {cert}: has no private key in it, and {key_name} is not given"
+        )
+    try:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{key_name} {key or cert}: the private key does not match the "
+            f"certificate in {cert} ({exc.reason or exc})"
+        ) from None
+
+
+_CERTIFICATE = re.compile(r"^-----BEGIN CERTIFICATE-----$", re.MULTILINE)
+_PRIVATE_KEY = re.compile(r"^-----BEGIN [A-Z ]*PRIVATE KEY-----$", re.MULTILINE)
+
+
+def _read_pem(path: Path, name: str) -> str:
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"{name} {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _require_pem(path: Path, name: str, block: re.Pattern[str], what: str) -> None:
+    if not block.search(_read_pem(path, name)):
+        raise ConfigError(f"{name} {path}: not a PEM {what}")
 
 
 def _resolve(path: Path | None, base: Path, field: str, source: Path) -> Path | None:
@@ -231,7 +287,7 @@ class ListenConfig(BaseModel):
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"{flag}: file {value!r} not found")
             paths[flag] = Path(value) if value else None
-        return cls(
+        config = cls(
             scheme=scheme,  # type: ignore[arg-type]
             host=host,
             port=int(port_text),
@@ -239,14 +295,21 @@ class ListenConfig(BaseModel):
             key=paths["--listen-key"],
             ca=paths["--listen-ca"],
         )
+        config.ssl_context()  # every file checked now, not when the listener starts
+        return config
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.scheme != "amqps" or self.cert is None:
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+        load_tls_files(
+            ctx,
+            cert=self.cert,
+            key=self.key,
+            ca=self.ca,
+            names=("--listen-cert", "--listen-key", "--listen-ca"),
+        )
         if self.ca is not None:
-            ctx.load_verify_locations(cafile=str(self.ca))
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
