@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -335,3 +336,45 @@ def test_bad_listen_tls_files(
     line = result.stderr.strip()
     assert "\n" not in line, line
     assert f"--listen-{field} {files[named]}" in line
+
+
+async def test_amqps_to_a_plain_port_says_so(tmp_path: Path) -> None:
+    """TLS towards a plain AMQP listener is named as such, not as an empty 'unreachable'."""
+    plain = TunnelProcess(
+        ["--listen", "amqp://127.0.0.1:0", "amqp:a=>tcp:127.0.0.1:1"], tmp_path / "plain.log"
+    )
+    client = None
+    try:
+        port = await plain.amqp_port()
+        path = _write(tmp_path, {"scheme": "amqps", "host": "127.0.0.1", "port": port})
+        client = TunnelProcess(
+            ["--config", str(path), "tcp:127.0.0.1:0=>amqp:a"], tmp_path / "client.log"
+        )
+        match = await client.wait_for(r"router amqps://127\.0\.0\.1:\d+ (.*); retrying")
+        assert "is it a plain AMQP port" in match.group(1), match.group(0)
+        assert client.stop() == 0
+    finally:
+        plain.kill()
+        if client is not None:
+            client.kill()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--admin", "127.0.0.1:{port}", "tcp:127.0.0.1:0=>amqp:a"], "--admin 127.0.0.1:{port}"),
+        (["--listen", "amqp://127.0.0.1:{port}", "amqp:a=>tcp:1"], "--listen amqp://127.0.0.1:"),
+        (["tcp:127.0.0.1:{port}=>amqp:a"], "bridge tcp:127.0.0.1:{port}=>amqp:a"),
+        (["http:127.0.0.1:{port}=>amqp:a"], "bridge http:127.0.0.1:{port}=>amqp:a"),
+    ],
+)
+def test_a_busy_port_names_who_wanted_it(tmp_path: Path, args: list[str], named: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _run([arg.format(port=port) for arg in args], tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert named.format(port=port) in result.stderr
+    assert "address already in use" in result.stderr

@@ -38,7 +38,9 @@ SITE = "SITE"
 INGRESS_DYNAMIC = "dyn-ing-1"
 LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
 CONNECTED = r"router amqps://localhost:\d+ connected"
-REFUSED = r"router amqps://localhost:\d+ (refused the connection|unreachable)"
+REFUSED = (
+    r"router amqps://localhost:\d+ (refused the connection|unreachable|failed TLS|failed the TLS)"
+)
 # How long a refused daemon is watched for a late "connected".
 REFUSAL_WATCH = 3.0
 

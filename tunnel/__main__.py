@@ -17,7 +17,7 @@ from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
 from .engine import DEFAULT_MAX_FRAME_SIZE
-from .errors import ConfigError
+from .errors import ConfigError, StartupError
 from .limits import DEFAULT_HALF_CLOSED_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Limits
 from .relay import DEFAULT_WINDOW
 from .router import Dialect
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return uvloop.run(run(settings))
         return asyncio.run(run(settings))
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         print(f"tunnel: error: {exc}", file=sys.stderr)
         return 1
 

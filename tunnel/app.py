@@ -13,6 +13,7 @@ from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
 from .engine import DEFAULT_MAX_FRAME_SIZE
+from .errors import naming
 from .http_egress import HttpEgressBridge, RoutedEgress
 from .http_ingress import HttpIngressBridge
 from .http_message import HttpSettings
@@ -21,7 +22,14 @@ from .memory import MemoryReleaser
 from .metrics import registry_for
 from .relay import DEFAULT_WINDOW, Failure
 from .router import Dialect, RouterClient
-from .spec import BridgeSpec, EgressSpec, HttpEgressSpec, HttpIngressSpec, IngressSpec
+from .spec import (
+    BridgeSpec,
+    EgressSpec,
+    HttpEgressSpec,
+    HttpIngressSpec,
+    IngressSpec,
+    join_host,
+)
 from .stats import BridgeStats
 
 logger = logging.getLogger("tunnel")
@@ -104,9 +112,12 @@ class App:
         if settings.admin is not None:
             # First, so that liveness answers while the rest comes up.
             self.admin = AdminServer(registry_for(self), self.readiness)
-            await self.admin.start(*settings.admin)
-        if self.direct is not None:
-            await self.direct.start()
+            host, port = settings.admin
+            with naming(f"--admin {join_host(host, port)}"):
+                await self.admin.start(host, port)
+        if self.direct is not None and settings.listen is not None:
+            with naming(f"--listen {settings.listen.url}"):
+                await self.direct.start()
         endpoint = settings.router
         wants_router = any(isinstance(s, (IngressSpec, HttpIngressSpec)) for s in settings.specs)
         if endpoint is None and self.direct is not None and settings.listen and wants_router:
@@ -135,10 +146,12 @@ class App:
                     hold_timeout=settings.hold_timeout,
                     limits=settings.limits,
                 )
-                await bridge.start()
+                with naming(f"bridge {spec}"):
+                    await bridge.start()
                 self.ingress.append(bridge)
         for http in self.http_ingress:
-            await http.start()
+            with naming(f"bridge {http.spec}"):
+                await http.start()
         verify = "n/a"
         if endpoint is not None and endpoint.ssl is not None:
             verify = "on" if endpoint.ssl.verify_mode != 0 else "OFF"
@@ -247,7 +260,12 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.stopping.set)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        # What did start (the router client, a listener) must not keep the loop alive.
+        await app.shutdown()
+        raise
     await app.stopping.wait()
     await app.shutdown()
     return 0

@@ -298,6 +298,10 @@ class ListenConfig(BaseModel):
         config.ssl_context()  # every file checked now, not when the listener starts
         return config
 
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{_bracket(self.host)}:{self.port}"
+
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.scheme != "amqps" or self.cert is None:
             return None

@@ -47,6 +47,7 @@ from .http_egress import HttpEgressBridge
 from .http_message import HttpSettings
 from .messaging import MessageSender
 from .relay import Tunnel
+from .spec import join_host
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,9 @@ class DirectListener:
             backlog=LISTEN_BACKLOG,
         )
         logger.info(
-            "direct mode: accepting AMQP on %s://%s:%d",
+            "direct mode: accepting AMQP on %s://%s",
             self.config.scheme,
-            self.config.host,
-            self.bound_port,
+            join_host(self.config.host, self.bound_port),
         )
         if self.config.scheme == "amqp" and not _is_loopback(self.config.host):
             logger.warning(

@@ -36,6 +36,7 @@ import logging
 import random
 import secrets
 import socket
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -159,7 +160,11 @@ class RouterClient:
                 await self._connect(conn)
             except (OSError, TimeoutError) as error:
                 if was_up:
-                    logger.warning("router %s unreachable: %s; retrying", self.endpoint.url, error)
+                    logger.warning(
+                        "router %s %s; retrying",
+                        self.endpoint.url,
+                        connect_failure(error, tls=self.endpoint.ssl is not None),
+                    )
                     was_up = False
             else:
                 exc = await lost
@@ -372,6 +377,26 @@ class RouterConnection(HostedTunnels):
         self.reset_tunnels()
         if not self.lost.done():
             self.lost.set_result(exc)
+
+
+_PLAIN_PORT = "(is it a plain AMQP port, not AMQPS?)"
+
+
+def connect_failure(error: OSError | TimeoutError, *, tls: bool) -> str:
+    """What a failed connect to the router says, in words that name the cause."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"failed TLS verification ({error.reason}): {error.verify_message}"
+    if tls and isinstance(error, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError):
+        return f"answered, but closed the connection during the TLS handshake {_PLAIN_PORT}"
+    if isinstance(error, ssl.SSLError):
+        hint = f" {_PLAIN_PORT}" if error.reason == "WRONG_VERSION_NUMBER" else ""
+        return f"failed the TLS handshake: {error.reason or error}{hint}"
+    if isinstance(error, TimeoutError):
+        return "did not answer within the connect timeout"
+    if isinstance(error, ConnectionRefusedError):
+        return "unreachable: connection refused (nothing listens there)"
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"unreachable: {reason}"
 
 
 class ReplyPool:
