@@ -295,6 +295,8 @@ async def test_oversized_bodies(pair: HttpPair) -> None:
     status, _, body = await asyncio.to_thread(request, pair.port, "GET", "/big")
     assert status == 502
     assert f"over the limit of {MAX_BODY} bytes".encode() in body
+    assert pair.backend is not None
+    assert f"backend {LOOPBACK}:{pair.backend.server_address[1]}:".encode() in body
 
 
 async def test_request_waits_for_the_egress_to_come_back(tmp_path: Path) -> None:

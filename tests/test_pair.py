@@ -200,6 +200,27 @@ async def test_backend_refused_resets_client(tmp_path: Path) -> None:
         await pair.egress.wait_for("unreachable")
 
 
+async def test_an_unreachable_backend_is_one_warning_until_it_answers(tmp_path: Path) -> None:
+    """Not a line per connection: one WARNING, then the recovery with the count."""
+    dead_port = free_port()
+    async with processes(tmp_path, _egress_args(None, dead_port)) as pair:
+        await pair.ingress.wait_for("connected")
+        for _ in range(3):
+            await expect_reset(pair.port)
+        warnings = re.findall(r"WARNING .*unreachable.*", pair.egress.log())
+        assert warnings == [
+            f"WARNING tunnel.bridge: amqp:echo=>tcp:{LOOPBACK}:{dead_port}: backend "
+            f"{LOOPBACK}:{dead_port} unreachable: Connection refused"
+        ]
+        server = await asyncio.start_server(lambda r, w: w.close(), LOOPBACK, dead_port)
+        async with server:
+            reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
+            writer.write(b"x")
+            await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+            await pair.egress.wait_for(r"answers again, after 3 failed connects")
+
+
 async def test_unknown_address_resets_client(tmp_path: Path) -> None:
     """Direct mode refuses an address nobody serves, and the client gets an RST."""
     async with echo_server() as backend:

@@ -31,7 +31,7 @@ from .amqp_link import AmqpSocket
 from .engine import AmqpEngine, add_capability, capabilities
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
 from .relay import DEFAULT_WINDOW, MAX_MESSAGE_SIZE, Failure, Phase, Tunnel
-from .spec import EgressSpec, IngressSpec
+from .spec import EgressSpec, IngressSpec, join_host
 from .stats import BridgeStats
 from .tcp_side import TcpSide
 
@@ -293,6 +293,7 @@ class EgressBridge:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = BridgeStats(str(spec))
         self.sweeper = Sweeper(self.stats, limits)
+        self.backend = BackendHealth(f"{spec}", join_host(spec.host, spec.port))
 
     def on_attach(self, receiver: Link, sender: Link, host: TunnelHost) -> None:
         """A client's sender reached us (routed or direct): start a tunnel for it.
@@ -359,10 +360,10 @@ class EgressBridge:
                 )
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-            tunnel.log.info("backend %s:%d unreachable: %s", self.spec.host, self.spec.port, reason)
-            tunnel.reset(
-                f"backend {self.spec.host}:{self.spec.port} unreachable: {reason}", Failure.BACKEND
-            )
+            self.backend.failed(reason, loop.time())
+            tunnel.reset(f"backend {self.backend.name} unreachable: {reason}", Failure.BACKEND)
+        else:
+            self.backend.answered()
 
     async def stop(self) -> None:
         self.sweeper.stop()
@@ -371,6 +372,50 @@ class EgressBridge:
         for task in list(self.tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class BackendHealth:
+    """Whether a bridge's backend answers, logged once per change, not once per connection.
+
+    The first failed connect is a WARNING; while it lasts, a WARNING at most every
+    :data:`REPEAT_EVERY` seconds counts the failures since; the first success after
+    it is logged at INFO with the count.
+    """
+
+    REPEAT_EVERY = 60.0
+
+    def __init__(self, bridge: str, name: str) -> None:
+        self.bridge = bridge
+        self.name = name
+        self.failures = 0
+        self._told = 0
+        self._told_at = 0.0
+
+    def failed(self, reason: str, now: float) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            logger.warning("%s: backend %s unreachable: %s", self.bridge, self.name, reason)
+        elif now - self._told_at >= self.REPEAT_EVERY:
+            logger.warning(
+                "%s: backend %s still unreachable: %s (%d connects failed since the last report)",
+                self.bridge,
+                self.name,
+                reason,
+                self.failures - self._told,
+            )
+        else:
+            return
+        self._told, self._told_at = self.failures, now
+
+    def answered(self) -> None:
+        if self.failures:
+            logger.info(
+                "%s: backend %s answers again, after %d failed connects",
+                self.bridge,
+                self.name,
+                self.failures,
+            )
+        self.failures = self._told = 0
 
 
 class Hosted(Protocol):

@@ -215,7 +215,9 @@ class HttpEgressBridge:
             return None
         except BackendError as exc:
             logger.debug("%s: %s %s: %s", self.spec, parsed.method, parsed.target, exc)
-            response = hm.plain_response(502, f"Bad Gateway: {exc}")
+            response = hm.plain_response(
+                502, f"Bad Gateway: backend {self.pool.host_header}: {exc}"
+            )
         except TimeoutError:
             logger.debug(
                 "%s: %s %s: no response within %gs",
