@@ -378,3 +378,35 @@ def test_a_busy_port_names_who_wanted_it(tmp_path: Path, args: list[str], named:
     assert "Traceback" not in result.stderr
     assert named.format(port=port) in result.stderr
     assert "address already in use" in result.stderr
+
+
+def test_a_user_without_a_password_is_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"host": "127.0.0.1", "user": "u"})
+    with pytest.raises(ConfigError, match="user is set but password is not"):
+        load_connection_file(path)
+
+
+def test_a_bad_spec_from_the_environment_says_so(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnel"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ICPROXY_CONFIG": "udp:1=>amqp:a"},
+    )
+    assert result.returncode == 2
+    assert "$ICPROXY_CONFIG: unsupported scheme 'udp'" in result.stderr
+
+
+@pytest.mark.parametrize("tool", ["tunnel.bench", "tunnel.soak"])
+def test_tool_help_has_no_markup(tool: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", tool, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "``" not in result.stdout

@@ -412,6 +412,28 @@ async def test_sigterm_grace_then_reset(tmp_path: Path) -> None:
         assert await asyncio.to_thread(pair.ingress.proc.wait, 10) == 0
 
 
+async def test_a_second_signal_ends_the_grace_at_once(tmp_path: Path) -> None:
+    """Ctrl-C twice: the tunnels left open are reset now, not after --grace."""
+    async with (
+        echo_server() as backend,
+        processes(
+            tmp_path, _egress_args(None, backend.port), ingress_args=("--grace", "600")
+        ) as pair,
+    ):
+        await pair.ingress.wait_for("connected")
+        reader, writer = await asyncio.open_connection(LOOPBACK, pair.port)
+        writer.write(b"still talking")
+        assert await reader.readexactly(13) == b"still talking"
+        pair.ingress.proc.send_signal(signal.SIGINT)
+        await pair.ingress.wait_for("waiting up to 600s for 1 tunnels")
+        pair.ingress.proc.send_signal(signal.SIGINT)
+        await pair.ingress.wait_for("stop asked again")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+        assert await asyncio.to_thread(pair.ingress.proc.wait, 15) == 0
+
+
 async def test_resets_right_after_connect_leave_other_tunnels_alone(tmp_path: Path) -> None:
     """Clients that reset before their links are up cost nothing to the tunnels beside them."""
     async with (
@@ -541,3 +563,12 @@ async def test_tls_hostname_is_verified(tmp_path: Path) -> None:
             await pair.ingress.wait_for("CERTIFICATE_VERIFY_FAILED")
             assert "IP address mismatch" in pair.ingress.log()
             await expect_reset(pair.port)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_a_tls_router_that_leaves_gives_no_asyncio_warning(tmp_path: Path, loop: str) -> None:
+    """A TLS connection cannot be half-closed: its end is taken without asyncio's complaint."""
+    async with tunnel_pair(tmp_path, "tls", loop) as pair:
+        assert pair.egress.stop() == 0
+        await pair.ingress.wait_for(r"connection lost")
+        assert "eof_received" not in pair.ingress.log()

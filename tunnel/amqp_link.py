@@ -102,7 +102,9 @@ class AmqpSocket(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self.engine.eof_in()
         self.process()
-        return True
+        # Keep the socket open for what is still to be written; a TLS transport
+        # cannot half-close, and asyncio warns when asked to.
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -103,6 +103,8 @@ class App:
         self.router: RouterClient | None = None
         self.ingress: list[IngressBridge] = []
         self.stopping = asyncio.Event()
+        #: A second SIGTERM or SIGINT during the grace period: reset what is left now.
+        self.hurry = asyncio.Event()
         self.admin: AdminServer | None = None
         self.memory = MemoryReleaser()
 
@@ -209,6 +211,13 @@ class App:
             + sum(len(http.tasks) for http in self.http_egress.values())
         )
 
+    def on_stop_signal(self) -> None:
+        if self.stopping.is_set():
+            if not self.hurry.is_set():
+                logger.info("stop asked again: not waiting for open tunnels")
+            self.hurry.set()
+        self.stopping.set()
+
     def _stop_accepting(self) -> None:
         for bridge in self.ingress:
             bridge.stop_accepting()
@@ -228,7 +237,7 @@ class App:
             logger.info(
                 "shutting down: waiting up to %gs for %d tunnels", self.settings.grace, busy
             )
-        while self.hosts_busy() and loop.time() < deadline:
+        while self.hosts_busy() and loop.time() < deadline and not self.hurry.is_set():
             await asyncio.sleep(0.05)
         left = self.hosts_busy()
         if left:
@@ -259,7 +268,7 @@ async def run(settings: Settings) -> int:
     app = App(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, app.stopping.set)
+        loop.add_signal_handler(sig, app.on_stop_signal)
     try:
         await app.start()
     except BaseException:

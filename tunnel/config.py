@@ -222,6 +222,8 @@ def load_connection_file(path: Path) -> ConnectionConfig:
         config = config.model_copy(update={"tls": tls})
     if config.password is not None and config.user is None:
         raise ConfigError(f"{path}: password is set but user is not")
+    if config.user is not None and config.password is None:
+        raise ConfigError(f"{path}: user is set but password is not")
     return config
 
 

@@ -269,7 +269,7 @@ class Soak:
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tunnel.soak",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", ""),  # reST markup reads badly in a terminal
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--minutes", type=float, default=10.0)

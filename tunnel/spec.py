@@ -185,7 +185,12 @@ def parse_specs(args: Iterable[str], env: Mapping[str, str]) -> list[BridgeSpec]
         for part in parts:
             if not part.strip():
                 raise ConfigError(f"empty spec in {origin} {item!r} (stray comma?)")
-            specs.append(parse_spec(part, bridge_host))
+            try:
+                specs.append(parse_spec(part, bridge_host))
+            except ConfigError as exc:
+                if origin == "argument":
+                    raise
+                raise ConfigError(f"{origin}: {exc}") from None
     if not specs:
         raise ConfigError("no bridge spec given: pass SOURCE=>TARGET or set $ICPROXY_CONFIG")
     _check_unique(specs)

@@ -543,7 +543,7 @@ def _raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tunnel.bench",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", ""),  # reST markup reads badly in a terminal
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
