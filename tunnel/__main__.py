@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import __version__, http_message
+from . import __version__, flows, http_message
 from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level", type=str.upper, choices=LOG_LEVELS, help="default: $LOGLEVEL, else INFO"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object a line (default %(default)s)",
     )
     parser.add_argument(
         "--window",
@@ -281,16 +287,21 @@ def _warn_insecure(conn: ConnectionConfig, source: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["flows"]:
+        return flows.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = args.log_level or os.environ.get("LOGLEVEL", "INFO").upper()
     if level not in LOG_LEVELS:
         parser.error(f"$LOGLEVEL {level!r}: expected one of {', '.join(LOG_LEVELS)}")
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        flows.JsonFormatter()
+        if args.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         settings = resolve(args, os.environ)
     except ConfigError as exc:

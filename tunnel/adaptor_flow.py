@@ -51,7 +51,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import cproton
 from proton import Condition, Link, Sender, Session
@@ -101,6 +101,8 @@ class FlowHost(Protocol):
 
 class Flow:
     """One TCP connection and its two streams; see the module docstring."""
+
+    DIALECT: ClassVar[str] = "tcp-adaptor"
 
     __slots__ = (
         "_early",
@@ -484,7 +486,9 @@ class Flow:
         if self.tcp is not None:
             self.tcp.close()
         self.phase = Phase.CLOSED
-        self.log.info("closed (finished): %d bytes in, %d bytes out", self.bytes_in, self.bytes_out)
+        self.log.debug(
+            "closed (finished): %d bytes in, %d bytes out", self.bytes_in, self.bytes_out
+        )
         self._ended()
 
     def reset(self, reason: str, failure: Failure) -> None:
@@ -507,7 +511,7 @@ class Flow:
             self.in_delivery = None
         self._close_links(Condition(RESET_CONDITION, reason))
         self.phase = Phase.CLOSED
-        self.log.info(
+        self.log.debug(
             "reset (%s): %d bytes in, %d bytes out", reason, self.bytes_in, self.bytes_out
         )
         self._ended()

@@ -1,12 +1,13 @@
 """``--admin HOST:PORT``: health, readiness and metrics over HTTP, on the tunnel's own loop.
 
-Three fixed GET paths and nothing else, so a minimal HTTP/1.1 responder is
+Four fixed GET paths and nothing else, so a minimal HTTP/1.1 responder is
 enough: it reads one request head (bounded), answers, and closes.
 
 - ``/healthz``: 200 while the process runs its loop.
 - ``/readyz``: 200 when every bridge is up, else 503 with a JSON body naming
   what is missing.
 - ``/metrics``: the Prometheus text format (:mod:`tunnel.metrics`).
+- ``/flows``: the open and recently closed connections as JSON (:mod:`tunnel.flows`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
+FLOWS_PATH = "/flows"
+PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH, FLOWS_PATH)
 MAX_HEAD = 8192
 READ_TIMEOUT = 10.0
 
@@ -67,11 +70,24 @@ class AdminProtocol(asyncio.Protocol):
 
 
 class AdminServer:
-    """Answers the three paths; ``readiness`` returns what is missing, empty when ready."""
+    """Answers the four paths; ``readiness`` returns what is missing, empty when ready,
+    ``flows`` what ``/flows`` shows."""
 
-    def __init__(self, registry: CollectorRegistry, readiness: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        readiness: Callable[[], list[str]],
+        flows: Callable[[], object] = dict,
+    ) -> None:
         self.registry = registry
         self.readiness = readiness
+        self.flows = flows
+        self._answers: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+            HEALTH_PATH: self._health,
+            READY_PATH: self._ready,
+            METRICS_PATH: self._metrics,
+            FLOWS_PATH: self._flows,
+        }
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -79,31 +95,32 @@ class AdminServer:
             lambda: AdminProtocol(self), host, port, reuse_address=True
         )
         bound = self.server.sockets[0].getsockname()
-        logger.info(
-            "admin endpoint on http://%s:%d (%s, %s, %s)",
-            bound[0],
-            bound[1],
-            HEALTH_PATH,
-            READY_PATH,
-            METRICS_PATH,
-        )
+        logger.info("admin endpoint on http://%s:%d (%s)", bound[0], bound[1], ", ".join(PATHS))
 
     def respond(self, request_line: bytes) -> tuple[int, str, bytes]:
         parts = request_line.decode("latin-1").split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             return 400, "text/plain", b"bad request line\n"
         method, target = parts[0], parts[1].split("?", 1)[0]
-        if target not in (HEALTH_PATH, READY_PATH, METRICS_PATH):
+        if target not in self._answers:
             return 404, "text/plain", b"not found\n"
         if method != "GET":
             return 405, "text/plain", b"only GET\n"
-        if target == HEALTH_PATH:
-            return 200, "text/plain", b"ok\n"
-        if target == READY_PATH:
-            missing = self.readiness()
-            body = json.dumps({"ready": not missing, "missing": missing}).encode() + b"\n"
-            return (503 if missing else 200), "application/json", body
+        return self._answers[target]()
+
+    def _health(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok\n"
+
+    def _ready(self) -> tuple[int, str, bytes]:
+        missing = self.readiness()
+        body = json.dumps({"ready": not missing, "missing": missing}).encode() + b"\n"
+        return (503 if missing else 200), "application/json", body
+
+    def _metrics(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+    def _flows(self) -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps(self.flows()).encode() + b"\n"
 
     def close(self) -> None:
         if self.server is not None:

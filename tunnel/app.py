@@ -14,6 +14,7 @@ from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
 from .engine import DEFAULT_MAX_FRAME_SIZE
 from .errors import naming
+from .flows import snapshot
 from .http_egress import HttpEgressBridge, RoutedEgress
 from .http_ingress import HttpIngressBridge
 from .http_message import HttpSettings
@@ -113,7 +114,9 @@ class App:
         self.memory.start()
         if settings.admin is not None:
             # First, so that liveness answers while the rest comes up.
-            self.admin = AdminServer(registry_for(self), self.readiness)
+            self.admin = AdminServer(
+                registry_for(self), self.readiness, lambda: snapshot(self.bridge_stats())
+            )
             host, port = settings.admin
             with naming(f"--admin {join_host(host, port)}"):
                 await self.admin.start(host, port)

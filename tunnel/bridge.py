@@ -250,7 +250,7 @@ class IngressBridge:
         self.hold_timeout = hold_timeout
         self.limits = limits
         self.server: asyncio.Server | None = None
-        self.stats = BridgeStats(str(spec))
+        self.stats = BridgeStats(str(spec), f"amqp:{spec.address}")
         self.sweeper = Sweeper(self.stats, limits)
 
     async def start(self) -> None:
@@ -291,7 +291,7 @@ class EgressBridge:
         self.window = window
         self.limits = limits
         self.tasks: set[asyncio.Task[None]] = set()
-        self.stats = BridgeStats(str(spec))
+        self.stats = BridgeStats(str(spec), f"tcp:{join_host(spec.host, spec.port)}")
         self.sweeper = Sweeper(self.stats, limits)
         self.backend = BackendHealth(f"{spec}", join_host(spec.host, spec.port))
 

@@ -45,7 +45,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from proton import Condition, Link
 
@@ -121,6 +121,8 @@ class TunnelLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 class Tunnel:
     """One TCP connection and its two AMQP links; see the module docstring."""
+
+    DIALECT: ClassVar[str] = "link-route"
 
     __slots__ = (
         "_parked",
@@ -570,7 +572,8 @@ class Tunnel:
 
     def _finish(self, why: str) -> None:
         self.phase = Phase.CLOSED
-        self.log.info("closed (%s): %d bytes in, %d bytes out", why, self.bytes_in, self.bytes_out)
+        # Per connection: the flow record says it at INFO (tunnel.flows).
+        self.log.debug("closed (%s): %d bytes in, %d bytes out", why, self.bytes_in, self.bytes_out)
         self._ended()
 
     def _ended(self) -> None:
@@ -592,7 +595,7 @@ class Tunnel:
         self._parked = None
         self._close_links(Condition(RESET_CONDITION, reason))
         self.phase = Phase.CLOSED
-        self.log.info(
+        self.log.debug(
             "reset (%s): %d bytes in, %d bytes out", reason, self.bytes_in, self.bytes_out
         )
         self._ended()

@@ -9,7 +9,10 @@ series depends on the bridges, never on the connections.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Protocol
+import time
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from .flows import FLOW_LOG, record
 
 if TYPE_CHECKING:
     from .relay import Failure, Phase
@@ -18,6 +21,10 @@ if TYPE_CHECKING:
 class Carried(Protocol):
     """One TCP connection a bridge carries, in either dialect, as stats and limits see it."""
 
+    #: How it travels: "link-route" or "tcp-adaptor".
+    DIALECT: ClassVar[str]
+    #: ``<client-ip>:<client-port>@<site>...``, as in its link names.
+    name: str
     phase: Phase
     failure: Failure | None
     #: Bytes written to the TCP peer, and read from it.
@@ -32,34 +39,48 @@ class Carried(Protocol):
 class BridgeStats:
     """What one bridge has done, for ``/metrics``."""
 
-    __slots__ = ("closed", "done_read", "done_written", "failures", "live", "name", "opened")
+    __slots__ = (
+        "closed",
+        "done_read",
+        "done_written",
+        "failures",
+        "far_end",
+        "live",
+        "name",
+        "opened",
+    )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, far_end: str) -> None:
         self.name = name
+        #: Where the bridge's connections go: ``amqp:ADDRESS`` or ``tcp:HOST:PORT``.
+        self.far_end = far_end
         self.opened = 0
         self.closed = 0
         self.failures: collections.Counter[str] = collections.Counter()
         # Bytes of tunnels already closed: read from and written to TCP peers.
         self.done_read = 0
         self.done_written = 0
-        self.live: set[Carried] = set()
+        #: The connections open now, with when each started (monotonic seconds).
+        self.live: dict[Carried, float] = {}
 
     def tunnel_opened(self, tunnel: Carried) -> None:
         self.opened += 1
-        self.live.add(tunnel)
+        self.live[tunnel] = time.monotonic()
 
     def hand_over(self, old: Carried, new: Carried) -> None:
         """``new`` carries from now on the connection that ``old`` accepted."""
-        self.live.discard(old)
-        self.live.add(new)
+        self.live[new] = self.live.pop(old, time.monotonic())
 
     def tunnel_closed(self, tunnel: Carried) -> None:
         self.closed += 1
-        self.live.discard(tunnel)
+        started = self.live.pop(tunnel, None)
         self.done_read += tunnel.bytes_out
         self.done_written += tunnel.bytes_in
         if tunnel.failure is not None:
             self.failures[tunnel.failure.value] += 1
+        if started is not None:
+            reason = tunnel.failure.value if tunnel.failure is not None else "finished"
+            FLOW_LOG.closed(record(self, tunnel, started, time.monotonic()), reason)
 
     def bytes_read(self) -> int:
         """Bytes read from this bridge's TCP peers (client or backend), ever."""
