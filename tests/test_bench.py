@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tunnel.bench.__main__ import Row, render
+
 
 def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     """--quick measures every row on every path and writes the JSON table."""
@@ -51,3 +53,20 @@ def test_bad_router_url_is_refused() -> None:
     )
     assert result.returncode == 2
     assert "expected amqp://HOST:PORT" in result.stderr
+
+
+def test_the_table_flags_each_missed_target() -> None:
+    """A target the tunnel misses is marked in the table; one it meets is not."""
+    rows = {
+        "bulk_fwd": Row("bulk", "MB/s", "higher", ">= 0.5x relay", {"relay": 100, "tunnel": 40}),
+        "bulk_64": Row("bulk 64", "MB/s", "higher", ">= 1 conn", {"relay": 100, "tunnel": 50}),
+        "rtt": Row("rtt", "us", "lower", "<= 3x relay", {"relay": 10, "tunnel": 25}),
+        "fail": Row("failures", "count", "lower", "0", {"tunnel": 2}),
+        "rss": Row("rss", "MiB", "lower", "< 150", {"relay": 1, "tunnel": 149}),
+    }
+    table = {line.split("|")[1].strip(): line for line in render(rows).splitlines()[2:]}
+    assert "MISSED" in table["bulk"]
+    assert "MISSED" not in table["bulk 64"]
+    assert "MISSED" not in table["rtt"]
+    assert "MISSED" in table["failures"]
+    assert "MISSED" not in table["rss"]

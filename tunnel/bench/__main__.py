@@ -400,6 +400,40 @@ class Row:
             return None
         return tunnel / relay
 
+    def missed(self, one_conn: float | None) -> bool | None:
+        """Whether the tunnel's figure misses the target; None when there is nothing to judge.
+
+        Targets read ``[OP] NUMBER [x relay | conn]``: a multiple of the relay's figure,
+        of the one-connection bulk figure (``one_conn``), or a plain number; without an
+        operator, a higher-is-better figure must reach it and a lower one stay under it.
+        """
+        match = _TARGET.fullmatch(self.target.strip())
+        tunnel = self.values.get("tunnel")
+        if match is None or tunnel is None or math.isnan(tunnel):
+            return None
+        op, number, of = match.groups()
+        bound = float(number)
+        if of == "x relay":
+            relay = self.values.get("relay")
+            if relay is None:
+                return None
+            bound *= relay
+        elif of == "conn":
+            if one_conn is None:
+                return None
+            bound *= one_conn
+        op = op or (">=" if self.better == "higher" else "<=")
+        return not _COMPARE[op](tunnel, bound)
+
+
+_TARGET = re.compile(r"(>=|<=|<|>)?\s*([\d.]+)\s*(x relay|conn)?")
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+}
+
 
 async def measure_speed(
     path: Route, sizes: Sizes, rows: dict[str, Row], log: Callable[[str], None]
@@ -483,8 +517,10 @@ def render(rows: dict[str, Row]) -> str:
 
     header = ["metric", "unit", "direct", "relay", "tunnel", "tunnel/relay", "target"]
     lines = [header]
+    one_conn = rows["bulk_fwd"].values.get("tunnel") if "bulk_fwd" in rows else None
     for row in rows.values():
         ratio = row.ratio()
+        target = f"{row.target} MISSED" if row.missed(one_conn) else row.target
         lines.append(
             [
                 row.metric,
@@ -493,7 +529,7 @@ def render(rows: dict[str, Row]) -> str:
                 fmt(row.values.get("relay")),
                 fmt(row.values.get("tunnel")),
                 "-" if ratio is None else f"{ratio:.2f}x",
-                row.target,
+                target,
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
