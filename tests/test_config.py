@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -410,3 +412,40 @@ def test_tool_help_has_no_markup(tool: str) -> None:
         check=True,
     )
     assert "``" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [
+        ("distrusting", "does it trust this listener's certificate?"),
+        ("without a certificate", "PEER_DID_NOT_RETURN_A_CERTIFICATE"),
+    ],
+)
+async def test_a_failed_direct_mode_handshake_is_logged_at_once(
+    tmp_path: Path, client: str, reason: str
+) -> None:
+    """Not seen later as a handshake timeout: the listener says why, as it happens."""
+    certs = make_certs(tmp_path / "certs")
+    listener = TunnelProcess(
+        [
+            "--listen", "amqps://127.0.0.1:0", "--handshake-timeout", "600",
+            "--listen-cert", str(certs.server_cert), "--listen-key", str(certs.server_key),
+            "--listen-ca", str(certs.ca), "amqp:a=>tcp:127.0.0.1:1",
+        ],
+        tmp_path / "listener.log",
+    )  # fmt: skip
+    try:
+        port = await listener.amqp_port()
+        ctx = ssl.create_default_context(cafile=None if client == "distrusting" else str(certs.ca))
+        # The client sees the refusal at its handshake or, under TLS 1.3, at its first read.
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+            )
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+        match = await listener.wait_for(r"TLS handshake with 127\.0\.0\.1:\d+ failed: (.*)", 10)
+        assert reason in match.group(1)
+        assert listener.stop() == 0
+    finally:
+        listener.kill()

@@ -28,6 +28,9 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import socket
+import ssl
+from collections.abc import Callable
 from typing import Any
 
 from proton import Condition, Link
@@ -74,7 +77,7 @@ class DirectListener:
         self.egress = egress
         self.http_egress = http_egress or {}
         self.handshake_timeout = handshake_timeout
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.Server | TlsServer | None = None
         self.peers: set[DirectPeer] = set()
         self.forwarder = Forwarder(
             max_message=max_message,
@@ -82,15 +85,22 @@ class DirectListener:
         )
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            self._accept,
-            self.config.host,
-            self.config.port,
-            ssl=self.config.ssl_context(),
-            reuse_address=True,
-            backlog=LISTEN_BACKLOG,
-        )
+        ctx = self.config.ssl_context()
+        if ctx is not None:
+            self.server = TlsServer(
+                listening_sockets(self.config.host, self.config.port),
+                self._accept,
+                ctx,
+                self.handshake_timeout,
+            )
+        else:
+            self.server = await asyncio.get_running_loop().create_server(
+                self._accept,
+                self.config.host,
+                self.config.port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
+            )
         logger.info(
             "direct mode: accepting AMQP on %s://%s",
             self.config.scheme,
@@ -130,6 +140,122 @@ class DirectListener:
     def close_all(self) -> None:
         for peer in list(self.peers):
             peer.socket.close()
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address of ``host``, as asyncio
+    binds them."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class TlsServer:
+    """The amqps listener: plain sockets, each accepted connection's TLS handshake its own task.
+
+    asyncio's TLS server drops a failed handshake without a word (an OSError is
+    logged in debug mode only), so a client that distrusts our certificate looked
+    like one that never spoke. Here each failure is logged at once with its reason.
+    """
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        make: Callable[[], AmqpSocket],
+        ctx: ssl.SSLContext,
+        timeout: float,
+    ) -> None:
+        self.sockets = sockets
+        self.make = make
+        self.ctx = ctx
+        self.timeout = timeout
+        loop = asyncio.get_running_loop()
+        self.handshakes: set[asyncio.Task[None]] = set()
+        self.accepting = [loop.create_task(self._accept(sock)) for sock in sockets]
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listening)
+            except OSError as exc:  # out of descriptors, say: the next accept may do
+                logger.warning("direct mode: accept failed: %s", exc.strerror or exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._handshake(conn))
+            self.handshakes.add(task)
+            task.add_done_callback(self.handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        made: list[AmqpSocket] = []
+
+        def protocol() -> AmqpSocket:
+            made.append(self.make())
+            return made[-1]
+
+        try:
+            peer = _address(conn.getpeername())
+        except OSError:
+            peer = "a peer that left"
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                protocol, conn, ssl=self.ctx, ssl_handshake_timeout=self.timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            logger.info("direct mode: TLS handshake with %s failed: %s", peer, _tls_failure(exc))
+            conn.close()
+            for app in made:
+                app.connection_lost(exc)
+
+    def close(self) -> None:
+        for task in self.accepting:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+
+_TLS_HINTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust this listener's certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client refused this listener's certificate",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "--listen-ca requires a client certificate",
+    "CERTIFICATE_VERIFY_FAILED": "the client's certificate is not signed by --listen-ca",
+    "WRONG_VERSION_NUMBER": "not TLS: plain AMQP on an AMQPS port?",
+    "HTTP_REQUEST": "not TLS: an HTTP request",
+}
+
+
+def _tls_failure(exc: OSError | TimeoutError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        hint = _TLS_HINTS.get(exc.reason or "")
+        return f"{exc.reason or exc} ({hint})" if hint else str(exc.reason or exc)
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
+        return (
+            "the client closed the connection during it "
+            "(does it trust this listener's certificate?)"
+        )
+    if isinstance(exc, TimeoutError):
+        return "it took too long"
+    return str(exc.strerror or exc) or type(exc).__name__
+
+
+def _address(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return join_host(str(peer[0]), int(peer[1]))
+    return "an unknown peer"
 
 
 def _is_loopback(host: str) -> bool:
