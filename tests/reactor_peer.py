@@ -118,6 +118,8 @@ class Outcome:
     link: str
     state: int
     settled: bool
+    #: A rejection's error description, as it arrived.
+    why: str | None = None
 
 
 @dataclass(frozen=True)
@@ -426,7 +428,15 @@ class RouterPeer(ReactorThread, MessagingHandler):
     def on_delivery(self, event: Any) -> None:
         delivery = event.delivery
         if delivery.link.is_sender and delivery.updated:
-            self._record(Outcome(delivery.link.name, delivery.remote_state, delivery.settled))
+            condition = delivery.remote.condition
+            self._record(
+                Outcome(
+                    delivery.link.name,
+                    delivery.remote_state,
+                    delivery.settled,
+                    condition.description if condition is not None else None,
+                )
+            )
 
     def on_message(self, event: Any) -> None:
         link, delivery, message = event.link, event.delivery, event.message

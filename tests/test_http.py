@@ -263,11 +263,14 @@ async def test_head_keeps_no_body(pair: HttpPair) -> None:
 async def test_backend_down_is_502(tmp_path: Path) -> None:
     """A backend nobody listens on: every retry is refused, and the client gets 502."""
     started = time.monotonic()
-    async with http_pair(tmp_path, free_port()) as running:
+    dead = free_port()
+    async with http_pair(tmp_path, dead) as running:
         status, headers, body = await asyncio.to_thread(request, running.port, "GET", "/")
         assert status == 502
         assert headers["content-type"].startswith("text/plain")
         assert b"amqp:web did not take the request (11 attempts)" in body
+        # The egress's reason travels in its modified outcome.
+        assert f"cannot connect to {LOOPBACK}:{dead}".encode() in body
         assert "cannot connect to" in running.egress.log()
         # Eleven refused attempts, one warning: logged per change, not per request.
         assert running.egress.log().count("the backend is unreachable") == 1

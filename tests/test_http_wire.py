@@ -303,4 +303,5 @@ def test_egress_rejects_a_message_that_is_not_a_request(harness: Harness) -> Non
     )
     outcome = peer.wait_for(Outcome, lambda o: o.link == consumer.name)
     assert outcome.state == Delivery.REJECTED
+    assert outcome.why == "subject None is not an HTTP method"  # on the wire, not just logged
     assert "subject None is not an HTTP method" in daemon.log()

@@ -510,20 +510,48 @@ OUTCOME_NAMES = {
 }
 
 
+def failure_of(delivery: Any) -> str:
+    """What the peer's outcome of a sent delivery (C handle) says went wrong, or ""."""
+    remote = wrap_delivery(delivery).remote
+    if remote.type == REJECTED:
+        condition = remote.condition
+        return f"{condition.name}: {condition.description}" if condition is not None else ""
+    annotations = remote.annotations or {}
+    return str(annotations.get(symbol(FAILURE_ANNOTATION), "")) if remote.type == MODIFIED else ""
+
+
 def outcome_name(state: int) -> str:
     return OUTCOME_NAMES.get(state, str(state))
 
 
+#: The message annotation a modified outcome carries its reason in, for the sender's error.
+FAILURE_ANNOTATION = "x-opt-tunnel-failure"
+
+
 def settle(
-    delivery: Any, outcome: int, *, failed: bool = False, condition: Condition | None = None
+    delivery: Any,
+    outcome: int,
+    *,
+    failed: bool = False,
+    condition: Condition | None = None,
+    why: str | None = None,
 ) -> None:
     """Settle a received delivery (C handle) with ``outcome``; ``failed`` marks a modified
-    outcome delivery-failed, ``condition`` is a rejection's error."""
-    if condition is not None:
-        wrap_delivery(delivery).local.condition = condition
+    outcome delivery-failed, ``condition`` is a rejection's error, ``why`` a modified
+    outcome's reason (:data:`FAILURE_ANNOTATION`)."""
     if failed:
         _lib.pn_disposition_set_failed(_lib.pn_delivery_local(delivery), True)
-    _lib.pn_delivery_update(delivery, outcome)
+    if condition is None and why is None:
+        _lib.pn_delivery_update(delivery, outcome)
+    else:
+        # proton's wrapper keeps a condition and annotations on the Python side
+        # and writes them into the disposition only in its own update().
+        wrapped = wrap_delivery(delivery)
+        if condition is not None:
+            wrapped.local.condition = condition
+        if why is not None:
+            wrapped.local.annotations = {symbol(FAILURE_ANNOTATION): why}
+        wrapped.update(outcome)
     _lib.pn_delivery_settle(delivery)
 
 

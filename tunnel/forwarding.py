@@ -364,7 +364,7 @@ def _settle_with(receiver: MessageReceiver, delivery: Any, outcome: int, why: st
     elif outcome in (ACCEPTED, RELEASED):
         receiver.settle(delivery, outcome)
     else:
-        receiver.settle(delivery, MODIFIED, failed=True)
+        receiver.settle(delivery, MODIFIED, failed=True, why=why or None)
 
 
 class _Management:

@@ -199,6 +199,8 @@ class HttpEgressBridge:
         self.tasks: set[asyncio.Task[Message | None]] = set()
         #: Logged once per change, not once per request.
         self.unreachable = False
+        #: Why, for the ingress's 502 once no egress took the request.
+        self.unreachable_why = ""
 
     async def serve(self, request: Message, parsed: hm.HttpRequest) -> Message | None:
         """The response message for ``request`` (``parsed`` is what it asks); None when the
@@ -211,6 +213,7 @@ class HttpEgressBridge:
             if not self.unreachable:
                 logger.warning("%s: the backend is unreachable: %s", self.spec, exc)
             self.unreachable = True
+            self.unreachable_why = str(exc)
             logger.debug("%s: %s %s: %s", self.spec, parsed.method, parsed.target, exc)
             return None
         except BackendError as exc:
@@ -317,7 +320,7 @@ class RequestServer:
             return
         response = task.result()
         if response is None:
-            self.receiver.settle(delivery, MODIFIED, failed=True)
+            self.receiver.settle(delivery, MODIFIED, failed=True, why=self.bridge.unreachable_why)
         elif self.reply(str(request.reply_to), hm.encode(response)):
             self.receiver.settle(delivery, ACCEPTED)
         else:

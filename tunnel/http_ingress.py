@@ -120,7 +120,7 @@ class Exchange:
                     hm.plain_response(
                         502,
                         f"Bad Gateway: amqp:{self.bridge.spec.address} did not take the "
-                        f"request ({self.attempts} attempts)",
+                        f"request ({self.attempts} attempts)" + (f": {why}" if why else ""),
                     )
                 )
                 return

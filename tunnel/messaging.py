@@ -32,12 +32,12 @@ from .engine import (
     RELEASED,
     AmqpEngine,
     close_link,
+    failure_of,
     raw_lib,
     receive_delivery,
     receive_more,
     set_owner,
     settle,
-    wrap_delivery,
 )
 
 _lib = raw_lib
@@ -45,7 +45,7 @@ _lib = raw_lib
 _TERMINAL = frozenset((ACCEPTED, RELEASED, REJECTED, MODIFIED))
 
 #: ``(outcome, why)``: the peer's outcome (0 when the link went away first) and,
-#: for a rejection, the error it gave.
+#: for a rejection or a modified outcome, what it said went wrong.
 OutcomeCallback = Callable[[int, str], None]
 
 
@@ -159,11 +159,7 @@ class MessageSender:
         if not _lib.pn_delivery_settled(delivery) and state not in _TERMINAL:
             return  # not an outcome yet (received, or nothing)
         callback = self.unsettled.pop(delivery, None)
-        why = ""
-        if state == REJECTED:
-            condition = wrap_delivery(delivery).remote.condition
-            if condition is not None:
-                why = f"{condition.name}: {condition.description}"
+        why = failure_of(delivery) if state in (REJECTED, MODIFIED) else ""
         _lib.pn_delivery_settle(delivery)
         if callback is not None:
             callback(state, why)
@@ -209,12 +205,13 @@ class MessageReceiver:
         *,
         failed: bool = False,
         condition: Condition | None = None,
+        why: str | None = None,
     ) -> None:
         """Settle a message handed on earlier, and give its credit back."""
         self.in_hand -= 1
         if self.closed or self.host.closed:
             return
-        settle(delivery, outcome, failed=failed, condition=condition)
+        settle(delivery, outcome, failed=failed, condition=condition, why=why)
         credit = _lib.pn_link_credit(self.raw)
         if credit + self.in_hand < self.window:
             _lib.pn_link_flow(self.raw, self.window - credit - self.in_hand)
