@@ -151,6 +151,25 @@ def _text(value: bytes | str) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+def wire_bytes(text: str) -> bytes:
+    """A header name or value as it goes on the wire.
+
+    Header bytes come in as latin-1, one character per byte (HTTP/1.1 allows
+    obs-text), so latin-1 gives the same bytes back; a value from a peer that
+    sent characters beyond it (a UTF-8 string from the node proxy) goes out
+    as UTF-8, its bytes unchanged.
+    """
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+def wire_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """``headers`` as the bytes h11 writes (h11 would encode str as ASCII, and fail)."""
+    return [(wire_bytes(name), wire_bytes(value)) for name, value in headers]
+
+
 #: Methods whose requests carry a body, and so a Content-Length, even an empty one.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CONTENT_LENGTH = "content-length"
