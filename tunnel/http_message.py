@@ -162,7 +162,7 @@ def wire_bytes(text: str) -> bytes:
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape")
+        return text.encode("utf-8", "replace")
 
 
 def wire_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
