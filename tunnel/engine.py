@@ -27,6 +27,18 @@ in between (:meth:`AmqpEngine.receive_bytes` takes at most one slice), so
 received bytes are read out as each slice lands. Otherwise a long-lived
 connection grows by pool size x delivery size and never gives it back.
 
+Hostile peers: what the peer opens is checked here, once, for every link
+owner. A peer that opens more than ``max_links`` links, or as many
+sessions, or asks for an idle timeout under :data:`MIN_PEER_IDLE_TIMEOUT`,
+is closed with ``amqp:resource-limit-exceeded``; its further input is
+discarded, unread, until our Close is out. The limit bounds proton's own
+cost too: it finds an incoming attach by name with a linear scan. proton
+does not enforce link credit, so a transfer beyond the credit we granted
+closes its link with ``amqp:link:transfer-limit-exceeded``. An exception raised while an owner
+handles its link's event is contained to that link: logged once, the link
+closed with ``amqp:internal-error``, its owner told the link ended, and the
+connection and every other link go on.
+
 This module imports no asyncio: the glue in :mod:`tunnel.amqp_link` moves
 the bytes and supplies the time.
 """
@@ -58,6 +70,7 @@ from proton import (
 )
 
 from . import __version__
+from .peer_text import PEER_LOG, LogLimiter, printable
 
 # proton's Python binding copies every byte in and out up to three times
 # (a zeroed bytearray, the C copy, then a slice); the hot paths below call
@@ -76,6 +89,18 @@ OWNER_ATTR = "tunnel_owner"
 _FREED_ATTR = "tunnel_freed"
 _SESSION_WINDOW_ATTR = "tunnel_session_window"
 PRODUCT = "tunnel"
+#: Links and sessions a peer may open on one connection: two links per tunnel at
+#: the default connection limit (16384), plus some for replies and management.
+DEFAULT_MAX_LINKS = 2 * 16384 + 64
+#: The shortest idle timeout a peer may ask us to keep (seconds): each peer's
+#: heartbeats cost us CPU, at twice the rate it asks for.
+MIN_PEER_IDLE_TIMEOUT = 1.0
+_COUNTED_ATTR = "tunnel_counted"
+_RESOURCE_LIMIT = "amqp:resource-limit-exceeded"
+_TRANSFER_LIMIT = "amqp:link:transfer-limit-exceeded"
+_INTERNAL_ERROR = "amqp:internal-error"
+#: Our own failures while handling one link: the first of each kind with its traceback.
+FAILURES = LogLimiter(logger)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +127,8 @@ class EngineOptions:
     outer_tls: bool = False
     #: Connection capabilities offered in our Open.
     offered_capabilities: tuple[str, ...] = ()
+    #: Links the peer may have open at once, and likewise sessions.
+    max_links: int = DEFAULT_MAX_LINKS
 
 
 class AmqpEngine:
@@ -114,7 +141,11 @@ class AmqpEngine:
     __slots__ = (
         "_collector_impl",
         "_ended_in",
+        "_max_links",
         "_outbox",
+        "_peer_links",
+        "_peer_sessions",
+        "_refused",
         "_transport_impl",
         "collector",
         "connection",
@@ -132,6 +163,12 @@ class AmqpEngine:
             self.connection.offered_capabilities = SymbolList(list(options.offered_capabilities))
         self.transport = Transport(Transport.SERVER if options.server else Transport.CLIENT)
         self.transport.max_frame_size = options.max_frame_size
+        # Channels are numbered from 0: channel-max caps the sessions in the Open.
+        self.transport.channel_max = min(options.max_links, 65536) - 1
+        self._max_links = options.max_links
+        self._peer_links = 0
+        self._peer_sessions = 0
+        self._refused = False
         setattr(self.connection, _SESSION_WINDOW_ATTR, options.session_window)
         self.transport.idle_timeout = options.idle_timeout
         sasl = self.transport.sasl()
@@ -166,6 +203,8 @@ class AmqpEngine:
         """
         impl = self._transport_impl
         view = memoryview(data)[:SLICE]
+        if self._refused:
+            return len(view)  # a refused peer's input is not even parsed
         taken = 0
         total = len(view)
         while taken < total:
@@ -194,6 +233,9 @@ class AmqpEngine:
         if not self._outbox:
             self._take_output()
             if not self._outbox:
+                if self._refused:
+                    # Our Close is out: end the input too, so the socket closes.
+                    self.eof_in()
                 return None
         return self._outbox.popleft()
 
@@ -273,23 +315,110 @@ class AmqpEngine:
         null = _ffi.NULL
         while (raw := peek(collector)) != null:
             etype = event_type(raw)
-            if etype == _DELIVERY:
-                _on_raw_delivery(_lib.pn_event_delivery(raw))
-            elif etype == _LINK_FLOW:
-                link = _lib.pn_event_link(raw)
-                owner = _owner_of_raw(link)
-                if owner is not None:
-                    owner.on_link_flow(link)
-            elif etype == _LINK_REMOTE_OPEN:
-                _on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
-            elif etype in _LINK_REMOTE_END:
-                _on_link_remote_close(wrap_link(_lib.pn_event_link(raw)), handler)
-            elif (action := _CONNECTION_EVENTS.get(etype)) is not None:
-                event: Event = Event.wrap(raw)  # type: ignore[no-untyped-call]
-                pop(collector)
-                action(event, handler)
-                continue
+            try:
+                if etype == _DELIVERY:
+                    _on_raw_delivery(_lib.pn_event_delivery(raw))
+                elif etype == _LINK_FLOW:
+                    link = _lib.pn_event_link(raw)
+                    owner = _owner_of_raw(link)
+                    if owner is not None:
+                        owner.on_link_flow(link)
+                elif etype == _LINK_REMOTE_OPEN:
+                    self._on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
+                elif etype in _LINK_REMOTE_END:
+                    _on_link_remote_close(wrap_link(_lib.pn_event_link(raw)), handler)
+                elif (action := _CONNECTION_EVENTS.get(etype)) is not None:
+                    event: Event = Event.wrap(raw)  # type: ignore[no-untyped-call]
+                    pop(collector)
+                    action(self, event, handler)
+                    continue
+            except Exception as exc:  # contained to the event's link
+                self._contain(raw, exc)
             pop(collector)
+
+    def _contain(self, raw: Any, exc: Exception) -> None:
+        """An exception while handling ``raw``: end its link, or failing that the connection."""
+        link = _lib.pn_event_link(raw)
+        if link == _ffi.NULL:
+            where = "connection"
+        else:
+            owner = _owner_of_raw(link)
+            where = type(owner).__name__ if owner is not None else "link"
+        FAILURES.log(
+            logging.ERROR,
+            where,
+            type(exc).__name__,
+            "internal error while handling a %s event, contained to it: %s",
+            where,
+            printable(repr(exc)),
+            exc_info=exc,
+        )
+        condition = Condition(_INTERNAL_ERROR, f"{type(exc).__name__} while handling the link")
+        if link == _ffi.NULL:
+            if not self.connection.state & _LOCAL_CLOSED:
+                self.connection.condition = condition
+                self.connection.close()
+            return
+        wrapped = wrap_link(link)
+        close_link(wrapped, condition)
+        if owner is not None:
+            try:
+                owner.on_link_closed(wrapped)
+            except Exception:  # the link is gone already
+                logger.debug("owner failed again as its link closed", exc_info=True)
+
+    def _refuse_peer(self, description: str) -> None:
+        """Close the connection for going past a limit, and stop reading it."""
+        if self._refused:
+            return
+        self._refused = True
+        peer = printable(self.connection.remote_container)
+        PEER_LOG.log(
+            logging.WARNING, peer, _RESOURCE_LIMIT, "closing AMQP peer %s: %s", peer, description
+        )
+        if not self.connection.state & _LOCAL_CLOSED:
+            self.connection.condition = Condition(_RESOURCE_LIMIT, description)
+            self.connection.close()
+
+    def _on_link_remote_open(self, link: Link, handler: ConnectionHandler) -> None:
+        owner = owner_of(link)
+        if owner is not None:
+            owner.on_link_opened(link)
+        elif link.state & Endpoint.LOCAL_UNINIT and not self._refused:
+            if self._peer_links >= self._max_links:
+                self._refuse_peer(f"more than {self._max_links} links on one connection")
+                return
+            self._peer_links += 1
+            setattr(link, _COUNTED_ATTR, self)
+            handler.on_link_attach(link)
+
+    def link_freed(self) -> None:
+        """A link the peer opened has been freed."""
+        self._peer_links -= 1
+
+    def session_freed(self) -> None:
+        """A session the peer opened has been freed."""
+        self._peer_sessions -= 1
+
+    def _on_session_remote_open(self, event: Event, handler: ConnectionHandler) -> None:
+        session = cast(Session, event.session)
+        if session.state & Endpoint.LOCAL_UNINIT and not self._refused:
+            if self._peer_sessions >= self._max_links:
+                self._refuse_peer(f"more than {self._max_links} sessions on one connection")
+                return
+            self._peer_sessions += 1
+            setattr(session, _COUNTED_ATTR, self)
+            open_session(session)
+
+    def _on_connection_remote_open(self, event: Event, handler: ConnectionHandler) -> None:
+        asked = self.transport.remote_idle_timeout
+        if 0 < asked < MIN_PEER_IDLE_TIMEOUT:
+            self._refuse_peer(
+                f"idle-time-out of {asked * 1000:.0f} ms is under the"
+                f" {MIN_PEER_IDLE_TIMEOUT * 1000:.0f} ms we keep"
+            )
+            return
+        _on_connection_remote_open(event, handler)
 
     def release(self) -> None:
         """Free proton's objects now, in the order proton needs, not at garbage collection.
@@ -301,7 +430,12 @@ class AmqpEngine:
         link = self.connection.link_head(0)
         while link is not None:
             set_owner(link, None)
+            setattr(link, _COUNTED_ATTR, None)
             link = link.next(0)
+        session = self.connection.session_head(0)
+        while session is not None:
+            setattr(session, _COUNTED_ATTR, None)
+            session = session.next(0)  # type: ignore[no-untyped-call]
         self.collector.release()
         self.transport.unbind()
         self.connection.free()
@@ -362,6 +496,11 @@ def _owner_of_raw(link: Any) -> LinkOwner | None:
 
 def _on_raw_delivery(delivery: Any) -> None:
     link = _lib.pn_delivery_link(delivery)
+    # A receiver's credit drops as each delivery is advanced past, so what the
+    # peer may still send is the credit less the deliveries not yet advanced.
+    if _lib.pn_link_credit(link) < _lib.pn_link_queued(link) and _lib.pn_link_is_receiver(link):
+        _over_credit(link, delivery)
+        return
     owner = _owner_of_raw(link)
     if owner is not None:
         owner.on_delivery(link, delivery)
@@ -370,12 +509,24 @@ def _on_raw_delivery(delivery: Any) -> None:
         settle(delivery, RELEASED)
 
 
-def _on_link_remote_open(link: Link, handler: ConnectionHandler) -> None:
-    owner = owner_of(link)
-    if owner is not None:
-        owner.on_link_opened(link)
-    elif link.state & Endpoint.LOCAL_UNINIT:
-        handler.on_link_attach(link)
+def _over_credit(link: Any, delivery: Any) -> None:
+    """A transfer beyond the credit we granted: proton took it, we must not."""
+    wrapped = wrap_link(link)
+    owner = owner_of(wrapped)
+    if not wrapped.state & _LOCAL_CLOSED:
+        peer = printable(wrapped.connection.remote_container)
+        PEER_LOG.log(
+            logging.WARNING,
+            peer,
+            _TRANSFER_LIMIT,
+            "closing link %s of AMQP peer %s: it sent beyond its credit",
+            printable(wrapped.name),
+            peer,
+        )
+        close_link(wrapped, Condition(_TRANSFER_LIMIT, "transfer beyond the credit granted"))
+        if owner is not None:
+            owner.on_link_closed(wrapped)
+    settle(delivery, RELEASED)
 
 
 def _on_link_remote_close(link: Link, handler: ConnectionHandler) -> None:
@@ -402,12 +553,6 @@ def close_link(link: Link, condition: Condition | None = None) -> None:
     _free_if_done(link)
 
 
-def _on_session_remote_open(event: Event, handler: ConnectionHandler) -> None:
-    session = cast(Session, event.session)
-    if session.state & Endpoint.LOCAL_UNINIT:
-        open_session(session)
-
-
 def open_session(session: Session) -> None:
     """Open ``session`` with the connection's configured incoming window."""
     window = getattr(session.connection, _SESSION_WINDOW_ATTR, 0)
@@ -416,13 +561,15 @@ def open_session(session: Session) -> None:
     session.open()
 
 
-def _on_session_remote_close(event: Event, handler: ConnectionHandler) -> None:
+def _on_session_remote_close(engine: AmqpEngine, event: Event, handler: ConnectionHandler) -> None:
     session = cast(Session, event.session)
     if not session.state & _LOCAL_CLOSED:
         session.close()
     # A router may use a session per routed link: free each as it ends.
     if not getattr(session, _FREED_ATTR, False):
         setattr(session, _FREED_ATTR, True)
+        if (counted := getattr(session, _COUNTED_ATTR, None)) is not None:
+            counted.session_freed()
         session.free()
 
 
@@ -438,14 +585,16 @@ def _on_connection_remote_open(event: Event, handler: ConnectionHandler) -> None
     handler.on_connection_opened()
 
 
-def _on_connection_remote_close(event: Event, handler: ConnectionHandler) -> None:
+def _on_connection_remote_close(
+    engine: AmqpEngine, event: Event, handler: ConnectionHandler
+) -> None:
     connection = cast(Connection, event.connection)
     handler.on_connection_closed(connection.remote_condition)
     if not connection.state & _LOCAL_CLOSED:
         connection.close()
 
 
-def _on_transport_error(event: Event, handler: ConnectionHandler) -> None:
+def _on_transport_error(engine: AmqpEngine, event: Event, handler: ConnectionHandler) -> None:
     handler.on_transport_error(cast(Transport, event.transport).condition)
 
 
@@ -455,9 +604,9 @@ def _on_transport_error(event: Event, handler: ConnectionHandler) -> None:
 _CONNECTION_EVENTS = {
     event_type.number: action
     for event_type, action in (
-        (Event.SESSION_REMOTE_OPEN, _on_session_remote_open),
+        (Event.SESSION_REMOTE_OPEN, AmqpEngine._on_session_remote_open),
         (Event.SESSION_REMOTE_CLOSE, _on_session_remote_close),
-        (Event.CONNECTION_REMOTE_OPEN, _on_connection_remote_open),
+        (Event.CONNECTION_REMOTE_OPEN, AmqpEngine._on_connection_remote_open),
         (Event.CONNECTION_REMOTE_CLOSE, _on_connection_remote_close),
         (Event.TRANSPORT_ERROR, _on_transport_error),
     )
@@ -483,6 +632,8 @@ def _free_if_done(link: Link) -> None:
             return
         setattr(link, _FREED_ATTR, True)
         set_owner(link, None)
+        if (counted := getattr(link, _COUNTED_ATTR, None)) is not None:
+            counted.link_freed()
         link.free()
 
 

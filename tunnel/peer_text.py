@@ -55,14 +55,24 @@ class LogLimiter:
         #: Messages not logged because they repeated, by reason.
         self.suppressed: Counter[str] = Counter()
 
-    def log(self, level: int, peer: str, reason: str, message: str, *args: object) -> bool:
+    def log(
+        self,
+        level: int,
+        peer: str,
+        reason: str,
+        message: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> bool:
         """Log ``message`` unless ``peer`` was already told off for ``reason``; True if logged."""
         key = (peer, reason)
         if key in self.said or len(self.said) >= self.max_keys:
             self.suppressed[reason] += 1
             return False
         self.said.add(key)
-        self.logger.log(level, message + " (repeats from this peer are counted, not logged)", *args)
+        self.logger.log(
+            level, message + " (repeats are counted, not logged)", *args, exc_info=exc_info
+        )
         return True
 
     def forget(self, peer: str) -> None:
