@@ -39,7 +39,7 @@ def pump(engine: AmqpEngine, handler: ConnectionHandler, peer: Peer, rounds: int
         moved = False
         pending = peer.transport.pending()
         if pending > 0:
-            data = memoryview(peer.transport.peek(pending))
+            data = memoryview(peer.transport.peek(pending) or b"")
             peer.transport.pop(pending)
             while data:
                 taken = engine.receive_bytes(data)

@@ -111,7 +111,7 @@ def test_attach_flood_is_closed_with_resource_limit_exceeded() -> None:
     pump(engine, handler, peer)
     assert len(handler.links) == 10
     assert remote_error(peer.connection) == "amqp:resource-limit-exceeded"
-    assert "10 links" in str(peer.connection.remote_condition.description)
+    assert "10 links" in str(getattr(peer.connection.remote_condition, "description", ""))
     assert engine.finished
 
 
@@ -171,7 +171,7 @@ def test_transfer_beyond_credit_closes_the_link() -> None:
     assert remote_error(sender) == "amqp:link:transfer-limit-exceeded"
     assert owner.closed
     assert peer.connection.remote_condition is None
-    delivery = bystander.delivery(b"b")
+    delivery = bystander.delivery("b")
     bystander.send(MESSAGE)
     bystander.advance()
     pump(engine, handler, peer)
@@ -188,7 +188,7 @@ def test_an_owner_exception_is_contained_to_its_link(caplog: pytest.LogCaptureFi
     broken, healthy = _sender(peer, "broken"), _sender(peer, "healthy")
     pump(engine, handler, peer)
     for link in (broken, broken, healthy):
-        link.delivery(link.name.encode() + b"%d" % link.unsettled)
+        link.delivery(f"{link.name}-{link.unsettled}")
         link.send(MESSAGE)
         link.advance()
     pump(engine, handler, peer)
@@ -204,7 +204,7 @@ def test_an_owner_exception_is_contained_to_its_link(caplog: pytest.LogCaptureFi
 def test_a_one_millisecond_idle_timeout_is_refused() -> None:
     engine, _, peer = _connected(idle_timeout=0.002)
     assert remote_error(peer.connection) == "amqp:resource-limit-exceeded"
-    assert "idle-time-out" in str(peer.connection.remote_condition.description)
+    assert "idle-time-out" in str(getattr(peer.connection.remote_condition, "description", ""))
     assert engine.finished
 
 
