@@ -41,7 +41,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+from uuid import UUID
 
+import cproton
 from proton import Message, ulong
 
 from .codec import WireError
@@ -66,6 +68,13 @@ HOP_BY_HOP = frozenset(
 _SET_COOKIE = "set-cookie"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_SEPARATOR = "\n"
+#: What no field value may hold (RFC 9110 §5.5): controls other than HTAB. CR, LF
+#: and NUL would end the field or the head; h11 refuses the others.
+_NOT_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: A request target as h11 sends it (RFC 9112 §3.2): visible ASCII, no spaces.
+_TARGET = re.compile(r"[\x21-\x7e]+")
+#: The most characters of a peer's value quoted in an error.
+_QUOTED = 80
 
 
 DEFAULT_TIMEOUT = 60.0
@@ -74,6 +83,9 @@ DEFAULT_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_WINDOW = 32
 #: Room for the properties and headers around a body of the largest size.
 MESSAGE_OVERHEAD = 256 * 1024
+#: Bytes of requests an egress link holds (received, not yet answered); never
+#: less than one message of the largest size, so that one can always come in.
+DEFAULT_HELD_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +95,17 @@ class HttpSettings:
     timeout: float = DEFAULT_TIMEOUT
     max_body: int = DEFAULT_MAX_BODY
     window: int = DEFAULT_WINDOW
+    held_bytes: int = DEFAULT_HELD_BYTES
 
     @property
     def max_message(self) -> int:
         """The largest message either side takes: a whole body and its envelope."""
         return self.max_body + MESSAGE_OVERHEAD
+
+    @property
+    def held_budget(self) -> int:
+        """Bytes of requests one egress link may hold, with room for one of the largest."""
+        return max(self.held_bytes, self.max_message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,30 +219,67 @@ def fold(headers: Headers) -> tuple[str | None, dict[str, str]]:
     return content_type, props
 
 
-def unfold(props: Mapping[Any, Any] | None, content_type: Any) -> Headers:
-    """The header fields that application properties and a content type stand for."""
+def unfold(props: object, content_type: object) -> Headers:
+    """The header fields that application properties and a content type stand for.
+
+    :class:`WireError` names the property that cannot be a header field: a
+    section that is not a map, a key that is not a field name, a value that is
+    a map or holds a line break or another control character.
+    """
+    if props is None:
+        props = {}
+    if not isinstance(props, Mapping):
+        raise WireError(f"application properties are {_kind(props)}, not a map")
     headers: Headers = []
-    for name, value in (props or {}).items():
-        key = str(name).lower()
-        if key in HOP_BY_HOP:
+    for name, value in props.items():
+        if not isinstance(name, str):
+            raise WireError(f"application property key {_quoted(name)} is not a string")
+        key = name.lower()
+        if not _TOKEN.fullmatch(key):
+            raise WireError(f"application property {_quoted(key)} is not a header field name")
+        if key in HOP_BY_HOP or value is None:
             continue
         if isinstance(value, (list, tuple)):
-            headers.extend((key, str(item)) for item in value)
+            values = [_simple(item, key) for item in value]
         elif key == _SET_COOKIE and isinstance(value, str):
-            headers.extend((key, item) for item in value.split(_COOKIE_SEPARATOR))
-        elif value is not None:
-            headers.append((key, _simple(value, key)))
-    if content_type:
-        headers.append(("content-type", str(content_type)))
+            values = value.split(_COOKIE_SEPARATOR)
+        else:
+            values = [_simple(value, key)]
+        headers.extend((key, _field_value(item, key)) for item in values)
+    if content_type is not None:
+        if not isinstance(content_type, str):
+            raise WireError(f"content-type is {_kind(content_type)}, not a symbol")
+        headers.append(("content-type", _field_value(content_type, "content-type")))
     return headers
 
 
-def _simple(value: Any, key: str) -> str:
-    if isinstance(value, (bytes, memoryview)):
+def _simple(value: object, key: str) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("latin-1")
     if isinstance(value, dict):
-        raise WireError(f"application property {key!r} is a map, not a header value")
+        raise WireError(f"application property {_quoted(key)} is a map, not a header value")
+    if isinstance(value, (list, tuple)):
+        raise WireError(f"application property {_quoted(key)} nests a list in a list")
     return str(value)
+
+
+def _field_value(value: str, key: str) -> str:
+    """``value`` without the whitespace around it (RFC 9110 §5.5), if it may be a field's."""
+    if _NOT_IN_VALUE.search(value):
+        raise WireError(f"header {_quoted(key)} holds a control character: {_quoted(value)}")
+    return value.strip(" \t")
+
+
+def _kind(value: object) -> str:
+    """What ``value`` is, for an error: ``a list``, ``an int32``."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _quoted(value: object) -> str:
+    """A peer's value quoted for an error: repr escapes every control character."""
+    text = repr(value)
+    return text if len(text) <= _QUOTED else f"{text[:_QUOTED]}..."
 
 
 def body_of(message: Message) -> bytes:
@@ -239,6 +294,22 @@ def body_of(message: Message) -> bytes:
     raise WireError(f"body is {type(body).__name__}, not binary")
 
 
+def content_type_of(message: Message) -> str | None:
+    """The content type, None when there is none (proton's getter says ``'None'``)."""
+    value: str | None = _read(
+        "content-type", lambda: cproton.pn_message_get_content_type(message._msg)
+    )
+    return value
+
+
+def _read(field: str, get: Any) -> Any:
+    """A property of a decoded message: proton decodes strings only when they are read."""
+    try:
+        return get()
+    except UnicodeDecodeError as exc:
+        raise WireError(f"message property {field} is not UTF-8: {exc.reason}") from None
+
+
 # -- requests -----------------------------------------------------------------
 def request_message(
     request: HttpRequest, *, site_id: str, correlation_id: int, reply_to: str
@@ -247,16 +318,18 @@ def request_message(
     content_type, props = fold(request.headers)
     if has_body(request.method, request.body):
         props[_CONTENT_LENGTH] = str(len(request.body))
-    return Message(
+    message = Message(
         address=_hostname(request.host) + request.target,
         subject=request.method,
-        content_type=content_type,
         properties=props,
         group_id=site_id,
         correlation_id=ulong(correlation_id),
         reply_to=reply_to,
         body=request.body,
     )
+    if content_type is not None:  # None would be sent as the symbol 'None'
+        message.content_type = content_type
+    return message
 
 
 def _hostname(host: str | None) -> str:
@@ -268,20 +341,20 @@ def _hostname(host: str | None) -> str:
 
 
 def request_of(message: Message) -> HttpRequest:
-    """The request a message carries; :class:`WireError` names what is missing or wrong."""
-    method = message.subject
+    """The request a message carries; :class:`WireError` names what is missing or wrong,
+    and is the only exception raised, whatever the message holds."""
+    method = _read("subject", lambda: message.subject)
     if not isinstance(method, str) or not _TOKEN.fullmatch(method):
-        raise WireError(f"subject {method!r} is not an HTTP method")
-    to = message.address or ""
+        raise WireError(f"subject {_quoted(method)} is not an HTTP method")
+    to = _read("to", lambda: message.address) or ""
     slash = to.find("/")
+    target = to[slash:] if slash >= 0 else "/"
+    if not _TARGET.fullmatch(target):
+        raise WireError(f"to {_quoted(to)} does not end in a request target")
     body = body_of(message)
+    headers = unfold(message.properties, content_type_of(message))
     _check_length(message.properties, body)
-    return HttpRequest(
-        method=method,
-        target=to[slash:] if slash >= 0 else "/",
-        headers=unfold(message.properties, message.content_type),
-        body=body,
-    )
+    return HttpRequest(method=method, target=target, headers=headers, body=body)
 
 
 def _check_length(props: Mapping[Any, Any] | None, body: bytes) -> None:
@@ -292,7 +365,8 @@ def _check_length(props: Mapping[Any, Any] | None, body: bytes) -> None:
     if value is None:
         return
     text = str(value).strip()
-    if not text.isdigit() or int(text) != len(body):
+    # isascii: int() would also read other scripts' digits; 20 digits hold any real length.
+    if not (text.isascii() and text.isdigit() and len(text) <= 20) or int(text) != len(body):
         raise WireError(
             f"application property 'content-length' is {value!r}, "
             f"but the body has {len(body)} bytes"
@@ -300,6 +374,24 @@ def _check_length(props: Mapping[Any, Any] | None, body: bytes) -> None:
 
 
 # -- responses ----------------------------------------------------------------
+def answer_id(value: object) -> object | None:
+    """``value`` as the correlation id of an answer, or None if it cannot be one.
+
+    A message id is a ulong, uuid, binary or string (AMQP 1.0 §3.2.11), and
+    proton decodes a ulong as a plain int; anything else (a negative long, a
+    double, a list) is not, and proton cannot even encode some of it.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return ulong(value) if 0 <= value < 1 << 64 else None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (str, UUID)):
+        return value
+    return None
+
+
 def response_message(
     response: HttpResponse, *, to: str, correlation_id: Any, site_id: str, bodyless: bool = False
 ) -> Message:
@@ -317,29 +409,34 @@ def response_message(
         and correlation_id >= 0
     ):
         correlation_id = ulong(correlation_id)
-    return Message(
+    message = Message(
         address=to,
         correlation_id=correlation_id,
         subject=str(response.status),
-        content_type=content_type,
         properties=props,
         group_id=site_id,
         body=response.body,
     )
+    if content_type is not None:  # None would be sent as the symbol 'None'
+        message.content_type = content_type
+    return message
 
 
 def response_of(message: Message) -> HttpResponse:
-    """The response a message carries; :class:`WireError` names what is wrong."""
-    subject = message.subject
-    try:
-        status = int(str(subject))
-    except ValueError:
-        raise WireError(f"subject {subject!r} is not an HTTP status code") from None
-    if not 100 <= status <= 599:
-        raise WireError(f"subject {subject!r} is not an HTTP status code")
+    """The response a message carries; :class:`WireError` names what is wrong, and is the
+    only exception raised, whatever the message holds."""
+    subject = _read("subject", lambda: message.subject)
+    if not (
+        isinstance(subject, str)
+        and len(subject) == 3
+        and subject.isascii()
+        and subject.isdigit()
+        and 100 <= int(subject) <= 599
+    ):
+        raise WireError(f"subject {_quoted(subject)} is not an HTTP status code")
     return HttpResponse(
-        status=status,
-        headers=unfold(message.properties, message.content_type),
+        status=int(subject),
+        headers=unfold(message.properties, content_type_of(message)),
         body=body_of(message),
     )
 
@@ -350,11 +447,31 @@ def encode(message: Message) -> bytes:
     return data
 
 
+#: The properties proton decodes only when they are read, by their names in §3.2.4.
+_LAZY = {
+    "to": "address",
+    "subject": "subject",
+    "reply-to": "reply_to",
+    "content-encoding": "content_encoding",
+    "group-id": "group_id",
+    "reply-to-group-id": "reply_to_group_id",
+    "message-id": "id",
+    "correlation-id": "correlation_id",
+}
+
+
 def decode(data: bytes | bytearray) -> Message:
-    """The message in ``data``; proton's decoding errors as :class:`WireError`."""
+    """The message in ``data``; proton's decoding errors as :class:`WireError`, naming the
+    property that is not what it should be.
+
+    Every property is read here, so that one holding bytes that are not UTF-8
+    fails now rather than wherever it is first used."""
     message = Message()
     try:
         message.decode(bytes(data))
     except Exception as exc:  # proton raises its own types for every malformed section
         raise WireError(f"undecodable message: {exc}") from None
+    for field, attribute in _LAZY.items():
+        _read(field, lambda attribute=attribute: getattr(message, attribute))
+    content_type_of(message)
     return message
