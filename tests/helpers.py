@@ -203,6 +203,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
+    path.chmod(0o600)  # as a key should be; anything looser is warned about
 
 
 def _issue(

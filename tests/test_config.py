@@ -22,6 +22,7 @@ from tunnel.config import (
     load_connection_file,
 )
 from tunnel.errors import ConfigError
+from tunnel.router import _mechanisms as router_mechanisms
 
 
 def _write(folder: Path, content: object, name: str = "connect.json") -> Path:
@@ -449,3 +450,58 @@ async def test_a_failed_direct_mode_handshake_is_logged_at_once(
         assert listener.stop() == 0
     finally:
         listener.kill()
+
+
+def test_a_tls_block_without_amqps_is_an_error(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    path = _write(tmp_path, {"host": "localhost", "tls": {"ca": str(certs.ca)}})
+    with pytest.raises(ConfigError, match='scheme is "amqp": the connection would be cleartext'):
+        load_connection_file(path)
+
+
+@pytest.mark.parametrize(
+    ("mechanisms", "expected"),
+    [("PLAIN", ("PLAIN",)), ("plain anonymous", ("PLAIN", "ANONYMOUS")), (["PLAIN"], ("PLAIN",))],
+)
+def test_sasl_mechanisms_in_connect_json_are_honoured(
+    tmp_path: Path, mechanisms: object, expected: tuple[str, ...]
+) -> None:
+    path = _write(
+        tmp_path, {"user": "u", "password": "p", "sasl_mechanisms": mechanisms, "host": "h"}
+    )
+    endpoint = load_connection_file(path).endpoint()
+    assert endpoint.mechanisms == expected
+    assert router_mechanisms(endpoint) == " ".join(expected)  # what proton is allowed
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"sasl_mechanisms": "GSSAPI"}, "'GSSAPI' is not supported"),
+        ({"sasl_mechanisms": ""}, "sasl_mechanisms is empty"),
+        ({"sasl_mechanisms": "PLAIN"}, "PLAIN but no user and password"),
+        ({"sasl_mechanisms": "EXTERNAL"}, "EXTERNAL but tls.cert is not set"),
+    ],
+)
+def test_sasl_mechanisms_we_cannot_use_are_refused(
+    tmp_path: Path, content: object, message: str
+) -> None:
+    path = _write(tmp_path, content)
+    with pytest.raises(ConfigError, match=message):
+        load_connection_file(path)
+
+
+def test_a_key_file_readable_by_others_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    certs = make_certs(tmp_path / "certs")
+    certs.client_key.chmod(0o644)
+    tls = {"ca": str(certs.ca), "cert": str(certs.client_cert), "key": str(certs.client_key)}
+    path = _write(tmp_path, {"scheme": "amqps", "host": "localhost", "tls": tls})
+    load_connection_file(path)
+    assert "can be read by every user" in caplog.text
+    assert "tls.key" in caplog.text
+    caplog.clear()
+    certs.client_key.chmod(0o600)
+    load_connection_file(path)
+    assert "can be read by every user" not in caplog.text

@@ -13,6 +13,12 @@ Differences from rhea, all deliberate:
   then the working directory (rhea only tried the working directory).
 - Unknown fields are errors instead of being ignored, so a typo such as
   ``"verfy": false`` cannot silently leave verification on or off.
+- A ``tls`` object with a scheme other than ``amqps`` is an error: rhea
+  would connect in cleartext and ignore the certificates.
+- ``sasl_mechanisms`` (a space- or comma-separated string, or a list) is the
+  set of mechanisms we may use, among EXTERNAL, PLAIN and ANONYMOUS; one we
+  cannot use with the rest of the file (PLAIN without a password, EXTERNAL
+  without a client certificate) is an error.
 
 Lookup order without ``--config``: ``$MESSAGING_CONNECT_FILE`` (the only path
 tried when set), then ``./connect.json``, ``~/.config/messaging/connect.json``
@@ -25,6 +31,7 @@ import json
 import logging
 import re
 import ssl
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +72,7 @@ class ConnectionConfig(BaseModel):
     user: str | None = None
     password: str | None = Field(default=None, repr=False)
     tls: TlsConfig | None = None
-    sasl_mechanisms: str | None = None
+    sasl_mechanisms: str | list[str] | None = None
 
     @field_validator("port", mode="before")
     @classmethod
@@ -98,6 +105,15 @@ class ConnectionConfig(BaseModel):
         """The router URL for logs: never carries credentials."""
         return f"{self.scheme}://{_bracket(self.effective_host)}:{self.effective_port}"
 
+    @property
+    def mechanisms(self) -> tuple[str, ...] | None:
+        """The SASL mechanisms the file allows, upper case; None when it does not say."""
+        value = self.sasl_mechanisms
+        if value is None:
+            return None
+        names = value if isinstance(value, list) else re.split(r"[\s,]+", value)
+        return tuple(name.strip().upper() for name in names if name.strip())
+
     def endpoint(self) -> RouterEndpoint:
         ctx = self.ssl_context()
         return RouterEndpoint(
@@ -110,6 +126,7 @@ class ConnectionConfig(BaseModel):
             user=self.user,
             password=self.password,
             has_client_cert=ctx is not None and self.tls is not None and self.tls.cert is not None,
+            mechanisms=self.mechanisms,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -220,11 +237,59 @@ def load_connection_file(path: Path) -> ConnectionConfig:
         if tls.key is not None and tls.cert is None:
             raise ConfigError(f"{path}: tls.key is set but tls.cert is not")
         config = config.model_copy(update={"tls": tls})
+    if config.tls is not None and config.scheme != "amqps":
+        raise ConfigError(
+            f'{path}: tls is set but scheme is "{config.scheme}": the connection would be '
+            'cleartext; set "scheme": "amqps"'
+        )
+    _check_mechanisms(config, path)
+    if config.tls is not None and config.tls.key is not None:
+        warn_if_readable(config.tls.key, f"{path}: tls.key")
     if config.password is not None and config.user is None:
         raise ConfigError(f"{path}: password is set but user is not")
     if config.user is not None and config.password is None:
         raise ConfigError(f"{path}: user is set but password is not")
     return config
+
+
+#: The SASL mechanisms proton offers without Cyrus SASL.
+SASL_MECHANISMS = ("EXTERNAL", "PLAIN", "ANONYMOUS")
+
+
+def _check_mechanisms(config: ConnectionConfig, path: Path) -> None:
+    names = config.mechanisms
+    if names is None:
+        return
+    if not names:
+        raise ConfigError(f"{path}: sasl_mechanisms is empty")
+    for name in names:
+        if name not in SASL_MECHANISMS:
+            raise ConfigError(
+                f"{path}: sasl_mechanisms: {name!r} is not supported "
+                f"(expected some of {', '.join(SASL_MECHANISMS)})"
+            )
+    if "PLAIN" in names and config.password is None:
+        raise ConfigError(f"{path}: sasl_mechanisms has PLAIN but no user and password are set")
+    if "EXTERNAL" in names and (config.tls is None or config.tls.cert is None):
+        raise ConfigError(f"{path}: sasl_mechanisms has EXTERNAL but tls.cert is not set")
+
+
+def warn_if_readable(key: Path, name: str) -> None:
+    """Warn when a private key file can be read by every user of the machine."""
+    try:
+        mode = key.stat().st_mode
+        holds_key = _PRIVATE_KEY.search(key.read_text(encoding="ascii", errors="replace"))
+    except OSError:
+        return  # reading it fails later, with its own error
+    if mode & stat.S_IROTH and holds_key:
+        logger.warning(
+            "%s %s can be read by every user on this machine (mode %o): "
+            "make it readable by its owner only (chmod 600, or defaultMode 0400 "
+            "for a Kubernetes secret)",
+            name,
+            key,
+            stat.S_IMODE(mode),
+        )
 
 
 def _describe(exc: ValidationError) -> str:
@@ -298,6 +363,10 @@ class ListenConfig(BaseModel):
             ca=paths["--listen-ca"],
         )
         config.ssl_context()  # every file checked now, not when the listener starts
+        if config.key is not None:
+            warn_if_readable(config.key, "--listen-key")
+        elif config.cert is not None:
+            warn_if_readable(config.cert, "--listen-cert (it holds the private key)")
         return config
 
     @property
@@ -364,3 +433,5 @@ class RouterEndpoint:
     user: str | None
     password: str | None = field(repr=False)
     has_client_cert: bool
+    #: SASL mechanisms the connection file restricts us to; None: chosen from the credentials.
+    mechanisms: tuple[str, ...] | None = None

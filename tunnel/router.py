@@ -237,6 +237,8 @@ class RouterClient:
 
 
 def _mechanisms(ep: RouterEndpoint) -> str:
+    if ep.mechanisms is not None:
+        return " ".join(ep.mechanisms)
     mechs = []
     if ep.has_client_cert:
         mechs.append("EXTERNAL")
