@@ -13,12 +13,35 @@ echoed. The request delivery is settled only after that:
   answered more than the size limit): a 502 response, and ACCEPTED;
 - no answer within the timeout: a 504 response, and ACCEPTED. Neither is
   retried: the backend may have acted on the request.
-- a message that is not a request (no method, no ``reply_to``): REJECTED.
+- a message that is not a request (undecodable, no method, no ``reply_to``):
+  REJECTED, naming what is wrong;
+- a request that is malformed (a header that is no header, a Content-Length
+  that is not its body's, a target that is no target): a 400 response, and
+  ACCEPTED, the backend not contacted;
+- CONNECT, or a request asking for an Upgrade: a 501 response, and ACCEPTED,
+  the backend not contacted. Either would turn the backend connection into a
+  tunnel, which a message per request cannot carry.
+- anything else going wrong while one request is handled (a bug of ours, an
+  h11 state the loop does not expect): that request alone gets a 502, or is
+  REJECTED if it cannot be answered, and the failure is logged once with its
+  traceback. The AMQP connection, its other requests and its tunnels go on.
 
-At most ``window`` requests are in hand per link: credit is given back only
-as requests are settled. A reused keep-alive connection that the backend had
-closed meanwhile fails before any response byte; such a request is sent once
-more on a fresh connection.
+Peer-caused failures are logged through :data:`tunnel.peer_text.PEER_LOG`:
+once per peer and reason, then counted.
+
+Bounds, per consumer link:
+
+- at most ``window`` requests in hand (credit, the one being received, and
+  those received and not yet settled), so never more credit than ``window``;
+- at most ``held_budget`` bytes (:attr:`HttpSettings.held_budget`, at least
+  one message of the largest size): credit is granted only for as many
+  messages of the largest size as fit in the budget beside the bytes of the
+  requests held, so held requests and the ones credit allows, together, stay
+  within it.
+
+A reused keep-alive connection that the backend had closed meanwhile fails
+before any response byte; such a request is sent once more on a fresh
+connection.
 """
 
 from __future__ import annotations
@@ -33,13 +56,17 @@ from proton import Condition, Link, Message, Session
 
 from . import http_message as hm
 from .codec import WireError
-from .engine import ACCEPTED, MODIFIED, REJECTED
+from .engine import ACCEPTED, MODIFIED, REJECTED, raw_lib
 from .messaging import AmqpHost, MessageReceiver, MessageSender
+from .peer_text import PEER_LOG, printable
 from .spec import HttpEgressSpec, join_host
 
 logger = logging.getLogger(__name__)
+_lib = raw_lib
 
 READ_SIZE = 64 * 1024
+#: Methods that would make the backend connection a tunnel (RFC 9110 §9.3.6).
+_TUNNEL_METHODS = frozenset({"CONNECT"})
 
 
 class UnreachableError(Exception):
@@ -52,6 +79,10 @@ class BackendError(Exception):
 
 class _StaleError(Exception):
     """A reused connection was closed by the backend before any response byte."""
+
+
+class RequestError(Exception):
+    """The request cannot be written as HTTP/1.1 (h11 refused it): the request's fault."""
 
 
 class BackendConnection:
@@ -86,7 +117,12 @@ class BackendConnection:
         try:
             parts = (
                 conn.send_with_data_passthrough(
-                    h11.Request(method=request.method, target=request.target, headers=headers)
+                    h11.Request(
+                        method=hm.wire_bytes(request.method),
+                        target=hm.wire_bytes(request.target),
+                        # As bytes: h11 would encode str as ASCII, and obs-text is latin-1.
+                        headers=hm.wire_headers(headers),
+                    )
                 )
                 or []
             )
@@ -94,44 +130,60 @@ class BackendConnection:
                 parts += conn.send_with_data_passthrough(h11.Data(data=request.body)) or []
             parts += conn.send_with_data_passthrough(h11.EndOfMessage()) or []
         except h11.LocalProtocolError as exc:
-            raise BackendError(f"request cannot be sent: {exc}") from None
+            raise RequestError(f"request cannot be sent as HTTP/1.1: {exc}") from None
         return parts
 
     async def _response(self, max_body: int) -> hm.HttpResponse:
         conn = self.h11
         head: h11.Response | None = None
+        #: Bounded by ``max_body``, checked as each piece comes.
         body = bytearray()
-        got_any = False
+        read = 0
+        # Every branch either awaits, or ends the request; anything else is an error, so
+        # that no event or state h11 may yet return (PAUSED, after a CONNECT or an
+        # Upgrade) can turn this loop into a spin.
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 raise BackendError(f"malformed response from the backend: {exc}") from None
             if event is h11.NEED_DATA:
-                try:
-                    chunk = await self.reader.read(READ_SIZE)
-                except OSError as exc:
-                    if not got_any:
-                        raise _StaleError(str(exc)) from None
-                    raise BackendError(f"backend connection failed: {exc}") from None
-                if not chunk and not got_any:
-                    raise _StaleError("closed before responding")
-                got_any = True
-                conn.receive_data(chunk)
+                read = await self._receive(read)
+            elif isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue and the like: nothing to carry
             elif isinstance(event, h11.Response):
                 head = event
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > max_body:
                     raise BackendError(f"response body over the limit of {max_body} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
+            elif isinstance(event, h11.EndOfMessage) and head is not None:
                 return hm.HttpResponse(
                     status=head.status_code, headers=hm.end_to_end(head.headers), body=bytes(body)
                 )
             elif isinstance(event, h11.ConnectionClosed):
                 raise BackendError("backend closed the connection mid-response")
-            # InformationalResponse (100 Continue and the like): nothing to carry.
+            else:
+                raise BackendError(
+                    f"unexpected {type(event).__name__} from h11 "
+                    f"(client {conn.our_state}, server {conn.their_state})"
+                )
+
+    async def _receive(self, reads: int) -> int:
+        """Read once more from the backend into h11; ``reads`` counts the reads so far,
+        -1 once the backend closed. Returns the new count."""
+        if reads < 0:
+            raise BackendError("backend closed the connection mid-response")
+        try:
+            chunk = await self.reader.read(READ_SIZE)
+        except OSError as exc:
+            if not reads:
+                raise _StaleError(str(exc)) from None
+            raise BackendError(f"backend connection failed: {exc}") from None
+        if not chunk and not reads:
+            raise _StaleError("closed before responding")
+        self.h11.receive_data(chunk)
+        return reads + 1 if chunk else -1
 
 
 class BackendPool:
@@ -205,10 +257,16 @@ class HttpEgressBridge:
     async def serve(self, request: Message, parsed: hm.HttpRequest) -> Message | None:
         """The response message for ``request`` (``parsed`` is what it asks); None when the
         backend could not be reached."""
+        refusal = _refusal(request, parsed)
+        if refusal is not None:
+            return self.answer(request, parsed.method, hm.plain_response(501, refusal))
         try:
             response = await asyncio.wait_for(
                 self.pool.exchange(parsed, self.settings.max_body), self.settings.timeout
             )
+        except RequestError as exc:
+            logger.debug("%s: %s: %s", self.spec, parsed.method, exc)
+            response = hm.plain_response(400, f"Bad Request: {exc}")
         except UnreachableError as exc:
             if not self.unreachable:
                 logger.warning("%s: the backend is unreachable: %s", self.spec, exc)
@@ -238,13 +296,17 @@ class HttpEgressBridge:
             if self.unreachable:
                 logger.info("%s: the backend answers again", self.spec)
             self.unreachable = False
-        bodyless = hm.is_bodyless(parsed.method, response.status)
+        return self.answer(request, parsed.method, response)
+
+    def answer(self, request: Message, method: str, response: hm.HttpResponse) -> Message:
+        """The message that answers ``request`` (whose correlation id :func:`answer_id`
+        takes) with ``response``."""
         return hm.response_message(
             response,
             to=str(request.reply_to),
-            correlation_id=request.correlation_id,
+            correlation_id=hm.answer_id(request.correlation_id),
             site_id=self.site_id,
-            bodyless=bodyless,
+            bodyless=hm.is_bodyless(method, response.status),
         )
 
     def consume(
@@ -267,8 +329,106 @@ class HttpEgressBridge:
         self.pool.close()
 
 
+class HeldReceiver(MessageReceiver):
+    """A :class:`MessageReceiver` whose credit is bounded in bytes as well as in messages.
+
+    ``held`` counts the bytes of the requests handed on and not yet settled. Credit is
+    kept at most at what fits beside them: ``(budget - held) // max_size`` messages of
+    the largest size, less one for a message being received, and at most ``window``
+    less the requests in hand. So the bytes of held requests plus those the credit
+    given out allows never exceed ``budget``, nor the requests ``window``.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        host: AmqpHost,
+        *,
+        window: int,
+        max_size: int,
+        budget: int,
+        on_message: Callable[[Any, bytearray], None],
+        on_opened: Callable[[Link], None] | None = None,
+    ) -> None:
+        self.held_budget = max(budget, max_size)
+        self.held = 0
+        #: Bytes of each request handed on and not yet settled: at most ``window`` entries.
+        self.sizes: dict[Any, int] = {}
+        # The base class grants its window at once: grant only what the budget allows.
+        super().__init__(
+            link,
+            host,
+            window=min(window, self.held_budget // max_size),
+            max_size=max_size,
+            on_message=on_message,
+            on_opened=on_opened,
+        )
+        self.max_window = self.window = window
+
+    def hold(self, delivery: Any, size: int) -> None:
+        """``delivery``, of ``size`` bytes, was handed on; credit follows what is left."""
+        self.sizes[delivery] = size
+        self.held += size
+        self.top_up()
+
+    def settle(
+        self,
+        delivery: Any,
+        outcome: int,
+        *,
+        failed: bool = False,
+        condition: Condition | None = None,
+        why: str | None = None,
+    ) -> None:
+        self.held -= self.sizes.pop(delivery, 0)
+        # The base class settles and tops credit up to its window: with none, it grants
+        # nothing, and the credit is ours to reckon.
+        self.window = 0
+        try:
+            super().settle(delivery, outcome, failed=failed, condition=condition, why=why)
+        finally:
+            self.window = self.max_window
+        self.top_up()
+
+    def top_up(self) -> None:
+        """Grant the credit the budget and the window allow, if more than is out."""
+        if self.closed or self.host.closed:
+            return
+        receiving = 1 if self._partial is not None or self._oversize else 0
+        allowed = min(
+            self.window - self.in_hand - receiving,
+            (self.held_budget - self.held) // self.max_size - receiving,
+        )
+        credit = _lib.pn_link_credit(self.raw)
+        if allowed > credit:
+            _lib.pn_link_flow(self.raw, allowed - credit)
+            self.host.flush_soon()
+
+
+def _refusal(request: Message, parsed: hm.HttpRequest) -> str | None:
+    """Why ``request`` is not carried to the backend, if it is not."""
+    if parsed.method in _TUNNEL_METHODS:
+        return f"Not Implemented: {parsed.method} is not carried by this tunnel"
+    props = request.properties
+    if isinstance(props, dict) and any(str(key).lower() == "upgrade" for key in props):
+        return "Not Implemented: protocol upgrades (Upgrade) are not carried by this tunnel"
+    return None
+
+
+def _peer_of(host: AmqpHost) -> str:
+    """The AMQP peer a request came from, as it named itself, for the log."""
+    if host.closed:
+        return "(gone)"
+    return printable(host.engine.connection.remote_container or "(unnamed)")
+
+
 class RequestServer:
-    """The requests of one receiver link, each served and then settled."""
+    """The requests of one receiver link, each served and then settled.
+
+    Whatever goes wrong with one request stays with that request: it is answered
+    (400, 501, 502) or rejected, and the link, the connection and the other
+    requests go on.
+    """
 
     def __init__(
         self,
@@ -281,30 +441,95 @@ class RequestServer:
         self.bridge = bridge
         self.reply = reply
         settings = bridge.settings
-        self.receiver = MessageReceiver(
+        self.receiver = HeldReceiver(
             link,
             host,
             window=settings.window,
             max_size=settings.max_message,
+            budget=settings.held_budget,
             on_message=self.on_request,
             on_opened=on_opened,
         )
 
     def on_request(self, delivery: Any, data: bytearray) -> None:
+        self.receiver.hold(delivery, len(data))
+        message: Message | None = None
         try:
             message = hm.decode(data)
-            parsed = hm.request_of(message)
-            if not message.reply_to:
+            if not isinstance(message.reply_to, str) or not message.reply_to:
                 raise WireError("no reply_to to answer to")
+            parsed = hm.request_of(message)
+            task = asyncio.get_running_loop().create_task(self.bridge.serve(message, parsed))
         except WireError as exc:
-            logger.debug("%s: request refused: %s", self.bridge.spec, exc)
+            self.refuse(delivery, message, exc)
+            return
+        except Exception as exc:  # a bug of ours: it must not reach the connection
+            self.failed(delivery, message, exc)
+            return
+        self.bridge.tasks.add(task)
+        task.add_done_callback(lambda done: self.on_served(delivery, message, done))
+
+    def refuse(self, delivery: Any, message: Message | None, exc: WireError) -> None:
+        """A message that is no request is rejected; a malformed request is answered 400."""
+        spec = self.bridge.spec
+        peer = _peer_of(self.receiver.host)
+        PEER_LOG.log(
+            logging.INFO,
+            peer,
+            "bad-http-request",
+            "%s: refused a request from %s: %s",
+            spec,
+            peer,
+            printable(exc),
+        )
+        logger.debug("%s: request refused: %s", spec, printable(exc))
+        try:
+            # A message without a method is no HTTP request: there is no one to answer 400.
+            method = message.subject if message is not None else None
+            if message is not None and isinstance(method, str) and _answerable(message):
+                response = hm.plain_response(400, f"Bad Request: {exc}")
+                if self.answer(delivery, message, self.bridge.answer(message, method, response)):
+                    return
             self.receiver.settle(
                 delivery, REJECTED, condition=Condition("amqp:invalid-field", str(exc))
             )
-            return
-        task = asyncio.get_running_loop().create_task(self.bridge.serve(message, parsed))
-        self.bridge.tasks.add(task)
-        task.add_done_callback(lambda done: self.on_served(delivery, message, done))
+        except Exception as failure:  # a bug of ours: contained to this request
+            self.failed(delivery, None, failure)
+
+    def failed(self, delivery: Any, message: Message | None, exc: BaseException) -> None:
+        """Handling one request raised: log it once, with its traceback, and answer 502
+        if the request can be answered, else reject it."""
+        spec = self.bridge.spec
+        if PEER_LOG.log(
+            logging.ERROR,
+            _peer_of(self.receiver.host),
+            f"http-egress-failure:{type(exc).__name__}",
+            "%s: serving a request failed: %s",
+            spec,
+            printable(repr(exc)),
+        ):
+            logger.error("%s: the failure's traceback", spec, exc_info=exc)
+        receiver = self.receiver
+        if receiver.closed or receiver.host.closed or delivery not in receiver.sizes:
+            return  # gone with its link, or settled before the failure
+        why = f"the tunnel failed serving it: {type(exc).__name__}"
+        if message is not None and _answerable(message):
+            response = hm.plain_response(502, f"Bad Gateway: {why}")
+            try:
+                if self.answer(delivery, message, self.bridge.answer(message, "", response)):
+                    return
+            except Exception:  # the answer fails too: rejected instead, below
+                logger.debug("%s: the 502 could not be sent either", spec, exc_info=True)
+        if delivery in receiver.sizes:
+            receiver.settle(delivery, REJECTED, condition=Condition("amqp:internal-error", why))
+
+    def answer(self, delivery: Any, request: Message, response: Message) -> bool:
+        """Send ``response`` to ``request``'s reply_to and accept ``delivery``; False, and
+        nothing settled, if there is no way to reply."""
+        if not self.reply(str(request.reply_to), hm.encode(response)):
+            return False
+        self.receiver.settle(delivery, ACCEPTED)
+        return True
 
     def on_served(
         self, delivery: Any, request: Message, task: asyncio.Task[Message | None]
@@ -314,21 +539,35 @@ class RequestServer:
             return
         if self.receiver.closed or self.receiver.host.closed:
             return  # the delivery went with its link; the far end will retry or fail
-        if (exc := task.exception()) is not None:
-            logger.error("%s: serving a request failed: %r", self.bridge.spec, exc)
-            self.receiver.settle(delivery, MODIFIED, failed=True)
-            return
-        response = task.result()
-        if response is None:
-            self.receiver.settle(delivery, MODIFIED, failed=True, why=self.bridge.unreachable_why)
-        elif self.reply(str(request.reply_to), hm.encode(response)):
-            self.receiver.settle(delivery, ACCEPTED)
-        else:
-            self.receiver.settle(
-                delivery,
-                REJECTED,
-                condition=Condition("amqp:not-found", f"no way to reply to {request.reply_to!r}"),
-            )
+        try:
+            exc = task.exception()
+            if exc is not None:
+                self.failed(delivery, request, exc)
+                return
+            response = task.result()
+            if response is None:
+                self.receiver.settle(
+                    delivery, MODIFIED, failed=True, why=self.bridge.unreachable_why
+                )
+            elif not self.answer(delivery, request, response):
+                self.receiver.settle(
+                    delivery,
+                    REJECTED,
+                    condition=Condition(
+                        "amqp:not-found", f"no way to reply to {printable(request.reply_to)!r}"
+                    ),
+                )
+        except Exception as failure:  # a bug of ours: contained to this request
+            self.failed(delivery, request, failure)
+
+
+def _answerable(message: Message) -> bool:
+    """Whether a response could reach the sender of ``message`` and be matched by it."""
+    return (
+        isinstance(message.reply_to, str)
+        and bool(message.reply_to)
+        and hm.answer_id(message.correlation_id) is not None
+    )
 
 
 class RoutedEgress:
