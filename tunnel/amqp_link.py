@@ -9,8 +9,11 @@ deadline (heartbeat or idle timeout) changes.
 
 Back-pressure: when the socket's write buffer passes its high-water mark,
 ``write_paused`` turns on and tunnels stop reading from TCP; on resume the
-handler wakes them. Input is never refused: proton consumes everything, and
-what it can hold is bounded by the credit we granted.
+handler wakes them. Input: proton takes what it has room for; the rest of
+a read (at most :data:`~tunnel.tcp_side.READ_SIZE` bytes) waits in
+``_backlog`` and reading pauses until proton has taken it, so a peer that
+sends faster than proton takes is held back by TCP, not buffered here.
+What proton itself holds is bounded by the credit we granted.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class AmqpSocket(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._write_paused = False
+        self._read_paused = False
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -95,6 +99,14 @@ class AmqpSocket(asyncio.BufferedProtocol):
             if not taken:
                 break
         self._backlog = bytes(view[offset:])
+        transport = self.transport
+        if transport is not None and not self.closed:
+            if self._backlog and not self._read_paused:
+                self._read_paused = True
+                transport.pause_reading()
+            elif not self._backlog and self._read_paused:
+                self._read_paused = False
+                transport.resume_reading()
         # Output once at the end of this loop iteration: whatever else
         # arrives in the same iteration leaves in the same write.
         self.flush_soon()
