@@ -72,7 +72,8 @@ from .engine import (
     settle,
 )
 from .engine import raw_lib as _lib
-from .relay import RESET_CONDITION, AmqpPort, Failure, Phase, TunnelLog
+from .peer_text import printable
+from .relay import NO_PORT, RESET_CONDITION, AmqpPort, Failure, Phase, TunnelLog
 from .stats import BridgeStats
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Flow:
     DIALECT: ClassVar[str] = "tcp-adaptor"
 
     __slots__ = (
+        "__weakref__",
         "_early",
         "_parked",
         "_snd",
@@ -259,7 +261,11 @@ class Flow:
         if self.phase is Phase.CLOSED:
             return
         condition = link.remote_condition
-        what = f"{condition.name}: {condition.description}" if condition else "no error"
+        what = (
+            f"{printable(condition.name)}: {printable(condition.description)}"
+            if condition
+            else "no error"
+        )
         if link.is_sender and self.out_settled:
             return
         self.reset(
@@ -274,6 +280,10 @@ class Flow:
         state = _lib.pn_delivery_remote_state(delivery)
         if state == RECEIVED:
             offset = _lib.pn_disposition_get_section_offset(_lib.pn_delivery_remote(delivery))
+            # The far end cannot have received what never left proton: an
+            # acknowledgement past that is a lie that would open our window
+            # for good (a shut session window keeps our bytes in proton).
+            offset = min(offset, self._bytes_framed())
             if offset > self.peer_acked:
                 self.peer_acked = offset
                 self._pump()
@@ -442,6 +452,12 @@ class Flow:
         self.amqp.flush_soon()
         self._pump()
 
+    def _bytes_framed(self) -> int:
+        """Bytes of our stream that proton has framed: what the far end may have had."""
+        if self.out is None:
+            return 0
+        return self.bytes_out - int(_lib.pn_delivery_pending(self.out))
+
     def _can_send(self) -> bool:
         return (
             self.out is not None
@@ -533,6 +549,13 @@ class Flow:
         self.amqp.flush_soon()
         if self.stats is not None:
             self.stats.tunnel_closed(self)
+        # As a closed Tunnel does (see relay.Tunnel._let_go): keep nothing alive.
+        self.amqp = NO_PORT
+        self.tcp = None
+        self._parked.clear()
+        self._early.clear()
+        self.out = self.in_delivery = None
+        self.sender = self._snd = self.receiver = None
 
 
 class StreamDispatcher:
@@ -616,9 +639,9 @@ class StreamDispatcher:
         if condition is not None and link.name.startswith("tunnel-consumer-"):
             logger.error(
                 "router closed the consumer link %s: %s: %s",
-                link.name,
-                condition.name,
-                condition.description,
+                printable(link.name),
+                printable(condition.name),
+                printable(condition.description),
             )
 
     def on_delivery(self, link: Any, delivery: Any) -> None:
@@ -696,7 +719,7 @@ class StreamDispatcher:
         self._top_up(link)
 
     def _refuse(self, link: Any, delivery: Any, outcome: int, why: str) -> None:
-        logger.info("stream refused (%s): %s", outcome_name(outcome), why)
+        logger.info("stream refused (%s): %s", outcome_name(outcome), printable(why))
         self.heads.pop(delivery, None)
         settle(delivery, outcome, failed=outcome == MODIFIED)
         self._top_up(link)

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from proton import Link, Receiver, Sender
 
@@ -28,9 +28,9 @@ from . import wire
 from .adaptor_flow import Flow, Role, StreamDispatcher
 from .adaptor_wire import StreamHeader
 from .amqp_link import AmqpSocket
-from .engine import AmqpEngine, add_capability, capabilities
+from .engine import add_capability, capabilities
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
-from .relay import DEFAULT_WINDOW, MAX_MESSAGE_SIZE, Failure, Phase, Tunnel
+from .relay import DEFAULT_WINDOW, MAX_MESSAGE_SIZE, NO_PORT, Failure, Phase, Tunnel
 from .spec import EgressSpec, IngressSpec, join_host
 from .stats import BridgeStats
 from .tcp_side import TcpSide
@@ -93,7 +93,7 @@ class IngressTunnel(Tunnel):
     __slots__ = ("bridge", "host", "open_timer", "session")
 
     def __init__(self, bridge: IngressBridge) -> None:
-        super().__init__("(accepting)", _NoSocket(), routed_is_sender=True, window=bridge.window)
+        super().__init__("(accepting)", NO_PORT, routed_is_sender=True, window=bridge.window)
         self.bridge = bridge
         self.host: TunnelHost | None = None
         self.session: object = None
@@ -189,6 +189,8 @@ class IngressTunnel(Tunnel):
         self.bridge.router.stop_waiting(self._on_router_up)
         if self.host is not None:
             self.host.forget_tunnel(self)
+        # Closed: the connection it ran on may go, and nothing of it is needed.
+        self.host = self.session = None
 
     def on_link_opened(self, link: Link) -> None:
         if link.is_sender:
@@ -213,19 +215,6 @@ class IngressTunnel(Tunnel):
         self.attach_links(sender, None)
         sender.open()
         self.on_tcp_write_resumed()  # grants the first credit on the reply link
-
-
-class _NoSocket:
-    """Stands in for the AMQP socket until a tunnel has one."""
-
-    write_paused = True  # so nothing is sent: the engine is never asked for
-
-    @property
-    def engine(self) -> AmqpEngine:
-        raise RuntimeError("a tunnel sent before it had an AMQP connection")
-
-    def flush_soon(self) -> None:
-        pass
 
 
 class IngressBridge:
@@ -450,6 +439,38 @@ class HostedTunnels:
             tunnel.on_amqp_writable()
 
     def reset_tunnels(self) -> None:
+        """The socket is lost: reset every tunnel, then let the socket go."""
         for tunnel in list(self.tunnels):
             tunnel.on_amqp_lost()
         self.tunnels.clear()
+        # The socket and this host refer to each other (it is the socket's
+        # handler): a cycle that holds the whole engine, proton's buffers
+        # with it, until the cycle collector happens to run. Broken once the
+        # socket has finished with its loss (it releases its engine after
+        # telling us), so the memory returns at once.
+        asyncio.get_running_loop().call_soon(self._let_go_of_socket)
+
+    def _let_go_of_socket(self) -> None:
+        # Whoever still holds this host after its loss sees a closed socket.
+        self.socket = cast(AmqpSocket, LOST_SOCKET)
+
+
+class _LostSocket:
+    """What a host's ``socket`` is once the real one is lost: closed, and sending nothing."""
+
+    closed = True
+    transport = None
+    write_paused = True
+
+    def flush_soon(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def engine(self) -> Any:
+        raise RuntimeError("the AMQP connection is lost")
+
+
+LOST_SOCKET = _LostSocket()

@@ -9,10 +9,18 @@ sender, and the egress's receiver. The other is message-routed to a
 dynamic address.
 
 Flow control, TCP to AMQP
-    One delivery per TCP read, sent only while the sender has credit and
-    the AMQP socket is below its write high-water mark. Otherwise reading
-    from TCP is paused, so at most one read is ever parked here. The far
-    end grants credit as its own TCP socket drains.
+    One delivery per TCP read, sent only while the sender has credit, the
+    AMQP socket is below its write high-water mark and fewer than
+    :data:`MAX_UNSETTLED` deliveries await the far end's outcome. Otherwise
+    reading from TCP is paused, so at most one read is ever parked here. The
+    far end grants credit as its own TCP socket drains.
+
+    Credit alone bounds nothing: a peer may grant a million and keep its
+    session window shut, and every delivery then stays inside proton. The
+    unsettled cap is what bounds the bytes held towards one peer, whatever
+    its credit or window: at most ``MAX_UNSETTLED x MAX_DELIVERY`` (1 MiB)
+    per tunnel. Each outcome that arrives wakes the tunnel, so the cap can
+    never leave it waiting for nothing.
 
 Flow control, AMQP to TCP
     The receiver keeps at most ``window`` deliveries of credit outstanding
@@ -62,6 +70,7 @@ from .engine import (
     settle,
 )
 from .engine import raw_lib as _lib
+from .peer_text import printable
 from .stats import BridgeStats
 
 logger = logging.getLogger(__name__)
@@ -71,6 +80,9 @@ DEFAULT_WINDOW = 2
 # With the window, what bounds the bytes in flight towards one tunnel:
 # window x MAX_DELIVERY per direction.
 MAX_DELIVERY = 128 * 1024
+# Deliveries sent but not yet settled by the far end, per tunnel: past it
+# reading from TCP pauses until an outcome arrives (see "Flow control").
+MAX_UNSETTLED = 8
 # The largest message we take in (our peers send at most MAX_DELIVERY, the
 # node proxy 64 KiB); advertised on our receivers as max-message-size.
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -87,6 +99,22 @@ class AmqpPort(Protocol):
     @property
     def engine(self) -> AmqpEngine: ...
     def flush_soon(self) -> None: ...
+
+
+class NoPort:
+    """Stands in for the AMQP connection of a tunnel that has none (yet, or any more)."""
+
+    write_paused = True  # so nothing is sent: the engine is never asked for
+
+    @property
+    def engine(self) -> AmqpEngine:
+        raise RuntimeError("a tunnel sent without an AMQP connection")
+
+    def flush_soon(self) -> None:
+        pass
+
+
+NO_PORT = NoPort()
 
 
 class Failure(enum.Enum):
@@ -125,6 +153,7 @@ class Tunnel:
     DIALECT: ClassVar[str] = "link-route"
 
     __slots__ = (
+        "__weakref__",
         "_parked",
         "_partial",
         "_rcv",
@@ -323,7 +352,8 @@ class Tunnel:
         )
         if condition is not None and not lost_node:
             self.reset(
-                f"far end detached: {condition.name}: {condition.description or ''}",
+                f"far end detached: {printable(condition.name)}: "
+                f"{printable(condition.description or '')}",
                 Failure.FAR_END,
             )
         elif is_sender:
@@ -371,6 +401,7 @@ class Tunnel:
             and self.sender_ready
             and not self.eos_sent
             and _lib.pn_link_credit(self._snd) > 0
+            and self.unsettled < MAX_UNSETTLED
             and not self.amqp.write_paused
         )
 
@@ -580,8 +611,26 @@ class Tunnel:
         self.amqp.flush_soon()
         if self.stats is not None:
             self.stats.tunnel_closed(self)
-        if self.on_finished is not None:
-            self.on_finished(self)
+        on_finished, self.on_finished = self.on_finished, None
+        if on_finished is not None:
+            on_finished(self)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Drop every reference a closed tunnel holds.
+
+        A closed tunnel may live on for a while (its TCP transport holds it
+        until ``connection_lost``, a flow record or a log line may too). It
+        must not keep its AMQP connection, and with it proton's buffers,
+        alive meanwhile, nor be part of a cycle that only the cycle
+        collector would free.
+        """
+        self.amqp = NO_PORT
+        self.tcp = None
+        self._parked = None
+        self._partial = None
+        self._set_sender(None)
+        self._set_receiver(None)
 
     def reset(self, reason: str, failure: Failure) -> None:
         """Tear down both sides as a failure: RST on TCP, detach with an error on AMQP."""
