@@ -42,19 +42,23 @@ from .engine import (
     DEFAULT_MAX_FRAME_SIZE,
     AmqpEngine,
     EngineOptions,
+    owner_of,
     refuse_link,
     set_owner,
 )
 from .forwarding import DYNAMIC_PREFIX, MANAGEMENT, Forwarder
 from .http_egress import HttpEgressBridge
 from .http_message import HttpSettings
-from .messaging import MessageSender
+from .messaging import MessageReceiver, MessageSender, PeerBudget, set_budget
+from .peer_text import PEER_LOG, printable
 from .relay import Tunnel
 from .spec import join_host
 
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+#: Bytes of unfinished deliveries one peer may leave with us, in largest messages.
+PARTIAL_MESSAGES = 4
 
 
 class DirectListener:
@@ -77,6 +81,8 @@ class DirectListener:
         self.egress = egress
         self.http_egress = http_egress or {}
         self.handshake_timeout = handshake_timeout
+        #: What each peer may leave with us unfinished (see tunnel.messaging.PeerBudget).
+        self.max_partial = PARTIAL_MESSAGES * max_message
         self.server: asyncio.Server | TlsServer | None = None
         self.peers: set[DirectPeer] = set()
         self.forwarder = Forwarder(
@@ -112,6 +118,12 @@ class DirectListener:
                 "can use the tunnels; use amqps:// with --listen-ca",
                 self.config.host,
             )
+        elif self.config.scheme == "amqps" and self.config.ca is None:
+            logger.warning(
+                "direct mode listens on %s with TLS but without --listen-ca: any client "
+                "that can reach it connects without a certificate and can use the tunnels",
+                join_host(self.config.host, self.bound_port),
+            )
 
     @property
     def bound_port(self) -> int:
@@ -119,8 +131,11 @@ class DirectListener:
         port: int = self.server.sockets[0].getsockname()[1]
         return port
 
-    def _accept(self) -> AmqpSocket:
-        peer = DirectPeer(self)
+    def _accept(self, deadline: float | None = None, address: str | None = None) -> AmqpSocket:
+        """A new connection's protocol; it must open AMQP by ``deadline`` (loop time)."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.handshake_timeout
+        peer = DirectPeer(self, deadline, address)
         engine = AmqpEngine(
             EngineOptions(
                 server=True,
@@ -129,6 +144,7 @@ class DirectListener:
                 session_window=self.session_window,
             )
         )
+        set_budget(engine.connection, PeerBudget(max_partial=self.max_partial))
         peer.socket = AmqpSocket(engine, peer)
         self.peers.add(peer)
         return peer.socket
@@ -175,7 +191,7 @@ class TlsServer:
     def __init__(
         self,
         sockets: list[socket.socket],
-        make: Callable[[], AmqpSocket],
+        make: Callable[[float, str], AmqpSocket],
         ctx: ssl.SSLContext,
         timeout: float,
     ) -> None:
@@ -196,27 +212,40 @@ class TlsServer:
                 logger.warning("direct mode: accept failed: %s", exc.strerror or exc)
                 await asyncio.sleep(0.1)
                 continue
-            task = loop.create_task(self._handshake(conn))
+            # One deadline from here to the AMQP open, the TLS handshake included.
+            task = loop.create_task(self._handshake(conn, loop.time() + self.timeout))
             self.handshakes.add(task)
             task.add_done_callback(self.handshakes.discard)
 
-    async def _handshake(self, conn: socket.socket) -> None:
+    async def _handshake(self, conn: socket.socket, deadline: float) -> None:
         made: list[AmqpSocket] = []
-
-        def protocol() -> AmqpSocket:
-            made.append(self.make())
-            return made[-1]
-
         try:
             peer = _address(conn.getpeername())
         except OSError:
             peer = "a peer that left"
+
+        def protocol() -> AmqpSocket:
+            made.append(self.make(deadline, peer))
+            return made[-1]
+
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                protocol, conn, ssl=self.ctx, ssl_handshake_timeout=self.timeout
+            await loop.connect_accepted_socket(
+                protocol,
+                conn,
+                ssl=self.ctx,
+                ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
             )
         except (OSError, TimeoutError) as exc:
-            logger.info("direct mode: TLS handshake with %s failed: %s", peer, _tls_failure(exc))
+            reason = f"tls:{exc.reason}" if isinstance(exc, ssl.SSLError) else type(exc).__name__
+            PEER_LOG.log(
+                logging.INFO,
+                _host_of(peer),
+                reason,
+                "direct mode: TLS handshake with %s failed: %s",
+                peer,
+                _tls_failure(exc),
+            )
             conn.close()
             for app in made:
                 app.connection_lost(exc)
@@ -258,6 +287,12 @@ def _address(peer: object) -> str:
     return "an unknown peer"
 
 
+def _host_of(address: str) -> str:
+    """The host part of ``host:port`` or ``[v6]:port``: whom repeated failures are counted for."""
+    host = address.rpartition(":")[0] if address.count(":") == 1 or "]:" in address else address
+    return host.strip("[]") or address
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -268,44 +303,90 @@ def _is_loopback(host: str) -> bool:
 
 
 class DirectPeer(HostedTunnels):
-    """One accepted AMQP connection in direct mode."""
+    """One accepted AMQP connection in direct mode.
 
-    def __init__(self, listener: DirectListener) -> None:
+    Logging: one INFO line when the peer opens AMQP; everything per link at
+    DEBUG; the peer's failures (garbage, a late open, a close with an error)
+    through :data:`tunnel.peer_text.PEER_LOG`, once per host and reason.
+
+    At socket loss everything the peer made here is let go: its links'
+    owners are told (their buffers, queues and callbacks dropped), its
+    tables cleared and the socket's reference to it replaced, so the peer
+    and all it held are freed by reference counting, without the cycle
+    collector.
+    """
+
+    def __init__(
+        self, listener: DirectListener, deadline: float, address: str | None = None
+    ) -> None:
         super().__init__()
         self.listener = listener
+        self._address = address
         self.dynamic: dict[str, Link] = {}
         self.reply_senders: dict[str, MessageSender] = {}
-        # A peer that never completes the AMQP open would hold a socket forever.
-        self.handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            listener.handshake_timeout, self._on_handshake_timeout
+        self.unclaimed = _Unclaimed(self)
+        self.opened = False
+        # A peer that never completes the AMQP open would hold a socket forever;
+        # the deadline runs from the TCP accept, through any TLS handshake.
+        self.handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_at(
+            deadline, self._on_handshake_timeout
         )
+
+    @property
+    def address(self) -> str:
+        """Where the peer connects from, ``host:port``."""
+        if self._address is None:
+            transport = self.socket.transport
+            if transport is None:
+                return "a peer not yet connected"
+            self._address = _address(transport.get_extra_info("peername"))
+        return self._address
+
+    @property
+    def remote_host(self) -> str:
+        """The peer's host: whom its repeated failures are counted for."""
+        return _host_of(self.address)
 
     def _on_handshake_timeout(self) -> None:
         self.handshake_timer = None
-        logger.info(
-            "direct-mode peer did not open an AMQP connection within %gs: closing",
+        transport = self.socket.transport
+        if transport is None:
+            return  # still in the TLS handshake, which ends at this same deadline
+        PEER_LOG.log(
+            logging.INFO,
+            self.remote_host,
+            "handshake-timeout",
+            "direct mode: %s did not open an AMQP connection within %gs: closing",
+            self.address,
             self.listener.handshake_timeout,
         )
-        if self.socket.transport is not None:
-            self.socket.transport.abort()
+        transport.abort()
 
     @property
     def container(self) -> str:
-        """The peer's container id, as it named itself in its Open."""
+        """The peer's container id, as it named itself in its Open, made printable."""
         if self.socket.closed:
             return "(gone)"
-        return str(self.socket.engine.connection.remote_container or "(unnamed)")
+        return printable(self.socket.engine.connection.remote_container or "(unnamed)")
 
     def on_connection_opened(self) -> None:
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
             self.handshake_timer = None
-        logger.debug("direct-mode peer %s opened", self.container)
+        self.opened = True
+        logger.info("direct mode: peer %s connected from %s", self.container, self.address)
 
     def on_connection_closed(self, condition: Condition | None) -> None:
         if condition is not None:
-            logger.info(
-                "direct-mode peer closed with %s: %s", condition.name, condition.description
+            PEER_LOG.log(
+                logging.INFO,
+                self.remote_host,
+                "closed-with-error",
+                "direct mode: peer %s from %s closed with %s: %s",
+                self.container,
+                self.address,
+                printable(condition.name),
+                printable(condition.description),
             )
             return
         for tunnel in list(self.tunnels):
@@ -313,8 +394,19 @@ class DirectPeer(HostedTunnels):
                 tunnel.on_peer_closed()
 
     def on_transport_error(self, condition: Condition | None) -> None:
-        if condition is not None:
-            logger.info("direct-mode peer failed: %s: %s", condition.name, condition.description)
+        if condition is None or self.socket.transport is None:
+            return  # a failed TLS handshake, said already
+        if self.handshake_timer is None and not self.opened:
+            return  # closed by the handshake timeout, said already
+        PEER_LOG.log(
+            logging.INFO,
+            self.remote_host,
+            "transport-error",
+            "direct mode: peer %s failed: %s: %s",
+            self.address,
+            printable(condition.name),
+            printable(condition.description),
+        )
 
     def on_link_attach(self, link: Link) -> None:
         if link.is_sender:
@@ -375,7 +467,7 @@ class DirectPeer(HostedTunnels):
         link.source.copy(link.remote_source)
         link.source.address = address
         link.target.copy(link.remote_target)
-        set_owner(link, _Unclaimed(self, address))
+        set_owner(link, self.unclaimed)
         link.open()
         self.dynamic[address] = link
         self.listener.forwarder.add_dynamic(address, self)
@@ -387,14 +479,14 @@ class DirectPeer(HostedTunnels):
             link = self.dynamic.pop(address, None)
             if link is None:
                 return None
-            sender = MessageSender(
-                link, self.socket, on_closed=lambda _: self._reply_closed(address)
-            )
+            sender = MessageSender(link, self.socket, on_closed=self._reply_closed)
             self.reply_senders[address] = sender
         return sender
 
-    def _reply_closed(self, address: str) -> None:
-        self.reply_senders.pop(address, None)
+    def _reply_closed(self, sender: MessageSender) -> None:
+        address = str(sender.link.source.address)
+        if self.reply_senders.get(address) is sender:
+            del self.reply_senders[address]
         self.listener.forwarder.remove_dynamic(address)
 
     def _reply(self, to: str, data: bytes) -> bool:
@@ -409,23 +501,42 @@ class DirectPeer(HostedTunnels):
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
             self.handshake_timer = None
+        if self.opened:
+            logger.debug("direct mode: peer %s from %s left", self.container, self.address)
         self.reset_tunnels()
         self.dynamic.clear()
         for sender in list(self.reply_senders.values()):
             sender.lost()
         self.reply_senders.clear()
+        # First: links routed through this peer end with qd:routed-link-lost.
         self.listener.forwarder.peer_lost(self)
+        self._release_links()
         self.listener.peers.discard(self)
+        # The socket outlives this call (it frees the engine next) and would
+        # keep this peer, and the peer it: a cycle only the collector breaks.
+        self.socket.handler = _GONE
+
+    def _release_links(self) -> None:
+        """Tell the owners of this connection's links that it is gone: no link event will."""
+        link = self.socket.engine.connection.link_head(0)
+        while link is not None:
+            owner = owner_of(link)
+            if isinstance(owner, MessageReceiver | MessageSender):
+                owner.lost()
+            link = link.next(0)
 
 
 class _Unclaimed:
-    """Owner of a dynamic reply link that no tunnel has claimed yet."""
+    """Owner of a peer's dynamic reply links that no tunnel has claimed yet.
 
-    __slots__ = ("address", "peer")
+    One per peer, not per link: an unclaimed link costs its entry in
+    ``DirectPeer.dynamic`` and the forwarder's table, and nothing else here.
+    """
 
-    def __init__(self, peer: DirectPeer, address: str) -> None:
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: DirectPeer) -> None:
         self.peer = peer
-        self.address = address
 
     def on_link_opened(self, link: Link) -> None:
         pass
@@ -437,5 +548,32 @@ class _Unclaimed:
         pass
 
     def on_link_closed(self, link: Link) -> None:
-        self.peer.dynamic.pop(self.address, None)
-        self.peer.listener.forwarder.remove_dynamic(self.address)
+        address = str(link.source.address)
+        if self.peer.dynamic.get(address) is not None:
+            del self.peer.dynamic[address]
+            self.peer.listener.forwarder.remove_dynamic(address)
+
+
+class _Gone:
+    """A lost peer's stand-in as its socket's handler: there is nothing left to tell."""
+
+    def on_connection_opened(self) -> None:
+        pass
+
+    def on_connection_closed(self, condition: Any) -> None:
+        pass
+
+    def on_link_attach(self, link: Link) -> None:
+        pass
+
+    def on_transport_error(self, condition: Any) -> None:
+        pass
+
+    def on_socket_writable(self) -> None:
+        pass
+
+    def on_socket_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+_GONE = _Gone()

@@ -69,6 +69,7 @@ from .engine import (
 )
 from .http_message import decode, encode
 from .messaging import MessageReceiver, MessageSender
+from .peer_text import PEER_LOG, printable
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,14 @@ class Peer(Protocol):
     socket: AmqpSocket
 
     @property
-    def container(self) -> str: ...
+    def container(self) -> str:
+        """The peer's container id, printable."""
+        ...
+
+    @property
+    def remote_host(self) -> str:
+        """Whom the peer's repeated failures are counted for (see tunnel.peer_text)."""
+        ...
 
     def reply_sender(self, address: str) -> MessageSender | None:
         """The sender towards this peer's dynamic receiver ``address``, or None."""
@@ -125,6 +133,9 @@ class Forwarder:
         self._peers: dict[Peer, _PeerState] = {}
 
     def _state(self, peer: Peer) -> _PeerState:
+        if peer.socket.closed:
+            # Kept, it would outlive the peer_lost() that already came.
+            return self._peers.get(peer) or _PeerState()
         return self._peers.setdefault(peer, _PeerState())
 
     # -- what a peer attaches ---------------------------------------------------
@@ -179,7 +190,7 @@ class Forwarder:
         self.consumers.setdefault(address, []).append(sender)
         self._state(peer).consumers.append((address, sender))
         link.open()
-        logger.debug("direct mode: %s consumes %r", peer.container, address)
+        logger.debug("direct mode: %s consumes %s", peer.container, printable(repr(address)))
 
     def _drop_consumer(self, peer: Peer, address: str, sender: MessageSender) -> None:
         senders = self.consumers.get(address, [])
@@ -251,7 +262,10 @@ class Forwarder:
         state = self._state(peer)
         if state.held > PEER_BUDGET:
             if not state.over_budget:
-                logger.warning(
+                PEER_LOG.log(
+                    logging.WARNING,
+                    peer.remote_host,
+                    "forwarding-budget",
                     "direct mode: %s has %d bytes waiting here; releasing what it "
                     "sends until they are delivered",
                     peer.container,
@@ -284,7 +298,11 @@ class Forwarder:
         if pattern not in state.routes:
             state.routes.add(pattern)
             self.routes.setdefault(pattern, []).append(peer)
-            logger.info("direct mode: %s serves %r through a link route", peer.container, pattern)
+            logger.debug(
+                "direct mode: %s serves %s through a link route",
+                peer.container,
+                printable(repr(pattern)),
+            )
         name = request.properties.get("name") if isinstance(request.properties, dict) else None
         return 201, "Created", {"name": name, "pattern": pattern, "direction": "in"}
 
@@ -303,8 +321,10 @@ class Forwarder:
                 peers.remove(peer)
             if not peers:
                 self.routes.pop(address, None)
-                logger.info(
-                    "direct mode: the link route for %r is gone with %s", address, peer.container
+                logger.debug(
+                    "direct mode: the link route for %s is gone with %s",
+                    printable(repr(address)),
+                    peer.container,
                 )
         for _, sender in list(state.consumers):
             sender.lost()
@@ -387,11 +407,14 @@ class _Management:
         self.receiver.settle(delivery, ACCEPTED)
         status, description, body = self.forwarder.create_route(self.peer, request)
         if status >= 300:
-            logger.warning(
+            PEER_LOG.log(
+                logging.WARNING,
+                self.peer.remote_host,
+                "management-refused",
                 "direct mode: %s asked for a link route: %d %s",
                 self.peer.container,
                 status,
-                description,
+                printable(description),
             )
         # Answers go only to the asker's own dynamic receiver, never to another peer.
         reply = self.peer.reply_sender(request.reply_to) if request.reply_to else None
@@ -449,7 +472,11 @@ class _Inbound:
         everything sent before it has been delivered.
         """
         address = self.fixed
-        if link.remote_condition is not None or address not in self.forwarder.dynamic:
+        if (
+            self.receiver.refused
+            or link.remote_condition is not None
+            or address not in self.forwarder.dynamic
+        ):
             return
         destination = self.forwarder.destination(address)
         if destination is not None:
@@ -521,7 +548,9 @@ class RoutedLink:
         if self.closed:
             return
         self._end()
-        close_link(self.sender.link, link.remote_condition)
+        refused = self.receiver is not None and self.receiver.refused
+        # Detached by us for going over its budget: the far end hears why.
+        close_link(self.sender.link, link.condition if refused else link.remote_condition)
         self.target.socket.flush_soon()
 
     def on_target_closed(self, sender: MessageSender) -> None:

@@ -14,16 +14,27 @@ request and one per response, and need two things from a link:
 
 Both are link owners in the engine's sense and do no I/O: ``host`` supplies
 the engine and is asked to flush.
+
+Bounds per AMQP connection (:class:`PeerBudget`, one per connection, shared by
+every sender and receiver on it, whoever made them): the bytes of deliveries
+the peer has begun and not finished, and the deliveries we sent that the peer
+has not settled. A window bounds each link's work, but not a peer that opens
+many links and never finishes or settles; the budget bounds the sum.
+
+At close, a sender or receiver drops its callbacks, buffers and queue, so that
+whatever it and its owner hold is freed by reference counting as soon as the
+link or the connection goes, not whenever the cycle collector runs.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from proton import Condition, Link
+from proton import Condition, Connection, Endpoint, Link
 
 from .engine import (
     ACCEPTED,
@@ -38,11 +49,69 @@ from .engine import (
     receive_more,
     set_owner,
     settle,
+    wrap_link,
 )
+from .peer_text import printable
 
 _lib = raw_lib
+logger = logging.getLogger(__name__)
 
 _TERMINAL = frozenset((ACCEPTED, RELEASED, REJECTED, MODIFIED))
+
+#: Bytes of unfinished deliveries one connection's peer may leave with us, by default.
+DEFAULT_MAX_PARTIAL = 64 * 1024 * 1024
+#: Deliveries sent on one connection and not yet settled by its peer, by default.
+#: Each costs proton about 270 bytes until settled: 8192 are about 2 MiB.
+DEFAULT_MAX_UNSETTLED = 8192
+_BUDGET_ATTR = "tunnel_peer_budget"
+RESOURCE_LIMIT = "amqp:resource-limit-exceeded"
+
+
+class PeerBudget:
+    """What one AMQP connection's peer may leave with us, across all its links.
+
+    - ``max_partial``: bytes of deliveries it has begun and not finished
+      (default :data:`DEFAULT_MAX_PARTIAL`; direct mode sets 4 x the largest
+      message). A transfer that takes the sum past it ends that delivery: its
+      bytes are dropped, the rest of it drained unkept, and its link detached
+      with ``amqp:resource-limit-exceeded``.
+    - ``max_unsettled``: deliveries we sent that it has not settled (default
+      :data:`DEFAULT_MAX_UNSETTLED`). A send past it detaches the sending
+      link with ``amqp:resource-limit-exceeded``; what was queued on it fails.
+
+    Kept in the proton connection's record, so it goes when the connection is
+    freed; it holds nothing itself.
+    """
+
+    __slots__ = ("max_partial", "max_unsettled", "partial", "unsettled")
+
+    def __init__(
+        self, max_partial: int = DEFAULT_MAX_PARTIAL, max_unsettled: int = DEFAULT_MAX_UNSETTLED
+    ) -> None:
+        self.max_partial = max_partial
+        self.max_unsettled = max_unsettled
+        self.partial = 0
+        self.unsettled = 0
+
+
+def set_budget(connection: Connection, budget: PeerBudget) -> None:
+    """Give ``connection`` its own bounds; before any link on it has a sender or receiver."""
+    setattr(connection, _BUDGET_ATTR, budget)
+
+
+def budget_of(host: AmqpHost) -> PeerBudget:
+    """``host``'s connection's budget, a default one made at first use."""
+    connection = host.engine.connection
+    budget: PeerBudget | None = getattr(connection, _BUDGET_ATTR, None)
+    if budget is None:
+        budget = PeerBudget()
+        set_budget(connection, budget)
+    return budget
+
+
+def _ignore_message(delivery: Any, data: bytearray) -> None:
+    pass
+
 
 #: ``(outcome, why)``: the peer's outcome (0 when the link went away first) and,
 #: for a rejection or a modified outcome, what it said went wrong.
@@ -83,6 +152,7 @@ class MessageSender:
         #: Detach cleanly once nothing is queued or unsettled (see :meth:`finish`).
         self.finishing = False
         self._tags = itertools.count()
+        self.peer_budget = budget_of(host)
         set_owner(link, self)
 
     def send(self, data: bytes | bytearray, on_outcome: OutcomeCallback | None = None) -> None:
@@ -102,15 +172,28 @@ class MessageSender:
         if self.host.closed:
             return
         engine = self.host.engine
+        budget = self.peer_budget
         sent = False
         while self.queue and not self.closed and _lib.pn_link_credit(self.raw) > 0:
+            if budget.unsettled >= budget.max_unsettled:
+                self._refuse(
+                    f"{budget.unsettled} deliveries sent on this connection are unsettled; "
+                    f"at most {budget.max_unsettled} are kept"
+                )
+                return
             data, callback = self.queue.popleft()
             tag = next(self._tags).to_bytes(8, "big")
             delivery = engine.send_delivery(self.raw, tag, b"", data)
             self.unsettled[delivery] = callback
+            budget.unsettled += 1
             sent = True
         if sent:
             self.host.flush_soon()
+
+    def _refuse(self, description: str) -> None:
+        close_link(self.link, Condition(RESOURCE_LIMIT, description))
+        self.host.flush_soon()
+        self._gone()
 
     @property
     def credit(self) -> int:
@@ -138,13 +221,15 @@ class MessageSender:
         self.closed = True
         callbacks = list(self.unsettled.values())
         callbacks += [cb for _, cb in self.queue]
+        self.peer_budget.unsettled -= len(self.unsettled)
         self.unsettled.clear()
         self.queue.clear()
         for callback in callbacks:
             if callback is not None:
                 callback(0, "link closed before the outcome")
-        if self.on_closed is not None:
-            self.on_closed(self)
+        on_closed, self.on_closed, self.on_opened = self.on_closed, None, None
+        if on_closed is not None:
+            on_closed(self)
 
     # -- LinkOwner --------------------------------------------------------------
     def on_link_opened(self, link: Link) -> None:
@@ -158,7 +243,11 @@ class MessageSender:
         state = _lib.pn_delivery_remote_state(delivery)
         if not _lib.pn_delivery_settled(delivery) and state not in _TERMINAL:
             return  # not an outcome yet (received, or nothing)
-        callback = self.unsettled.pop(delivery, None)
+        if delivery not in self.unsettled:
+            _lib.pn_delivery_settle(delivery)
+            return
+        callback = self.unsettled.pop(delivery)
+        self.peer_budget.unsettled -= 1
         why = failure_of(delivery) if state in (REJECTED, MODIFIED) else ""
         _lib.pn_delivery_settle(delivery)
         if callback is not None:
@@ -171,7 +260,12 @@ class MessageSender:
 
 
 class MessageReceiver:
-    """A receiver link that hands on whole messages and keeps ``window`` credits out."""
+    """A receiver link that hands on whole messages and keeps ``window`` credits out.
+
+    Memory: at most ``window`` messages of at most ``max_size`` bytes are in
+    hand (handed on, not yet settled), plus the one being gathered, whose
+    bytes count against the connection's :class:`PeerBudget` until it is whole.
+    """
 
     def __init__(
         self,
@@ -192,8 +286,14 @@ class MessageReceiver:
         self.on_message = on_message
         self.on_opened = on_opened
         self.closed = False
+        #: We detached the link for going over the connection's budget.
+        self.refused = False
         self.in_hand = 0
+        self.peer_budget = budget_of(host)
         self._partial: bytearray | None = None
+        #: Bytes of the message being gathered that count against the budget.
+        self._counted = 0
+        #: Bytes of a message being drained unkept (too large, or over budget).
         self._oversize = 0
         set_owner(link, self)
         _lib.pn_link_flow(self.raw, window)
@@ -217,6 +317,51 @@ class MessageReceiver:
             _lib.pn_link_flow(self.raw, self.window - credit - self.in_hand)
         self.host.flush_soon()
 
+    def lost(self) -> None:
+        """The connection is gone without a detach: drop what is held, and the callbacks."""
+        if not self.closed:
+            self._end()
+
+    def _drop_partial(self) -> None:
+        self.peer_budget.partial -= self._counted
+        self._counted = 0
+        self._partial = None
+
+    def _end(self) -> Callable[[Link], None] | None:
+        """Closed: nothing is kept and nothing called any more; the old ``on_closed``."""
+        self.closed = True
+        self._drop_partial()
+        on_closed = self.on_closed
+        self.on_closed = self.on_opened = None
+        self.on_message = _ignore_message
+        return on_closed
+
+    def _refuse(self, link: Any, would_hold: int) -> None:
+        """Over the connection's budget: detach, and drain what the peer still sends."""
+        budget = self.peer_budget
+        wrapped = wrap_link(link)
+        logger.debug(
+            "link %s detached: unfinished deliveries would hold %d bytes",
+            printable(wrapped.name),
+            would_hold,
+        )
+        self.refused = True
+        on_closed = self._end()
+        close_link(
+            wrapped,
+            Condition(
+                RESOURCE_LIMIT,
+                f"unfinished deliveries on this connection would hold {would_hold} bytes; "
+                f"at most {budget.max_partial} are kept",
+            ),
+        )
+        if not wrapped.state & Endpoint.REMOTE_CLOSED:
+            # Transfers already on their way still come: drained here, not kept in proton.
+            set_owner(wrapped, self)
+        self.host.flush_soon()
+        if on_closed is not None:
+            on_closed(wrapped)
+
     # -- LinkOwner --------------------------------------------------------------
     def on_link_opened(self, link: Link) -> None:
         if self.on_opened is not None:
@@ -230,11 +375,24 @@ class MessageReceiver:
             return  # news of one handed on already (the sender settled it): nothing to do
         pending = _lib.pn_delivery_pending(delivery)
         partial = bool(_lib.pn_delivery_partial(delivery))
+        if self.closed:  # detached by us: drained until the peer's detach comes
+            receive_delivery(link, pending)
+            if not partial:
+                _lib.pn_link_advance(link)
+                _lib.pn_delivery_settle(delivery)
+            return
         held = len(self._partial) if self._partial is not None else 0
+        budget = self.peer_budget
+        if not self._oversize and held + pending <= self.max_size and partial:
+            would_hold = budget.partial + pending
+            if would_hold > budget.max_partial:
+                receive_delivery(link, pending)
+                self._refuse(link, would_hold)
+                return
         if self._oversize or held + pending > self.max_size:
             # Drained, not kept: left in proton it would shut the session window.
             self._oversize += held + pending
-            self._partial = None
+            self._drop_partial()
             receive_delivery(link, pending)
             if not partial:
                 size, self._oversize = self._oversize, 0
@@ -251,14 +409,20 @@ class MessageReceiver:
             return
         if pending:
             self._partial = receive_more(link, pending, self._partial)
+            if partial:
+                budget.partial += pending
+                self._counted += pending
         if partial:
             return
-        data, self._partial = self._partial or bytearray(), None
+        data = self._partial or bytearray()
+        self._drop_partial()
         _lib.pn_link_advance(link)
         self.in_hand += 1
         self.on_message(delivery, data)
 
     def on_link_closed(self, link: Link) -> None:
-        self.closed = True
-        if self.on_closed is not None:
-            self.on_closed(link)
+        if self.closed:
+            return
+        on_closed = self._end()
+        if on_closed is not None:
+            on_closed(link)
