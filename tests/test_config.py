@@ -176,6 +176,7 @@ def test_bad_listen_urls(url: str, message: str) -> None:
         (["--max-frame-size", "100", "tcp:1=>amqp:a"], "--max-frame-size 100"),
         (["--session-window", "1000", "tcp:1=>amqp:a"], "--session-window 1000"),
         (["--max-connections", "0", "tcp:1=>amqp:a"], "--max-connections 0"),
+        (["--max-links-per-connection", "0", "tcp:1=>amqp:a"], "--max-links-per-connection 0"),
         (["--hold-timeout", "-1", "tcp:1=>amqp:a"], "--hold-timeout -1: must be 0 or more"),
         (["--open-timeout", "0", "tcp:1=>amqp:a"], "--open-timeout 0: must be above 0"),
         (["--idle-timeout", "-1", "tcp:1=>amqp:a"], "--idle-timeout"),

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reset (default %(default)s)",
     )
     parser.add_argument(
+        "--max-links-per-connection",
+        type=int,
+        help="links, and sessions, a peer may open on one AMQP connection; past it the "
+        "peer is closed with amqp:resource-limit-exceeded (default: twice "
+        "--max-connections, plus 64)",
+    )
+    parser.add_argument(
         "--idle-timeout",
         type=float,
         default=0.0,
@@ -212,6 +219,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         hold_timeout=args.hold_timeout,
         max_frame_size=args.max_frame_size,
         session_window=args.session_window,
+        max_links=_max_links(args),
         limits=Limits(
             max_connections=args.max_connections,
             idle_timeout=args.idle_timeout,
@@ -222,6 +230,12 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
             timeout=args.http_timeout, max_body=args.http_max_body, window=args.http_window
         ),
     )
+
+
+def _max_links(args: argparse.Namespace) -> int:
+    # Each tunnel is a link each way; replies and management need a few more.
+    given: int | None = args.max_links_per_connection
+    return 2 * int(args.max_connections) + 64 if given is None else given
 
 
 def _admin_address(text: str) -> tuple[str, int]:
@@ -255,6 +269,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--http-window", args.http_window, MAX_HTTP_WINDOW),
         ("--http-max-body", args.http_max_body, MAX_HTTP_BODY),
         ("--max-connections", args.max_connections, MAX_CONNECTIONS),
+        ("--max-links-per-connection", _max_links(args), 2 * MAX_CONNECTIONS + 64),
     ):
         if count < 1:
             raise ConfigError(f"{flag} {count}: must be at least 1")

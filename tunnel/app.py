@@ -12,7 +12,7 @@ from .admin import AdminServer
 from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .direct import DirectListener
-from .engine import DEFAULT_MAX_FRAME_SIZE
+from .engine import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_LINKS
 from .errors import naming
 from .flows import snapshot
 from .http_egress import HttpEgressBridge, RoutedEgress
@@ -55,6 +55,8 @@ class Settings:
     hold_timeout: float = 10.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     session_window: int = 0
+    #: Links (and sessions) a peer may open on one AMQP connection.
+    max_links: int = DEFAULT_MAX_LINKS
     limits: Limits = DEFAULT_LIMITS
     dialect: Dialect = Dialect.AUTO
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -137,6 +139,7 @@ class App:
                 session_window=settings.session_window,
                 dialect=settings.dialect,
                 messaging=[*self.http_ingress, *self.routed_http],
+                max_links=settings.max_links,
             )
             self.router.start()
         for spec in settings.specs:

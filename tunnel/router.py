@@ -49,6 +49,7 @@ from .bridge import EgressBridge, HostedTunnels, TunnelHost
 from .config import RouterEndpoint
 from .engine import (
     DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_LINKS,
     AmqpEngine,
     EngineOptions,
     close_link,
@@ -59,6 +60,7 @@ from .engine import (
     wrap_link,
 )
 from .messaging import AmqpHost
+from .peer_text import printable
 from .relay import MAX_MESSAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -116,8 +118,10 @@ class RouterClient:
         session_window: int = 0,
         dialect: Dialect = Dialect.AUTO,
         messaging: Sequence[MessageBridge] = (),
+        max_links: int = DEFAULT_MAX_LINKS,
     ) -> None:
         self.dialect = dialect
+        self.max_links = max_links
         self.messaging = messaging
         # What AUTO found at this endpoint, for the next connection's Open.
         self.found: Dialect | None = None
@@ -206,6 +210,7 @@ class RouterClient:
                 outer_tls=ep.ssl is not None,
                 max_frame_size=self.max_frame_size,
                 session_window=self.session_window,
+                max_links=self.max_links,
                 offered_capabilities=(
                     (adaptor_wire.STREAMING_LINKS,) if self.offers_streaming_links() else ()
                 ),
@@ -312,14 +317,14 @@ class RouterConnection(HostedTunnels):
     def on_connection_closed(self, condition: Condition | None) -> None:
         if condition is not None:
             self.failure = f"{condition.name}: {condition.description}"
-            logger.warning("router closed the connection: %s", self.failure)
+            logger.warning("router closed the connection: %s", printable(self.failure))
 
     def on_transport_error(self, condition: Condition | None) -> None:
         # proton may report the same failure more than once: log it once.
         failure = f"{condition.name}: {condition.description}" if condition else None
         if failure is not None and failure != self.failure:
             self.failure = failure
-            logger.debug("transport error: %s", failure)
+            logger.debug("transport error: %s", printable(failure))
 
     def _start_streams(self, session: Session) -> None:
         self.dispatcher = StreamDispatcher(
@@ -529,8 +534,8 @@ class ManagementClient:
             logger.error(
                 "router refused the link route for %r: %s %s",
                 address,
-                status,
-                props.get("statusDescription", ""),
+                printable(status),
+                printable(props.get("statusDescription", "")),
             )
 
     def on_link_closed(self, link: Link) -> None:
@@ -538,6 +543,6 @@ class ManagementClient:
         if condition is not None:
             logger.error(
                 "management link closed by the router: %s: %s",
-                condition.name,
-                condition.description,
+                printable(condition.name),
+                printable(condition.description),
             )
