@@ -21,6 +21,7 @@ from tunnel.engine import (
     set_owner,
     settle,
 )
+from tunnel.peer_text import PEER_LOG
 
 # A message whose only section is amqp-value "x": enough for proton to count a delivery.
 MESSAGE = b"\x00Sw\xa1\x01x"
@@ -212,3 +213,12 @@ def test_a_one_second_idle_timeout_is_kept() -> None:
     _, _, peer = _connected(idle_timeout=2.0)
     assert peer.connection.remote_condition is None
     assert peer.connection.state & Endpoint.REMOTE_ACTIVE
+
+
+def test_a_peer_refused_again_is_counted_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    before = PEER_LOG.suppressed["amqp:resource-limit-exceeded"]
+    for _ in range(3):
+        _connected(idle_timeout=0.002)  # the same container id each time
+    said = [r for r in caplog.records if "idle-time-out" in r.getMessage()]
+    assert len(said) <= 1
+    assert PEER_LOG.suppressed["amqp:resource-limit-exceeded"] >= before + 2

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import engine, peer_text
 from .relay import Failure
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ METRICS = {
     "tunnel_router_connects_total": "Times the router connection was opened.",
     "tunnel_router_disconnects_total": "Times an open router connection was lost.",
     "tunnel_router_connected": "1 while the router connection is open, else 0.",
+    "tunnel_log_suppressed_total": "Repeats of a peer's failure counted instead of logged.",
 }
 
 
@@ -73,6 +75,11 @@ class TunnelCollector(Collector):
         disconnects.add_metric([], router.disconnects if router else 0)
         connected.add_metric([], 1 if router and router.connection is not None else 0)
         yield from (connects, disconnects, connected)
+        suppressed = _family(CounterMetricFamily, "tunnel_log_suppressed_total", ["reason"])
+        counts = peer_text.PEER_LOG.suppressed + engine.FAILURES.suppressed
+        for why, count in sorted(counts.items()):
+            suppressed.add_metric([why], count)
+        yield suppressed
 
 
 def registry_for(app: App) -> CollectorRegistry:
