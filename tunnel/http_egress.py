@@ -458,6 +458,11 @@ class RequestServer:
             message = hm.decode(data)
             if not isinstance(message.reply_to, str) or not message.reply_to:
                 raise WireError("no reply_to to answer to")
+            if hm.answer_id(message.correlation_id) is None:
+                raise WireError(
+                    f"correlation id {printable(repr(message.correlation_id), 80)} cannot be "
+                    "echoed: it is not a ulong, uuid, binary or string"
+                )
             parsed = hm.request_of(message)
             task = asyncio.get_running_loop().create_task(self.bridge.serve(message, parsed))
         except WireError as exc:
