@@ -49,7 +49,13 @@ from .engine import (
 from .forwarding import DYNAMIC_PREFIX, MANAGEMENT, Forwarder
 from .http_egress import HttpEgressBridge
 from .http_message import HttpSettings
-from .messaging import MessageReceiver, MessageSender, PeerBudget, set_budget
+from .messaging import (
+    DEFAULT_MAX_UNSETTLED,
+    MessageReceiver,
+    MessageSender,
+    PeerBudget,
+    set_budget,
+)
 from .peer_text import PEER_LOG, printable
 from .relay import Tunnel
 from .spec import join_host
@@ -74,6 +80,7 @@ class DirectListener:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         session_window: int = 0,
         max_message: int = HttpSettings().max_message,
+        max_unsettled: int = DEFAULT_MAX_UNSETTLED,
     ) -> None:
         self.config = config
         self.max_frame_size = max_frame_size
@@ -83,6 +90,7 @@ class DirectListener:
         self.handshake_timeout = handshake_timeout
         #: What each peer may leave with us unfinished (see tunnel.messaging.PeerBudget).
         self.max_partial = PARTIAL_MESSAGES * max_message
+        self.max_unsettled = max_unsettled
         self.server: asyncio.Server | TlsServer | None = None
         self.peers: set[DirectPeer] = set()
         self.forwarder = Forwarder(
@@ -144,7 +152,7 @@ class DirectListener:
                 session_window=self.session_window,
             )
         )
-        set_budget(engine.connection, PeerBudget(max_partial=self.max_partial))
+        set_budget(engine.connection, PeerBudget(self.max_partial, self.max_unsettled))
         peer.socket = AmqpSocket(engine, peer)
         self.peers.add(peer)
         return peer.socket
@@ -324,7 +332,7 @@ class DirectPeer(HostedTunnels):
         self._address = address
         self.dynamic: dict[str, Link] = {}
         self.reply_senders: dict[str, MessageSender] = {}
-        self.unclaimed = _Unclaimed(self)
+        self.unclaimed = _Unclaimed(self.dynamic, listener.forwarder)
         self.opened = False
         # A peer that never completes the AMQP open would hold a socket forever;
         # the deadline runs from the TCP accept, through any TLS handshake.
@@ -531,12 +539,14 @@ class _Unclaimed:
 
     One per peer, not per link: an unclaimed link costs its entry in
     ``DirectPeer.dynamic`` and the forwarder's table, and nothing else here.
+    It holds the peer's table, not the peer, so the two make no cycle.
     """
 
-    __slots__ = ("peer",)
+    __slots__ = ("dynamic", "forwarder")
 
-    def __init__(self, peer: DirectPeer) -> None:
-        self.peer = peer
+    def __init__(self, dynamic: dict[str, Link], forwarder: Forwarder) -> None:
+        self.dynamic = dynamic
+        self.forwarder = forwarder
 
     def on_link_opened(self, link: Link) -> None:
         pass
@@ -549,9 +559,8 @@ class _Unclaimed:
 
     def on_link_closed(self, link: Link) -> None:
         address = str(link.source.address)
-        if self.peer.dynamic.get(address) is not None:
-            del self.peer.dynamic[address]
-            self.peer.listener.forwarder.remove_dynamic(address)
+        if self.dynamic.pop(address, None) is not None:
+            self.forwarder.remove_dynamic(address)
 
 
 class _Gone:
