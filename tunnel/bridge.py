@@ -19,7 +19,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol, cast
 
 from proton import Link, Receiver, Sender
@@ -30,6 +30,7 @@ from .adaptor_wire import StreamHeader
 from .amqp_link import AmqpSocket
 from .engine import add_capability, capabilities
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
+from .peer_text import printable
 from .relay import DEFAULT_WINDOW, MAX_MESSAGE_SIZE, NO_PORT, Failure, Phase, Tunnel
 from .spec import EgressSpec, IngressSpec, join_host
 from .stats import BridgeStats
@@ -61,6 +62,9 @@ class TunnelHost(Protocol):
     """One AMQP connection that tunnels run on: the router client or a direct-mode peer."""
 
     socket: AmqpSocket
+    #: Whether the connection is one peer, whose tunnels count against the
+    #: per-peer share; False for a router's, which carries every client's.
+    one_peer: bool
 
     def add_tunnel(self, tunnel: Tunnel) -> None: ...
     def forget_tunnel(self, tunnel: Tunnel) -> None: ...
@@ -104,8 +108,10 @@ class IngressTunnel(Tunnel):
         self.name = link_name(transport.get_extra_info("peername"), bridge.site_id)
         self.log.extra = {"tunnel": self.name}
         self.stats = bridge.stats
-        bridge.stats.tunnel_opened(self)
-        if (refusal := bridge.limits.refusal(bridge.stats)) is not None:
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        bridge.stats.tunnel_opened(self, peer=client)
+        if (refusal := bridge.limits.refusal(bridge.stats, client, client)) is not None:
             self.tcp = transport
             self.reset(refusal, Failure.LIMIT)
             return
@@ -291,7 +297,8 @@ class EgressBridge:
         address through a router, or the ingress's own dynamic receiver link
         in direct mode.
         """
-        name = "@".join(receiver.name.split("@")[:2])
+        # The peer names the link; the name reaches the logs and the flow records.
+        name = printable("@".join(receiver.name.split("@")[:2]))
         tunnel = Tunnel(
             name,
             host.socket,
@@ -306,8 +313,9 @@ class EgressBridge:
         tunnel.peer_half_close = wire.HALF_CLOSE in capabilities(receiver.remote_source)
         tunnel.attach_links(sender, receiver)
         tunnel.stats = self.stats
-        self.stats.tunnel_opened(tunnel)
-        if (refusal := self.limits.refusal(self.stats)) is not None:
+        peer = cast(Hashable, host) if host.one_peer else None
+        self.stats.tunnel_opened(tunnel, peer=peer)
+        if (refusal := self.limits.refusal(self.stats, peer, _peer_name(host))) is not None:
             host.add_tunnel(tunnel)
             tunnel.reset(refusal, Failure.LIMIT)
             return
@@ -329,7 +337,9 @@ class EgressBridge:
     ) -> Flow:
         """skupper-router's dialect: a client stream for our address; connect to the backend."""
         assert header.reply_to is not None
-        name = f"{header.correlation_id or 'stream'}@{_PROCESS_TAG}-{next(_sequence)}"
+        # Only through a router: its one connection carries every client's
+        # streams, so the per-peer share does not apply.
+        name = f"{printable(header.correlation_id or 'stream')}@{_PROCESS_TAG}-{next(_sequence)}"
         flow = Flow(name, host, dispatcher, Role.CONNECTOR, header.reply_to, stats=self.stats)
         flow.start_connector(delivery, header)
         if (refusal := self.limits.refusal(self.stats)) is not None:
@@ -361,6 +371,14 @@ class EgressBridge:
         for task in list(self.tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _peer_name(host: TunnelHost) -> str:
+    """The AMQP peer, as a refusal names it: its container id."""
+    if host.socket.closed:
+        return "a lost AMQP connection"
+    container = host.socket.engine.connection.remote_container
+    return f"AMQP peer {printable(container or '(unnamed)')}"
 
 
 class BackendHealth:
@@ -418,6 +436,8 @@ class HostedTunnels:
     """The tunnels running on one AMQP connection: woken together, reset together."""
 
     socket: AmqpSocket
+    #: A direct-mode peer is one peer; a router connection sets this False.
+    one_peer = True
 
     def __init__(self) -> None:
         self.tunnels: set[Hosted] = set()

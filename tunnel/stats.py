@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from .flows import FLOW_LOG, record
@@ -48,6 +49,8 @@ class BridgeStats:
         "live",
         "name",
         "opened",
+        "peer_of",
+        "per_peer",
     )
 
     def __init__(self, name: str, far_end: str) -> None:
@@ -62,18 +65,36 @@ class BridgeStats:
         self.done_written = 0
         #: The connections open now, with when each started (monotonic seconds).
         self.live: dict[Carried, float] = {}
+        # The peer each live connection counts against (for the per-peer
+        # limit), and how many each peer has: both bounded by ``live``.
+        self.peer_of: dict[Carried, Hashable] = {}
+        self.per_peer: collections.Counter[Hashable] = collections.Counter()
 
-    def tunnel_opened(self, tunnel: Carried) -> None:
+    def tunnel_opened(self, tunnel: Carried, peer: Hashable | None = None) -> None:
+        """``tunnel`` is open; it counts against ``peer`` (a client address, a connection)."""
         self.opened += 1
         self.live[tunnel] = time.monotonic()
+        if peer is not None:
+            self.peer_of[tunnel] = peer
+            self.per_peer[peer] += 1
+
+    def of_peer(self, peer: Hashable) -> int:
+        """How many connections open now count against ``peer``."""
+        return self.per_peer[peer]
 
     def hand_over(self, old: Carried, new: Carried) -> None:
         """``new`` carries from now on the connection that ``old`` accepted."""
         self.live[new] = self.live.pop(old, time.monotonic())
+        if (peer := self.peer_of.pop(old, None)) is not None:
+            self.peer_of[new] = peer
 
     def tunnel_closed(self, tunnel: Carried) -> None:
         self.closed += 1
         started = self.live.pop(tunnel, None)
+        if (peer := self.peer_of.pop(tunnel, None)) is not None:
+            self.per_peer[peer] -= 1
+            if self.per_peer[peer] <= 0:
+                del self.per_peer[peer]
         self.done_read += tunnel.bytes_out
         self.done_written += tunnel.bytes_in
         if tunnel.failure is not None:
