@@ -47,29 +47,59 @@ async def _echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
 
 
+async def _connect_from(
+    port: int, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client from ``source``, another loopback address: to the bridge, another peer."""
+    return await asyncio.open_connection(LOOPBACK, port, local_addr=(source, 0))
+
+
+async def _is_reset(port: int, source: str) -> None:
+    # The reset can come before asyncio has even finished the connect.
+    with pytest.raises(ConnectionResetError):
+        reader, writer = await _connect_from(port, source)
+        try:
+            await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+
+
 async def test_connections_past_the_limit_are_reset(tmp_path: Path) -> None:
-    """With --max-connections 2 a third client is reset; the first two keep working."""
+    """With --max-connections 2 a third client is reset; the first two keep working.
+
+    Each comes from its own address, so the per-peer share (1 of 2) is not what refuses.
+    """
     async with (
         echo_server() as backend,
         pair(tmp_path, backend.port, "--max-connections", "2") as (ingress, port),
     ):
-        held = [await asyncio.open_connection(LOOPBACK, port) for _ in range(2)]
+        held = [await _connect_from(port, source) for source in ("127.0.0.1", "127.0.0.2")]
         for reader, writer in held:
             await _echoes(reader, writer)
-
-        async def third() -> None:
-            # The reset can come before asyncio has even finished the connect.
-            reader, writer = await asyncio.open_connection(LOOPBACK, port)
-            try:
-                await asyncio.wait_for(reader.read(), 10)
-            finally:
-                writer.close()
-
-        with pytest.raises(ConnectionResetError):
-            await third()
+        await _is_reset(port, "127.0.0.3")
         await ingress.wait_for("over the bridge's limit of 2 connections")
         for reader, writer in held:
             await _echoes(reader, writer)
+            writer.close()
+
+
+async def test_one_client_address_cannot_take_every_slot(tmp_path: Path) -> None:
+    """With --max-connections 4 one client address gets its share of 2; a third connection
+    from it is reset naming the per-peer limit, and another address still gets in."""
+    async with (
+        echo_server() as backend,
+        pair(tmp_path, backend.port, "--max-connections", "4") as (ingress, port),
+    ):
+        held = [await _connect_from(port, "127.0.0.1") for _ in range(2)]
+        for reader, writer in held:
+            await _echoes(reader, writer)
+        await _is_reset(port, "127.0.0.1")
+        await ingress.wait_for(
+            r"limit of 2 connections per peer \(--max-connections-per-peer\) for 127\.0\.0\.1"
+        )
+        other = await _connect_from(port, "127.0.0.2")
+        await _echoes(*other)
+        for _, writer in [*held, other]:
             writer.close()
 
 
