@@ -98,7 +98,7 @@ class RawPeer:
         receiver.source.dynamic = True
         receiver.open()
         receiver.flow(credit)
-        reply = await eventually(lambda: receiver.remote_source.address, "a dynamic address")
+        reply = str(await eventually(lambda: receiver.remote_source.address, "a dynamic address"))
         sender = session.sender(name)
         sender.target.address = address
         sender.source.address = reply
@@ -271,7 +271,7 @@ async def test_one_direct_peer_cannot_take_every_slot() -> None:
         await eventually(lambda: detached(refused), "the third tunnel refused")
         condition = refused.remote_condition
         assert condition is not None
-        assert "per peer (--max-connections-per-peer)" in condition.description
+        assert "per peer (--max-connections-per-peer)" in str(condition.description)
         for _, sender in tunnels[:2]:
             await eventually(lambda sender=sender: sender.credit > 0, "credit")  # type: ignore[misc]
             assert not detached(sender)
@@ -303,7 +303,7 @@ async def test_a_tunnel_that_never_carries_a_byte_is_reset() -> None:
         await eventually(lambda: silent.credit > 0, "the tunnel open")
         await eventually(lambda: detached(silent), "the silent tunnel reset", 5)
         condition = silent.remote_condition
-        assert condition is not None and "silent for" in condition.description
+        assert condition is not None and "silent for" in str(condition.description)
         await peer.close()
 
 
