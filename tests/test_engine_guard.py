@@ -34,6 +34,7 @@ class Owner:
         self.fail = fail
         self.received: list[bytes] = []
         self.closed = False
+        self.failed: str | None = None
 
     def on_link_opened(self, link: Link) -> None:
         pass
@@ -49,6 +50,9 @@ class Owner:
 
     def on_link_closed(self, link: Link) -> None:
         self.closed = True
+
+    def on_link_failed(self, link: Link, condition: Condition) -> None:
+        self.failed = str(condition.name)
 
 
 class Handler:
@@ -170,7 +174,7 @@ def test_transfer_beyond_credit_closes_the_link() -> None:
     pump(engine, handler, peer)
     assert len(owner.received) == 2
     assert remote_error(sender) == "amqp:link:transfer-limit-exceeded"
-    assert owner.closed
+    assert owner.failed == "amqp:link:transfer-limit-exceeded"  # not a clean end
     assert peer.connection.remote_condition is None
     delivery = bystander.delivery("b")
     bystander.send(MESSAGE)
@@ -194,7 +198,7 @@ def test_an_owner_exception_is_contained_to_its_link(caplog: pytest.LogCaptureFi
         link.advance()
     pump(engine, handler, peer)
     assert remote_error(broken) == "amqp:internal-error"
-    assert handler.owners[0].closed
+    assert handler.owners[0].failed == "amqp:internal-error"
     assert handler.owners[1].received == [MESSAGE]
     assert peer.connection.state & Endpoint.REMOTE_ACTIVE
     assert peer.connection.remote_condition is None
@@ -203,7 +207,7 @@ def test_an_owner_exception_is_contained_to_its_link(caplog: pytest.LogCaptureFi
 
 
 def test_a_one_millisecond_idle_timeout_is_refused() -> None:
-    engine, _, peer = _connected(idle_timeout=0.002)
+    engine, _, peer = _connected(idle_timeout=0.002)  # proton announces half: 1 ms
     assert remote_error(peer.connection) == "amqp:resource-limit-exceeded"
     assert "idle-time-out" in str(getattr(peer.connection.remote_condition, "description", ""))
     assert engine.finished

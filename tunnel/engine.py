@@ -339,11 +339,8 @@ class AmqpEngine:
     def _contain(self, raw: Any, exc: Exception) -> None:
         """An exception while handling ``raw``: end its link, or failing that the connection."""
         link = _lib.pn_event_link(raw)
-        if link == _ffi.NULL:
-            where = "connection"
-        else:
-            owner = _owner_of_raw(link)
-            where = type(owner).__name__ if owner is not None else "link"
+        owner = None if link == _ffi.NULL else _owner_of_raw(link)
+        where = type(owner).__name__ if owner is not None else "link" if link else "connection"
         FAILURES.log(
             logging.ERROR,
             where,
@@ -353,7 +350,7 @@ class AmqpEngine:
             printable(repr(exc)),
             exc_info=exc,
         )
-        condition = Condition(_INTERNAL_ERROR, f"{type(exc).__name__} while handling the link")
+        condition = Condition(_INTERNAL_ERROR, f"{type(exc).__name__} while handling the {where}")
         if link == _ffi.NULL:
             if not self.connection.state & _LOCAL_CLOSED:
                 self.connection.condition = condition
@@ -363,7 +360,7 @@ class AmqpEngine:
         close_link(wrapped, condition)
         if owner is not None:
             try:
-                owner.on_link_closed(wrapped)
+                _tell_failed(owner, wrapped, condition)
             except Exception:  # the link is gone already
                 logger.debug("owner failed again as its link closed", exc_info=True)
 
@@ -454,6 +451,25 @@ class LinkOwner(Protocol):
     def on_link_closed(self, link: Link) -> None: ...
 
 
+class FailingOwner(LinkOwner, Protocol):
+    """An owner that can tell a link we ended for the peer's fault (or ours) from a clean end.
+
+    The engine calls ``on_link_failed`` instead of ``on_link_closed`` when it
+    closes a link itself: a transfer past credit, or an exception while the
+    owner handled the link. Owners without it hear ``on_link_closed``.
+    """
+
+    def on_link_failed(self, link: Link, condition: Condition) -> None: ...
+
+
+def _tell_failed(owner: LinkOwner, link: Link, condition: Condition) -> None:
+    failed = getattr(owner, "on_link_failed", None)
+    if failed is not None:
+        cast(FailingOwner, owner).on_link_failed(link, condition)
+    else:
+        owner.on_link_closed(link)
+
+
 class ConnectionHandler(Protocol):
     """What owns a connection: the router client, or a direct-mode peer."""
 
@@ -523,9 +539,10 @@ def _over_credit(link: Any, delivery: Any) -> None:
             printable(wrapped.name),
             peer,
         )
-        close_link(wrapped, Condition(_TRANSFER_LIMIT, "transfer beyond the credit granted"))
+        condition = Condition(_TRANSFER_LIMIT, "transfer beyond the credit granted")
+        close_link(wrapped, condition)
         if owner is not None:
-            owner.on_link_closed(wrapped)
+            _tell_failed(owner, wrapped, condition)
     settle(delivery, RELEASED)
 
 
