@@ -18,7 +18,12 @@ from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
 from .engine import DEFAULT_MAX_FRAME_SIZE
 from .errors import ConfigError, StartupError
-from .limits import DEFAULT_HALF_CLOSED_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Limits
+from .limits import (
+    DEFAULT_HALF_CLOSED_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_SILENT_TIMEOUT,
+    Limits,
+)
 from .relay import DEFAULT_WINDOW
 from .router import Dialect
 from .spec import parse_specs
@@ -107,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reset (default %(default)s)",
     )
     parser.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        help="tunnels one peer (a client address at an ingress, a direct-mode AMQP "
+        "connection at an egress) may have open per bridge (default: half of "
+        "--max-connections, rounded up)",
+    )
+    parser.add_argument(
         "--max-links-per-connection",
         type=int,
         help="links, and sessions, a peer may open on one AMQP connection; past it the "
@@ -118,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="reset a tunnel that carries nothing for this many seconds (default 0: never)",
+    )
+    parser.add_argument(
+        "--silent-timeout",
+        type=float,
+        default=DEFAULT_SILENT_TIMEOUT,
+        help="reset a tunnel that has not carried a single byte after this many seconds "
+        "(default %(default)s; 0: never)",
     )
     parser.add_argument(
         "--half-closed-timeout",
@@ -159,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=http_message.DEFAULT_MAX_BODY,
         help="HTTP bridges: largest request or response body, in bytes; larger "
         "requests get 413, larger responses 502 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--http-max-held",
+        type=int,
+        default=http_message.DEFAULT_HELD_BYTES,
+        help="HTTP egress: bytes of requests held per consumer link, received and not "
+        "yet answered; at least one largest message (default %(default)s)",
     )
     parser.add_argument(
         "--http-window",
@@ -224,10 +250,15 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
             max_connections=args.max_connections,
             idle_timeout=args.idle_timeout,
             half_closed_timeout=args.half_closed_timeout,
+            max_connections_per_peer=args.max_connections_per_peer,
+            silent_timeout=args.silent_timeout,
         ),
         dialect=Dialect(args.dialect),
         http=http_message.HttpSettings(
-            timeout=args.http_timeout, max_body=args.http_max_body, window=args.http_window
+            timeout=args.http_timeout,
+            max_body=args.http_max_body,
+            window=args.http_window,
+            held_bytes=args.http_max_held,
         ),
     )
 
@@ -236,6 +267,11 @@ def _max_links(args: argparse.Namespace) -> int:
     # Each tunnel is a link each way; replies and management need a few more.
     given: int | None = args.max_links_per_connection
     return 2 * int(args.max_connections) + 64 if given is None else given
+
+
+def _per_peer(args: argparse.Namespace) -> int:
+    given: int | None = args.max_connections_per_peer
+    return -(-int(args.max_connections) // 2) if given is None else given
 
 
 def _admin_address(text: str) -> tuple[str, int]:
@@ -270,6 +306,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--http-max-body", args.http_max_body, MAX_HTTP_BODY),
         ("--max-connections", args.max_connections, MAX_CONNECTIONS),
         ("--max-links-per-connection", _max_links(args), 2 * MAX_CONNECTIONS + 64),
+        ("--max-connections-per-peer", _per_peer(args), MAX_CONNECTIONS),
+        ("--http-max-held", args.http_max_held, 1 << 40),
     ):
         if count < 1:
             raise ConfigError(f"{flag} {count}: must be at least 1")
@@ -283,6 +321,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--hold-timeout", args.hold_timeout, "0 or more"),
         ("--idle-timeout", args.idle_timeout, "0 or more"),
         ("--half-closed-timeout", args.half_closed_timeout, "0 or more"),
+        ("--silent-timeout", args.silent_timeout, "0 or more"),
     ):
         if not math.isfinite(value):
             raise ConfigError(f"{flag} {value}: must be a number of seconds, not {value}")
