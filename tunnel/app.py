@@ -99,6 +99,7 @@ class App:
                 max_frame_size=settings.max_frame_size,
                 session_window=settings.session_window,
                 max_message=settings.http.max_message,
+                max_links=settings.max_links,
             )
             if settings.listen
             else None

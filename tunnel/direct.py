@@ -40,6 +40,7 @@ from .bridge import LISTEN_BACKLOG, EgressBridge, HostedTunnels
 from .config import ListenConfig
 from .engine import (
     DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_LINKS,
     AmqpEngine,
     EngineOptions,
     owner_of,
@@ -81,8 +82,10 @@ class DirectListener:
         session_window: int = 0,
         max_message: int = HttpSettings().max_message,
         max_unsettled: int = DEFAULT_MAX_UNSETTLED,
+        max_links: int = DEFAULT_MAX_LINKS,
     ) -> None:
         self.config = config
+        self.max_links = max_links
         self.max_frame_size = max_frame_size
         self.session_window = session_window
         self.egress = egress
@@ -150,6 +153,7 @@ class DirectListener:
                 outer_tls=self.config.scheme == "amqps",
                 max_frame_size=self.max_frame_size,
                 session_window=self.session_window,
+                max_links=self.max_links,
             )
         )
         set_budget(engine.connection, PeerBudget(self.max_partial, self.max_unsettled))
