@@ -98,6 +98,17 @@ class Backend(BaseHTTPRequestHandler):
             time.sleep(1)
             self._send(200, b"after a pause")
             server.answered.set()
+        elif path == "/latin1":
+            # send_header writes latin-1: each character below is one byte on the wire,
+            # obs-text (RFC 9110 §5.5), and the last two are the UTF-8 of "é".
+            self._send(
+                200,
+                b"pdf",
+                [
+                    ("content-disposition", 'attachment; filename="r\xe9sum\xe9.pdf"'),
+                    ("x-utf8", "caf\u00c3\u00a9"),
+                ],
+            )
         elif path == "/big":
             self._send(200, bytes(MAX_BODY + 1))
         else:

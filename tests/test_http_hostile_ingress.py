@@ -8,6 +8,7 @@ sockets on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import itertools
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import TunnelProcess, write_connect_json
+from http_backend import backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proton import Data, Delivery, Message
@@ -630,3 +633,50 @@ def test_arbitrary_response_messages_never_stop_the_ingress(harness: Harness) ->
     assert examples > 50, f"only {examples - 1} examples ran"
     served(ingress, "/after", examples)
     ingress.assert_router_connection_held()
+
+
+# -- 2, end to end: a real backend behind a real egress --------------------------------
+async def test_non_ascii_backend_header_end_to_end_spares_bystanders(tmp_path: Path) -> None:
+    """The issue's case through both processes: a backend's latin-1 and UTF-8 header bytes
+    reach the client unchanged, while a bystander's request on the same router connection,
+    in flight meanwhile, is answered too."""
+    with backend() as server:
+        egress = TunnelProcess(
+            [
+                "--listen",
+                "amqp://127.0.0.1:0",
+                f"amqp:web=>http:127.0.0.1:{server.server_address[1]}",
+            ],
+            tmp_path / "egress.log",
+        )
+        ingress: TunnelProcess | None = None
+        try:
+            amqp_port = await egress.amqp_port()
+            config = write_connect_json(
+                tmp_path / "connect.json",
+                {"scheme": "amqp", "host": "127.0.0.1", "port": amqp_port},
+            )
+            ingress = TunnelProcess(
+                ["--config", str(config), "http:127.0.0.1:0=>amqp:web"], tmp_path / "ingress.log"
+            )
+            port = await ingress.listen_port()
+            await ingress.wait_for(r"router amqp://\S+ connected")
+            bystander = Client(port, "/pause")
+            bystander.start()
+            await asyncio.to_thread(server.paused.wait, 10)
+            answer = await asyncio.to_thread(
+                raw, port, b"GET /latin1 HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            assert b'\r\ncontent-disposition: attachment; filename="r\xe9sum\xe9.pdf"\r\n' in answer
+            assert b"\r\nx-utf8: caf\xc3\xa9\r\n" in answer
+            status, _, body = await asyncio.to_thread(bystander.answer)
+            assert (status, body) == (200, b"after a pause")
+            assert "connection lost" not in ingress.log(), ingress.log()
+            assert "Traceback" not in ingress.log(), ingress.log()
+            assert await asyncio.to_thread(ingress.stop) == 0, ingress.log()
+            assert await asyncio.to_thread(egress.stop) == 0, egress.log()
+        finally:
+            if ingress is not None:
+                ingress.kill()
+            egress.kill()
