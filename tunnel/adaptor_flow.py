@@ -507,6 +507,13 @@ class Flow:
         )
         self._ended()
 
+    def on_link_failed(self, link: Link, condition: Condition) -> None:
+        """The engine ended ``link`` for a fault (sent past credit, or our own error)."""
+        self.reset(
+            f"link ended: {printable(condition.name)}: {printable(condition.description or '')}",
+            Failure.PROTOCOL,
+        )
+
     def reset(self, reason: str, failure: Failure) -> None:
         """Tear down both sides as a failure; see the module docstring."""
         if self.phase is Phase.CLOSED:

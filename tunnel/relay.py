@@ -632,6 +632,13 @@ class Tunnel:
         self._set_sender(None)
         self._set_receiver(None)
 
+    def on_link_failed(self, link: Link, condition: Condition) -> None:
+        """The engine ended ``link`` for a fault (sent past credit, or our own error)."""
+        self.reset(
+            f"link ended: {printable(condition.name)}: {printable(condition.description or '')}",
+            Failure.PROTOCOL,
+        )
+
     def reset(self, reason: str, failure: Failure) -> None:
         """Tear down both sides as a failure: RST on TCP, detach with an error on AMQP."""
         if self.phase is Phase.CLOSED:

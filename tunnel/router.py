@@ -256,6 +256,9 @@ def _mechanisms(ep: RouterEndpoint) -> str:
 class RouterConnection(HostedTunnels):
     """One connection attempt and, once open, the live connection."""
 
+    # It carries every client's tunnels: no per-peer share applies to it.
+    one_peer = False
+
     def __init__(self, client: RouterClient, lost: asyncio.Future[Exception | None]) -> None:
         super().__init__()
         self.reply_pool = ReplyPool()
