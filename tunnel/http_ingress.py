@@ -50,9 +50,11 @@ connection after it):
   is its request, or one answer plus that mark, whatever it pipelines; a
   client that reads nothing of it for :data:`KEEP_ALIVE_TIMEOUT` is reset.
 
-A response message that is undecodable, malformed or cannot be written as
-HTTP/1.1 is rejected and its client gets 502, logged once per reason through
-:data:`tunnel.peer_text.PEER_LOG`; an exception while handling one response
+A response message that is undecodable or malformed is rejected, and one
+that cannot be written as HTTP/1.1 (a 1xx, a field name that is no token, a
+line break in a value) is not written: its client, where the correlation id
+names one, gets 502, and the failure is logged once per reason through
+:data:`tunnel.peer_text.PEER_LOG`. An exception while handling one response
 or one client connection ends that client only, never the router connection.
 """
 
