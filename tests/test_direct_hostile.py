@@ -145,9 +145,13 @@ def _condition(link: Link) -> str | None:
 @pytest.fixture
 async def listener() -> AsyncIterator[DirectListener]:
     """A direct-mode listener in this process: 1 MiB messages, so a 4 MiB partial budget,
-    and at most 50 unsettled deliveries per connection."""
+    at most 50 unsettled deliveries and 300 unclaimed dynamic receivers per connection."""
     ours = DirectListener(
-        ListenConfig.parse(f"amqp://{LOOPBACK}:0"), {}, max_message=MIB, max_unsettled=50
+        ListenConfig.parse(f"amqp://{LOOPBACK}:0"),
+        {},
+        max_message=MIB,
+        max_unsettled=50,
+        max_unclaimed=300,
     )
     await ours.start()
     try:
@@ -305,6 +309,34 @@ async def test_unsettled_deliveries_are_capped_per_connection(listener: DirectLi
     assert received == 50
 
 
+async def test_unclaimed_dynamic_links_are_capped_per_connection(
+    listener: DirectListener,
+) -> None:
+    """Dynamic receivers that no sender claims: past the cap, the next is refused with
+    resource-limit-exceeded; once one goes, there is room again."""
+    port = listener.bound_port
+
+    def attack() -> tuple[list[str | None], str | None]:
+        peer = RawPeer(port)
+        try:
+            peer.opened()
+            links = [peer.dynamic_receiver(credit=0) for _ in range(310)]
+            peer.pump(_all_attached(links))
+            peer.pump(lambda: sum(map(_detached, links)) >= 10)
+            refused = [_condition(link) for link in links if _detached(link)]
+            links[0].close()
+            peer.pump(_all_detached(links[:1]))
+            again = peer.dynamic_receiver(credit=0)
+            peer.pump(_all_attached([again]))
+            return refused, _condition(again) if _detached(again) else None
+        finally:
+            peer.close()
+
+    refused, again = await asyncio.to_thread(attack)
+    assert refused == [RESOURCE_LIMIT] * 10
+    assert again is None
+
+
 async def test_unclaimed_dynamic_links_leave_nothing_behind(listener: DirectListener) -> None:
     """Dynamic receivers attached and detached again leave no entry in any table."""
     port = listener.bound_port
@@ -319,13 +351,16 @@ async def test_unclaimed_dynamic_links_leave_nothing_behind(listener: DirectList
             for link in links:
                 link.close()
             peer.pump(lambda: all(_detached(link) for link in links))
-            peer.pump(lambda: not listener.forwarder.dynamic)
+            peer.pump(
+                lambda: (
+                    not listener.forwarder.dynamic
+                    and not any(ours.dynamic for ours in listener.peers)
+                )
+            )
         finally:
             peer.close()
 
     await asyncio.to_thread(churn)
-    peer = await eventually(lambda: _only_peer(listener), "the peer is still connected", 1)
-    assert peer is not None and not peer.dynamic
 
 
 # -- 4. memory after the peer left --------------------------------------------------------

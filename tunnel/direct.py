@@ -66,6 +66,11 @@ logger = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 #: Bytes of unfinished deliveries one peer may leave with us, in largest messages.
 PARTIAL_MESSAGES = 4
+#: Dynamic receivers one peer may hold that no tunnel has claimed yet. Each costs
+#: about 2 KiB (mostly proton's link and its termini): 4096 are about 8 MiB. An
+#: ingress claims each within a round trip, so only a burst of new clients
+#: comes near it.
+MAX_UNCLAIMED = 4096
 
 
 class DirectListener:
@@ -83,6 +88,7 @@ class DirectListener:
         max_message: int = HttpSettings().max_message,
         max_unsettled: int = DEFAULT_MAX_UNSETTLED,
         max_links: int = DEFAULT_MAX_LINKS,
+        max_unclaimed: int = MAX_UNCLAIMED,
     ) -> None:
         self.config = config
         self.max_links = max_links
@@ -94,6 +100,7 @@ class DirectListener:
         #: What each peer may leave with us unfinished (see tunnel.messaging.PeerBudget).
         self.max_partial = PARTIAL_MESSAGES * max_message
         self.max_unsettled = max_unsettled
+        self.max_unclaimed = max_unclaimed
         self.server: asyncio.Server | TlsServer | None = None
         self.peers: set[DirectPeer] = set()
         self.forwarder = Forwarder(
@@ -474,6 +481,14 @@ class DirectPeer(HostedTunnels):
                 self.listener.forwarder.consume(self, link)
             else:
                 refuse_link(link, "amqp:not-found", "a receiver needs a source address")
+            return
+        if len(self.dynamic) >= self.listener.max_unclaimed:
+            refuse_link(
+                link,
+                "amqp:resource-limit-exceeded",
+                f"at most {self.listener.max_unclaimed} dynamic receivers per connection "
+                "waiting for a sender",
+            )
             return
         address = f"{DYNAMIC_PREFIX}{secrets.token_hex(8)}"
         link.source.copy(link.remote_source)
