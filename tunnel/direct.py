@@ -20,6 +20,20 @@ address are message-routed. A tunnel's sender attach (one whose source is a
 dynamic address given here: its way back) for an address nobody serves is
 refused with ``amqp:not-found``, so its client is reset at once; any other
 sender waits, as at a router, and what it sends meanwhile is released.
+
+What one peer may hold here (anyone who can reach the port is a peer; only
+``--listen-ca`` makes them prove who they are):
+
+- ``--handshake-timeout`` (default :data:`HANDSHAKE_TIMEOUT` s) from the TCP
+  accept to the AMQP open, through the TLS handshake, as one deadline;
+- :data:`MAX_UNCLAIMED` dynamic receivers no tunnel has claimed;
+- :data:`PARTIAL_MESSAGES` x the largest message in unfinished deliveries,
+  and :data:`~tunnel.messaging.DEFAULT_MAX_UNSETTLED` deliveries it has not
+  settled (:class:`~tunnel.messaging.PeerBudget`);
+- what :mod:`tunnel.forwarding` allows it (routes, consumers, bytes in hand),
+  and the engine's links and sessions per connection.
+
+Past one, the link (or attach) is refused with ``amqp:resource-limit-exceeded``.
 """
 
 from __future__ import annotations
@@ -341,7 +355,9 @@ class DirectPeer(HostedTunnels):
         super().__init__()
         self.listener = listener
         self._address = address
+        #: Dynamic reply links not claimed yet: at most ``listener.max_unclaimed``.
         self.dynamic: dict[str, Link] = {}
+        #: Claimed for replies, one per dynamic link: bounded by the engine's link limit.
         self.reply_senders: dict[str, MessageSender] = {}
         self.unclaimed = _Unclaimed(self.dynamic, listener.forwarder)
         self.opened = False

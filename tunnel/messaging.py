@@ -147,6 +147,7 @@ class MessageSender:
         self.on_opened = on_opened
         #: Bounded by the callers: every queued message is a delivery in hand elsewhere.
         self.queue: deque[tuple[bytes | bytearray, OutcomeCallback | None]] = deque()
+        #: Sent, not yet settled: bounded by the connection's ``PeerBudget.max_unsettled``.
         self.unsettled: dict[Any, OutcomeCallback | None] = {}
         self.closed = False
         #: Detach cleanly once nothing is queued or unsettled (see :meth:`finish`).
