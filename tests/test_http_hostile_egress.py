@@ -272,6 +272,22 @@ def test_non_ascii_request_headers_reach_the_backend_as_sent(harness: Harness) -
         assert "ERROR" not in egress.daemon.log()
 
 
+def test_non_ascii_response_headers_are_carried_as_latin1(harness: Harness) -> None:
+    """A backend's obs-text header bytes come back as the characters of their Latin-1
+    reading, which the ingress writes back as the same bytes."""
+    reply = (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
+        b'content-disposition: attachment; filename="r\xe9sum\xe9.pdf"\r\n\r\n'
+    )
+    with raw_backend(reply) as server:
+        egress = Egress(harness, server.port)
+        answer = egress.get()
+        assert answer.subject == "200"
+        value = (answer.properties or {})["content-disposition"]
+        assert value == 'attachment; filename="r\xe9sum\xe9.pdf"'
+        assert hm.wire_bytes(str(value)) == b'attachment; filename="r\xe9sum\xe9.pdf"'
+
+
 def _with_app_properties(correlation_id: int, value: object) -> bytes:
     """A GET whose application-properties section holds ``value``, map or not."""
     data = hm.encode(_request(correlation_id, body=b"MARK"))

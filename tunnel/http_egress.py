@@ -13,8 +13,8 @@ echoed. The request delivery is settled only after that:
   answered more than the size limit): a 502 response, and ACCEPTED;
 - no answer within the timeout: a 504 response, and ACCEPTED. Neither is
   retried: the backend may have acted on the request.
-- a message that is not a request (undecodable, no method, no ``reply_to``):
-  REJECTED, naming what is wrong;
+- a message that is not a request (undecodable, no method, no ``reply_to``,
+  a correlation id no answer can carry): REJECTED, naming what is wrong;
 - a request that is malformed (a header that is no header, a Content-Length
   that is not its body's, a target that is no target): a 400 response, and
   ACCEPTED, the backend not contacted;
@@ -33,11 +33,12 @@ Bounds, per consumer link:
 
 - at most ``window`` requests in hand (credit, the one being received, and
   those received and not yet settled), so never more credit than ``window``;
-- at most ``held_budget`` bytes (:attr:`HttpSettings.held_budget`, at least
-  one message of the largest size): credit is granted only for as many
-  messages of the largest size as fit in the budget beside the bytes of the
-  requests held, so held requests and the ones credit allows, together, stay
-  within it.
+- at most ``held_budget`` bytes (:attr:`HttpSettings.held_budget`: 64 MiB by
+  default, at least one message of the largest size): credit is granted only
+  for as many messages of the largest size as fit in the budget beside the
+  bytes of the requests held, so held requests and the ones credit allows,
+  together, stay within it. A request's message is dropped once read: what is
+  held is its body, once, until it is answered.
 
 A reused keep-alive connection that the backend had closed meanwhile fails
 before any response byte; such a request is sent once more on a fresh
@@ -49,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -240,6 +242,25 @@ class BackendPool:
         self.idle.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """Where the answer to one request goes: all that is kept of the request's message
+    once it is read, so that the message's copies of the body go at once."""
+
+    reply_to: str
+    #: As :func:`http_message.answer_id` made it: one a response can carry.
+    correlation_id: object
+
+    @classmethod
+    def of(cls, message: Message) -> Asker | None:
+        """Whom ``message`` asks to be answered, if an answer could reach and match it."""
+        reply_to = message.reply_to
+        correlation_id = hm.answer_id(message.correlation_id)
+        if not isinstance(reply_to, str) or not reply_to or correlation_id is None:
+            return None
+        return cls(reply_to, correlation_id)
+
+
 class HttpEgressBridge:
     """``amqp:ADDRESS=>http:HOST:PORT``."""
 
@@ -254,12 +275,9 @@ class HttpEgressBridge:
         #: Why, for the ingress's 502 once no egress took the request.
         self.unreachable_why = ""
 
-    async def serve(self, request: Message, parsed: hm.HttpRequest) -> Message | None:
-        """The response message for ``request`` (``parsed`` is what it asks); None when the
+    async def serve(self, asker: Asker, parsed: hm.HttpRequest) -> Message | None:
+        """The response message to ``asker`` for the request ``parsed``; None when the
         backend could not be reached."""
-        refusal = _refusal(request, parsed)
-        if refusal is not None:
-            return self.answer(request, parsed.method, hm.plain_response(501, refusal))
         try:
             response = await asyncio.wait_for(
                 self.pool.exchange(parsed, self.settings.max_body), self.settings.timeout
@@ -296,15 +314,14 @@ class HttpEgressBridge:
             if self.unreachable:
                 logger.info("%s: the backend answers again", self.spec)
             self.unreachable = False
-        return self.answer(request, parsed.method, response)
+        return self.answer(asker, parsed.method, response)
 
-    def answer(self, request: Message, method: str, response: hm.HttpResponse) -> Message:
-        """The message that answers ``request`` (whose correlation id :func:`answer_id`
-        takes) with ``response``."""
+    def answer(self, asker: Asker, method: str, response: hm.HttpResponse) -> Message:
+        """The message that answers ``asker``'s ``method`` request with ``response``."""
         return hm.response_message(
             response,
-            to=str(request.reply_to),
-            correlation_id=hm.answer_id(request.correlation_id),
+            to=asker.reply_to,
+            correlation_id=asker.correlation_id,
             site_id=self.site_id,
             bodyless=hm.is_bodyless(method, response.status),
         )
@@ -453,28 +470,39 @@ class RequestServer:
 
     def on_request(self, delivery: Any, data: bytearray) -> None:
         self.receiver.hold(delivery, len(data))
-        message: Message | None = None
+        asker: Asker | None = None
+        method: str | None = None
         try:
             message = hm.decode(data)
+            asker = Asker.of(message)
+            subject = message.subject
+            # A message without a method is no HTTP request: there is no one to answer 400.
+            method = subject if isinstance(subject, str) and subject else None
             if not isinstance(message.reply_to, str) or not message.reply_to:
                 raise WireError("no reply_to to answer to")
-            if hm.answer_id(message.correlation_id) is None:
+            if asker is None:
                 raise WireError(
                     f"correlation id {printable(repr(message.correlation_id), 80)} cannot be "
                     "echoed: it is not a ulong, uuid, binary or string"
                 )
             parsed = hm.request_of(message)
-            task = asyncio.get_running_loop().create_task(self.bridge.serve(message, parsed))
+            refusal = _refusal(message, parsed)
+            del message  # its body is parsed's now; proton's copy need not wait for the answer
+            if refusal is not None:
+                self.answer_with(delivery, asker, parsed.method, hm.plain_response(501, refusal))
+                return
+            task = asyncio.get_running_loop().create_task(self.bridge.serve(asker, parsed))
         except WireError as exc:
-            self.refuse(delivery, message, exc)
+            self.refuse(delivery, asker if method is not None else None, method or "", exc)
             return
         except Exception as exc:  # a bug of ours: it must not reach the connection
-            self.failed(delivery, message, exc)
+            self.failed(delivery, asker, exc)
             return
         self.bridge.tasks.add(task)
-        task.add_done_callback(lambda done: self.on_served(delivery, message, done))
+        answer_to = asker
+        task.add_done_callback(lambda done: self.on_served(delivery, answer_to, done))
 
-    def refuse(self, delivery: Any, message: Message | None, exc: WireError) -> None:
+    def refuse(self, delivery: Any, asker: Asker | None, method: str, exc: WireError) -> None:
         """A message that is no request is rejected; a malformed request is answered 400."""
         spec = self.bridge.spec
         peer = _peer_of(self.receiver.host)
@@ -489,19 +517,17 @@ class RequestServer:
         )
         logger.debug("%s: request refused: %s", spec, printable(exc))
         try:
-            # A message without a method is no HTTP request: there is no one to answer 400.
-            method = message.subject if message is not None else None
-            if message is not None and isinstance(method, str) and _answerable(message):
-                response = hm.plain_response(400, f"Bad Request: {exc}")
-                if self.answer(delivery, message, self.bridge.answer(message, method, response)):
-                    return
+            if asker is not None and self.answer_with(
+                delivery, asker, method, hm.plain_response(400, f"Bad Request: {exc}")
+            ):
+                return
             self.receiver.settle(
                 delivery, REJECTED, condition=Condition("amqp:invalid-field", str(exc))
             )
         except Exception as failure:  # a bug of ours: contained to this request
             self.failed(delivery, None, failure)
 
-    def failed(self, delivery: Any, message: Message | None, exc: BaseException) -> None:
+    def failed(self, delivery: Any, asker: Asker | None, exc: BaseException) -> None:
         """Handling one request raised: log it once, with its traceback, and answer 502
         if the request can be answered, else reject it."""
         spec = self.bridge.spec
@@ -518,27 +544,32 @@ class RequestServer:
         if receiver.closed or receiver.host.closed or delivery not in receiver.sizes:
             return  # gone with its link, or settled before the failure
         why = f"the tunnel failed serving it: {type(exc).__name__}"
-        if message is not None and _answerable(message):
-            response = hm.plain_response(502, f"Bad Gateway: {why}")
+        if asker is not None:
             try:
-                if self.answer(delivery, message, self.bridge.answer(message, "", response)):
+                if self.answer_with(
+                    delivery, asker, "", hm.plain_response(502, f"Bad Gateway: {why}")
+                ):
                     return
             except Exception:  # the answer fails too: rejected instead, below
                 logger.debug("%s: the 502 could not be sent either", spec, exc_info=True)
         if delivery in receiver.sizes:
             receiver.settle(delivery, REJECTED, condition=Condition("amqp:internal-error", why))
 
-    def answer(self, delivery: Any, request: Message, response: Message) -> bool:
-        """Send ``response`` to ``request``'s reply_to and accept ``delivery``; False, and
-        nothing settled, if there is no way to reply."""
-        if not self.reply(str(request.reply_to), hm.encode(response)):
+    def answer_with(
+        self, delivery: Any, asker: Asker, method: str, response: hm.HttpResponse
+    ) -> bool:
+        """Answer ``asker`` with ``response``; see :meth:`send`."""
+        return self.send(delivery, asker, self.bridge.answer(asker, method, response))
+
+    def send(self, delivery: Any, asker: Asker, response: Message) -> bool:
+        """Send ``response`` to ``asker`` and accept ``delivery``; False, and nothing
+        settled, if there is no way to reply."""
+        if not self.reply(asker.reply_to, hm.encode(response)):
             return False
         self.receiver.settle(delivery, ACCEPTED)
         return True
 
-    def on_served(
-        self, delivery: Any, request: Message, task: asyncio.Task[Message | None]
-    ) -> None:
+    def on_served(self, delivery: Any, asker: Asker, task: asyncio.Task[Message | None]) -> None:
         self.bridge.tasks.discard(task)
         if task.cancelled():
             return
@@ -547,32 +578,23 @@ class RequestServer:
         try:
             exc = task.exception()
             if exc is not None:
-                self.failed(delivery, request, exc)
+                self.failed(delivery, asker, exc)
                 return
             response = task.result()
             if response is None:
                 self.receiver.settle(
                     delivery, MODIFIED, failed=True, why=self.bridge.unreachable_why
                 )
-            elif not self.answer(delivery, request, response):
+            elif not self.send(delivery, asker, response):
                 self.receiver.settle(
                     delivery,
                     REJECTED,
                     condition=Condition(
-                        "amqp:not-found", f"no way to reply to {printable(request.reply_to)!r}"
+                        "amqp:not-found", f"no way to reply to {printable(asker.reply_to)!r}"
                     ),
                 )
         except Exception as failure:  # a bug of ours: contained to this request
-            self.failed(delivery, request, failure)
-
-
-def _answerable(message: Message) -> bool:
-    """Whether a response could reach the sender of ``message`` and be matched by it."""
-    return (
-        isinstance(message.reply_to, str)
-        and bool(message.reply_to)
-        and hm.answer_id(message.correlation_id) is not None
-    )
+            self.failed(delivery, asker, failure)
 
 
 class RoutedEgress:
