@@ -283,7 +283,8 @@ def test_non_ascii_response_headers_are_carried_as_latin1(harness: Harness) -> N
         egress = Egress(harness, server.port)
         answer = egress.get()
         assert answer.subject == "200"
-        value = (answer.properties or {})["content-disposition"]
+        properties: dict[str, object] = answer.properties or {}
+        value = properties["content-disposition"]
         assert value == 'attachment; filename="r\xe9sum\xe9.pdf"'
         assert hm.wire_bytes(str(value)) == b'attachment; filename="r\xe9sum\xe9.pdf"'
 
