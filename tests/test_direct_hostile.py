@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 from helpers import LOOPBACK, TunnelProcess, eventually, make_certs
-from proton import Condition, Connection, Endpoint, Link, Message, Session, Transport
+from memory_pump import transfer_frame
+from proton import Condition, Connection, Delivery, Endpoint, Link, Message, Session, Transport
 
 from tunnel.config import ListenConfig
 from tunnel.direct import DirectListener, DirectPeer
@@ -50,6 +51,7 @@ class RawPeer:
         self.session: Session = self.connection.session()
         self.session.open()
         self._tags = 0
+        self.accepted = 0
 
     def pump(self, until: Callable[[], bool], timeout: float = 10.0) -> None:
         """Move bytes both ways until ``until()`` holds; fails if it does not in ``timeout``."""
@@ -108,6 +110,15 @@ class RawPeer:
         if finished:
             link.advance()
         return delivery
+
+    def accept_all(self, link: Link) -> int:
+        """Accept and settle every whole delivery on receiver ``link``; how many so far."""
+        while (delivery := link.current) is not None and not delivery.partial:
+            link.recv(delivery.pending)
+            delivery.update(Delivery.ACCEPTED)
+            delivery.settle()  # settling the current delivery advances past it
+            self.accepted += 1
+        return self.accepted
 
     def _next(self) -> int:
         self._tags += 1
@@ -361,6 +372,39 @@ async def test_unclaimed_dynamic_links_leave_nothing_behind(listener: DirectList
             peer.close()
 
     await asyncio.to_thread(churn)
+
+
+async def test_a_sender_closed_for_its_fault_does_not_end_the_stream_cleanly(
+    listener: DirectListener,
+) -> None:
+    """A sender to a dynamic address that the engine closes for sending past its credit
+    is no clean detach: the dynamic receiver's stream is not ended as if it were."""
+    port = listener.bound_port
+
+    def attack() -> tuple[str | None, bool]:
+        peer = RawPeer(port)
+        try:
+            peer.opened()
+            replies = peer.dynamic_receiver(credit=100)
+            peer.pump(lambda: bool(replies.remote_source.address))
+            sender = peer.sender(replies.remote_source.address)
+            peer.pump(_has_credit(sender))
+            payload = b"\x00Su\xa0\x01x"  # a data section of one byte
+            for _ in range(8):
+                peer.send(sender, payload)
+            peer.pump(lambda: peer.accept_all(replies) >= 8)
+            # proton sends only within credit: past it, the frames are written by hand.
+            peer.sock.sendall(b"".join(transfer_frame(0, 1, n, payload) for n in range(8, 40)))
+            peer.pump(_all_detached([sender]))
+            probe = peer.sender("anywhere")  # answered after anything sent before it
+            peer.pump(_all_attached([probe]))
+            return _condition(sender), _detached(replies)
+        finally:
+            peer.close()
+
+    condition, replies_detached = await asyncio.to_thread(attack)
+    assert condition == "amqp:link:transfer-limit-exceeded"
+    assert not replies_detached
 
 
 # -- 4. memory after the peer left --------------------------------------------------------

@@ -522,6 +522,13 @@ class RoutedLink:
     def on_link_closed(self, link: Link) -> None:
         self.on_origin_closed(link)
 
+    def on_link_failed(self, link: Link, condition: Condition) -> None:
+        """The engine closed the origin's link for its fault: the far end hears why."""
+        if not self.closed:
+            self._end()
+            close_link(self.sender.link, condition)
+            self.target.socket.flush_soon()
+
     # -- events of the two links ---------------------------------------------------
     def on_target_opened(self, out: Link) -> None:
         if self.closed:
@@ -549,7 +556,7 @@ class RoutedLink:
             return
         self._end()
         refused = self.receiver is not None and self.receiver.refused
-        # Detached by us for going over its budget: the far end hears why.
+        # Detached by us for the origin's fault: the far end hears why.
         close_link(self.sender.link, link.condition if refused else link.remote_condition)
         self.target.socket.flush_soon()
 

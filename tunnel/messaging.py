@@ -287,7 +287,8 @@ class MessageReceiver:
         self.on_message = on_message
         self.on_opened = on_opened
         self.closed = False
-        #: We detached the link for going over the connection's budget.
+        #: We ended the link for the peer's fault: over the connection's budget, or
+        #: (the engine did) a transfer past credit. Not a clean end of the stream.
         self.refused = False
         self.in_hand = 0
         self.peer_budget = budget_of(host)
@@ -427,3 +428,8 @@ class MessageReceiver:
         on_closed = self._end()
         if on_closed is not None:
             on_closed(link)
+
+    def on_link_failed(self, link: Link, condition: Condition) -> None:
+        """The engine closed the link with ``condition`` (see ``tunnel.engine.FailingOwner``)."""
+        self.refused = True
+        self.on_link_closed(link)
