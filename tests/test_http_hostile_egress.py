@@ -212,17 +212,15 @@ def test_connect_is_refused_at_the_egress(harness: Harness) -> None:
         egress.still_serving()
 
 
-def test_upgrade_is_refused_at_the_egress(harness: Harness) -> None:
-    """A request asking for an Upgrade (websocket, h2c): 501, the backend not contacted."""
+def test_upgrade_is_not_carried_to_the_backend(harness: Harness) -> None:
+    """A request asking for an Upgrade (a node ingress passes it on) is served as plain
+    HTTP/1.1: the field is hop-by-hop, so the backend never sees it and cannot switch."""
     with backend() as server:
         egress = Egress(harness, server.server_address[1])
-        egress.peer.send(
-            egress.consumer,
-            _request(3, properties={"Upgrade": "websocket", "connection": "Upgrade"}),
-        )
-        answer = egress.response(3)
-        assert answer.subject == "501"
-        assert b"Upgrade" in _body(answer)
+        answer = egress.get(properties={"upgrade": "h2c", "connection": "Upgrade"})
+        assert answer.subject == "200"
+        seen = json.loads(_body(answer))["headers"]
+        assert "upgrade" not in seen
         egress.still_serving()
 
 

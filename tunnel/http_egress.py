@@ -18,9 +18,10 @@ echoed. The request delivery is settled only after that:
 - a request that is malformed (a header that is no header, a Content-Length
   that is not its body's, a target that is no target): a 400 response, and
   ACCEPTED, the backend not contacted;
-- CONNECT, or a request asking for an Upgrade: a 501 response, and ACCEPTED,
-  the backend not contacted. Either would turn the backend connection into a
-  tunnel, which a message per request cannot carry.
+- CONNECT: a 501 response, and ACCEPTED, the backend not contacted. It would
+  turn the backend connection into a tunnel, which a message per request
+  cannot carry. An Upgrade field is hop-by-hop and never reaches the
+  backend, so such a request is served as plain HTTP/1.1.
 - anything else going wrong while one request is handled (a bug of ours, an
   h11 state the loop does not expect): that request alone gets a 502, or is
   REJECTED if it cannot be answered, and the failure is logged once with its
@@ -424,11 +425,10 @@ class HeldReceiver(MessageReceiver):
 
 def _refusal(request: Message, parsed: hm.HttpRequest) -> str | None:
     """Why ``request`` is not carried to the backend, if it is not."""
+    # An Upgrade field needs no refusal here: it is hop-by-hop, so it never
+    # reaches the backend, which then answers in HTTP/1.1 (RFC 9110 §7.8).
     if parsed.method in _TUNNEL_METHODS:
         return f"Not Implemented: {parsed.method} is not carried by this tunnel"
-    props = request.properties
-    if isinstance(props, dict) and any(str(key).lower() == "upgrade" for key in props):
-        return "Not Implemented: protocol upgrades (Upgrade) are not carried by this tunnel"
     return None
 
 
