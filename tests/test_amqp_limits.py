@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 from helpers import LOOPBACK, TunnelProcess
-from memory_pump import transfer_frame
+from memory_pump import begin_frame, transfer_frame
 from proton import Connection, Endpoint, Link, Transport
 from test_hostile import _echo_backend, _still_serves, _wait_log
+
+from tunnel.direct import MAX_SESSIONS
 
 MiB = 1024 * 1024
 
@@ -189,3 +191,27 @@ def test_a_one_millisecond_idle_timeout_is_refused(egress: tuple[TunnelProcess, 
     condition = peer.connection.remote_condition
     assert condition is not None and condition.name == "amqp:resource-limit-exceeded"
     peer.close()
+
+
+def test_session_flood_is_closed_with_resource_limit_exceeded(
+    egress: tuple[TunnelProcess, int], tmp_path: Path
+) -> None:
+    process, port = egress
+    peer = RawPeer(port)
+    peer.pump(lambda: bool(peer.connection.state & Endpoint.REMOTE_ACTIVE))
+    assert peer.transport.remote_channel_max == MAX_SESSIONS - 1  # announced in our Open
+    baseline = process.rss_kib()
+    # proton keeps within channel-max: the begins past it are written by hand.
+    peer.sock.sendall(b"".join(begin_frame(channel) for channel in range(30_000)))
+    peer.pump(lambda: bool(peer.connection.state & Endpoint.REMOTE_CLOSED))
+    # proton refuses a channel past the channel-max we announced before we count it.
+    assert remote_error_name(peer) == "amqp:connection:framing-error"
+    assert "channel" in str(getattr(peer.connection.remote_condition, "description", ""))
+    assert process.rss_kib() - baseline < 16 * 1024
+    peer.close()
+    _still_serves(port, tmp_path)
+
+
+def remote_error_name(peer: RawPeer) -> str | None:
+    condition = peer.connection.remote_condition
+    return None if condition is None else str(condition.name)

@@ -30,8 +30,8 @@ What one peer may hold here (anyone who can reach the port is a peer; only
 - :data:`PARTIAL_MESSAGES` x the largest message in unfinished deliveries,
   and :data:`~tunnel.messaging.DEFAULT_MAX_UNSETTLED` deliveries it has not
   settled (:class:`~tunnel.messaging.PeerBudget`);
-- what :mod:`tunnel.forwarding` allows it (routes, consumers, bytes in hand),
-  and the engine's links and sessions per connection.
+- :data:`MAX_SESSIONS` sessions, and ``--max-links-per-connection`` links;
+- what :mod:`tunnel.forwarding` allows it (routes, consumers, bytes in hand).
 
 Past one, the link (or attach) is refused with ``amqp:resource-limit-exceeded``.
 """
@@ -85,6 +85,9 @@ PARTIAL_MESSAGES = 4
 #: ingress claims each within a round trip, so only a burst of new clients
 #: comes near it.
 MAX_UNCLAIMED = 4096
+#: Sessions one peer may begin: an ingress or a node proxy uses one (each costs
+#: proton some 3.6 KiB).
+MAX_SESSIONS = 1024
 
 
 class DirectListener:
@@ -175,6 +178,7 @@ class DirectListener:
                 max_frame_size=self.max_frame_size,
                 session_window=self.session_window,
                 max_links=self.max_links,
+                max_sessions=MAX_SESSIONS,
             )
         )
         set_budget(engine.connection, PeerBudget(self.max_partial, self.max_unsettled))

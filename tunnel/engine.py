@@ -28,8 +28,8 @@ received bytes are read out as each slice lands. Otherwise a long-lived
 connection grows by pool size x delivery size and never gives it back.
 
 Hostile peers: what the peer opens is checked here, once, for every link
-owner. A peer that opens more than ``max_links`` links, or as many
-sessions, or asks for an idle timeout under :data:`MIN_PEER_IDLE_TIMEOUT`,
+owner. A peer that opens more than ``max_links`` links or
+``max_sessions`` sessions, or asks for an idle timeout under :data:`MIN_PEER_IDLE_TIMEOUT`,
 is closed with ``amqp:resource-limit-exceeded``; its further input is
 discarded, unread, until our Close is out. The limit bounds proton's own
 cost too: it finds an incoming attach by name with a linear scan. proton
@@ -127,8 +127,11 @@ class EngineOptions:
     outer_tls: bool = False
     #: Connection capabilities offered in our Open.
     offered_capabilities: tuple[str, ...] = ()
-    #: Links the peer may have open at once, and likewise sessions.
+    #: Links the peer may have open at once.
     max_links: int = DEFAULT_MAX_LINKS
+    #: Sessions the peer may have open at once (None: as many as links). A
+    #: router's TCP adaptor begins a session per stream; a direct-mode peer needs one.
+    max_sessions: int | None = None
 
 
 class AmqpEngine:
@@ -142,6 +145,7 @@ class AmqpEngine:
         "_collector_impl",
         "_ended_in",
         "_max_links",
+        "_max_sessions",
         "_outbox",
         "_peer_links",
         "_peer_sessions",
@@ -163,9 +167,12 @@ class AmqpEngine:
             self.connection.offered_capabilities = SymbolList(list(options.offered_capabilities))
         self.transport = Transport(Transport.SERVER if options.server else Transport.CLIENT)
         self.transport.max_frame_size = options.max_frame_size
-        # Channels are numbered from 0: channel-max caps the sessions in the Open.
-        self.transport.channel_max = min(options.max_links, 65536) - 1
+        sessions = options.max_links if options.max_sessions is None else options.max_sessions
+        # Channels are numbered from 0: channel-max caps the sessions in the Open
+        # (proton itself allows at most 32767).
+        self.transport.channel_max = min(sessions, 32768) - 1
         self._max_links = options.max_links
+        self._max_sessions = sessions
         self._peer_links = 0
         self._peer_sessions = 0
         self._refused = False
@@ -400,8 +407,8 @@ class AmqpEngine:
     def _on_session_remote_open(self, event: Event, handler: ConnectionHandler) -> None:
         session = cast(Session, event.session)
         if session.state & Endpoint.LOCAL_UNINIT and not self._refused:
-            if self._peer_sessions >= self._max_links:
-                self._refuse_peer(f"more than {self._max_links} sessions on one connection")
+            if self._peer_sessions >= self._max_sessions:
+                self._refuse_peer(f"more than {self._max_sessions} sessions on one connection")
                 return
             self._peer_sessions += 1
             setattr(session, _COUNTED_ATTR, self)
