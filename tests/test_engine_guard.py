@@ -7,6 +7,7 @@ the peer is told and that everything else goes on.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pytest
@@ -226,3 +227,15 @@ def test_a_peer_refused_again_is_counted_not_logged(caplog: pytest.LogCaptureFix
     said = [r for r in caplog.records if "idle-time-out" in r.getMessage()]
     assert len(said) <= 1
     assert PEER_LOG.suppressed["amqp:resource-limit-exceeded"] >= before + 2
+
+
+@pytest.mark.parametrize("header", [b"AMQP\x00\x01\x00\x00", b"AMQP\x03\x01\x00\x00"])
+def test_a_peer_gone_before_its_open_is_finished_at_once(header: bytes) -> None:
+    engine = AmqpEngine(EngineOptions(server=True))
+    handler = Handler()
+    feed(engine, handler, header + struct.pack(">IBBH", 64, 2, 0, 0) + b"\x00\x53")
+    engine.eof_in()
+    engine.run_events(handler)
+    while engine.bytes_to_send() is not None:
+        pass
+    assert engine.finished

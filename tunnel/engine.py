@@ -230,6 +230,10 @@ class AmqpEngine:
         if not self._ended_in:
             self._ended_in = True
             self.transport.close_tail()
+            if self.connection.state & Endpoint.REMOTE_UNINIT:
+                # Gone before its Open (a truncated first frame, say): proton
+                # would wait for output nobody reads, holding the socket.
+                self.transport.close_head()
 
     # -- bytes out ------------------------------------------------------------
     def bytes_to_send(self) -> bytearray | None:
