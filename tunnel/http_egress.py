@@ -34,12 +34,12 @@ Bounds, per consumer link:
 
 - at most ``window`` requests in hand (credit, the one being received, and
   those received and not yet settled), so never more credit than ``window``;
-- at most ``held_budget`` bytes (:attr:`HttpSettings.held_budget`: 64 MiB by
-  default, at least one message of the largest size): credit is granted only
-  for as many messages of the largest size as fit in the budget beside the
-  bytes of the requests held, so held requests and the ones credit allows,
-  together, stay within it. A request's message is dropped once read: what is
-  held is its body, once, until it is answered.
+- at most ``held_budget`` bytes of requests held (:attr:`HttpSettings.held_budget`:
+  64 MiB by default, at least one message of the largest size), plus the one
+  being received: credit is topped up only while one more of the largest
+  fits, and a request that arrives on earlier credit and does not fit is
+  released (see :class:`HeldReceiver`). A request's message is dropped once
+  read: what is held is its body, once, until it is answered.
 
 A reused keep-alive connection that the backend had closed meanwhile fails
 before any response byte; such a request is sent once more on a fresh
@@ -59,7 +59,7 @@ from proton import Condition, Link, Message, Session
 
 from . import http_message as hm
 from .codec import WireError
-from .engine import ACCEPTED, MODIFIED, REJECTED, raw_lib
+from .engine import ACCEPTED, MODIFIED, REJECTED, RELEASED, raw_lib
 from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .peer_text import PEER_LOG, printable
 from .spec import HttpEgressSpec, join_host
@@ -348,13 +348,15 @@ class HttpEgressBridge:
 
 
 class HeldReceiver(MessageReceiver):
-    """A :class:`MessageReceiver` whose credit is bounded in bytes as well as in messages.
+    """A :class:`MessageReceiver` whose requests in hand are bounded in bytes as well.
 
-    ``held`` counts the bytes of the requests handed on and not yet settled. Credit is
-    kept at most at what fits beside them: ``(budget - held) // max_size`` messages of
-    the largest size, less one for a message being received, and at most ``window``
-    less the requests in hand. So the bytes of held requests plus those the credit
-    given out allows never exceed ``budget``, nor the requests ``window``.
+    ``held`` counts the bytes of the requests handed on and not yet settled.
+    Credit is topped up to the window only while one more message of the
+    largest size fits beside them in ``budget``. A request that arrives on
+    credit given earlier and does not fit is released, for the sender to
+    offer again later or to another consumer; each release uses up a credit,
+    so releases stop once the credit given out is spent. Held bytes stay
+    within ``budget``, and one more message may be arriving.
     """
 
     def __init__(
@@ -368,26 +370,22 @@ class HeldReceiver(MessageReceiver):
         on_message: Callable[[Any, bytearray], None],
         on_opened: Callable[[Link], None] | None = None,
     ) -> None:
+        # Never less than one message of the largest size: an empty hand takes any.
         self.held_budget = max(budget, max_size)
         self.held = 0
         #: Bytes of each request handed on and not yet settled: at most ``window`` entries.
         self.sizes: dict[Any, int] = {}
-        # The base class grants its window at once: grant only what the budget allows.
         super().__init__(
-            link,
-            host,
-            window=min(window, self.held_budget // max_size),
-            max_size=max_size,
-            on_message=on_message,
-            on_opened=on_opened,
+            link, host, window=window, max_size=max_size, on_message=on_message, on_opened=on_opened
         )
-        self.max_window = self.window = window
 
-    def hold(self, delivery: Any, size: int) -> None:
-        """``delivery``, of ``size`` bytes, was handed on; credit follows what is left."""
+    def hold(self, delivery: Any, size: int) -> bool:
+        """Keep ``delivery``, of ``size`` bytes, if it fits in the budget; False: release it."""
+        if self.held + size > self.held_budget:
+            return False
         self.sizes[delivery] = size
         self.held += size
-        self.top_up()
+        return True
 
     def settle(
         self,
@@ -399,28 +397,11 @@ class HeldReceiver(MessageReceiver):
         why: str | None = None,
     ) -> None:
         self.held -= self.sizes.pop(delivery, 0)
-        # The base class settles and tops credit up to its window: with none, it grants
-        # nothing, and the credit is ours to reckon.
-        self.window = 0
-        try:
-            super().settle(delivery, outcome, failed=failed, condition=condition, why=why)
-        finally:
-            self.window = self.max_window
-        self.top_up()
+        super().settle(delivery, outcome, failed=failed, condition=condition, why=why)
 
     def top_up(self) -> None:
-        """Grant the credit the budget and the window allow, if more than is out."""
-        if self.closed or self.host.closed:
-            return
-        receiving = 1 if self._partial is not None or self._oversize else 0
-        allowed = min(
-            self.window - self.in_hand - receiving,
-            (self.held_budget - self.held) // self.max_size - receiving,
-        )
-        credit = _lib.pn_link_credit(self.raw)
-        if allowed > credit:
-            _lib.pn_link_flow(self.raw, allowed - credit)
-            self.host.flush_soon()
+        if self.held + self.max_size <= self.held_budget:
+            super().top_up()
 
 
 def _refusal(request: Message, parsed: hm.HttpRequest) -> str | None:
@@ -469,7 +450,19 @@ class RequestServer:
         )
 
     def on_request(self, delivery: Any, data: bytearray) -> None:
-        self.receiver.hold(delivery, len(data))
+        if not self.receiver.hold(delivery, len(data)):
+            peer = _peer_of(self.receiver.host)
+            PEER_LOG.log(
+                logging.INFO,
+                peer,
+                "held-budget",
+                "%s: request from %s released: %d bytes of requests already in hand",
+                self.bridge.spec,
+                peer,
+                self.receiver.held,
+            )
+            self.receiver.settle(delivery, RELEASED)
+            return
         asker: Asker | None = None
         method: str | None = None
         try:

@@ -298,7 +298,13 @@ class MessageReceiver:
         #: Bytes of a message being drained unkept (too large, or over budget).
         self._oversize = 0
         set_owner(link, self)
-        _lib.pn_link_flow(self.raw, window)
+        self.top_up()
+
+    def top_up(self) -> None:
+        """Grant credit up to the window, counting the messages in hand."""
+        credit = _lib.pn_link_credit(self.raw)
+        if credit + self.in_hand < self.window:
+            _lib.pn_link_flow(self.raw, self.window - credit - self.in_hand)
 
     def settle(
         self,
@@ -314,9 +320,7 @@ class MessageReceiver:
         if self.closed or self.host.closed:
             return
         settle(delivery, outcome, failed=failed, condition=condition, why=why)
-        credit = _lib.pn_link_credit(self.raw)
-        if credit + self.in_hand < self.window:
-            _lib.pn_link_flow(self.raw, self.window - credit - self.in_hand)
+        self.top_up()
         self.host.flush_soon()
 
     def lost(self) -> None:
