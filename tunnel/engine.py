@@ -775,3 +775,12 @@ def add_capability(terminus: Terminus, name: str) -> None:
     for item in names:
         data.put_symbol(symbol(item))
     data.exit()
+
+
+def message_content_type(message: Any) -> str | None:
+    """A proton ``Message``'s content type, None when it has none.
+
+    proton's own getter turns a missing one into the symbol ``'None'``.
+    """
+    value: str | None = cproton.pn_message_get_content_type(message._msg)
+    return value

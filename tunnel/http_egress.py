@@ -59,13 +59,12 @@ from proton import Condition, Link, Message, Session
 
 from . import http_message as hm
 from .codec import WireError
-from .engine import ACCEPTED, MODIFIED, REJECTED, RELEASED, raw_lib
+from .engine import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .peer_text import PEER_LOG, printable
 from .spec import HttpEgressSpec, join_host
 
 logger = logging.getLogger(__name__)
-_lib = raw_lib
 
 READ_SIZE = 64 * 1024
 #: Methods that would make the backend connection a tunnel (RFC 9110 §9.3.6).

@@ -43,10 +43,10 @@ from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
-import cproton
 from proton import Message, ulong
 
 from .codec import WireError
+from .engine import message_content_type
 
 Headers = list[tuple[str, str]]
 
@@ -296,9 +296,7 @@ def body_of(message: Message) -> bytes:
 
 def content_type_of(message: Message) -> str | None:
     """The content type, None when there is none (proton's getter says ``'None'``)."""
-    value: str | None = _read(
-        "content-type", lambda: cproton.pn_message_get_content_type(message._msg)
-    )
+    value: str | None = _read("content-type", lambda: message_content_type(message))
     return value
 
 
