@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from proton import Collector, Connection, Data, Link, Transport
 
-from tunnel.engine import AmqpEngine, ConnectionHandler
+from tunnel.amqp.engine import AmqpEngine, ConnectionHandler
 
 _BEGIN = 0x11
 _TRANSFER = 0x14

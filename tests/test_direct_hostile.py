@@ -27,9 +27,9 @@ from helpers import LOOPBACK, TunnelProcess, eventually, make_certs
 from memory_pump import transfer_frame
 from proton import Condition, Connection, Delivery, Endpoint, Link, Message, Session, Transport
 
+from tunnel.amqp.engine import owner_of
 from tunnel.config import ListenConfig
 from tunnel.direct import DirectListener, DirectPeer
-from tunnel.engine import owner_of
 from tunnel.messaging import MessageReceiver, MessageSender, budget_of
 
 LINK_ROUTE = "org.apache.qpid.dispatch.router.connection.linkRoute"

@@ -8,20 +8,14 @@ the peer is told and that everything else goes on.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 import pytest
 from memory_pump import Peer, begin_frame, feed, pump, remote_error, transfer_frame
 from proton import Condition, Endpoint, Link
 
-from tunnel.engine import (
-    ACCEPTED,
-    AmqpEngine,
-    EngineOptions,
-    receive_delivery,
-    set_owner,
-    settle,
-)
+from tunnel.amqp.engine import AmqpEngine, EngineOptions, set_owner
+from tunnel.amqp.handles import ACCEPTED, Delivery
+from tunnel.amqp.handles import Link as LinkHandle
 from tunnel.peer_text import PEER_LOG
 
 # A message whose only section is amqp-value "x": enough for proton to count a delivery.
@@ -37,22 +31,22 @@ class Owner:
         self.closed = False
         self.failed: str | None = None
 
-    def on_link_opened(self, link: Link) -> None:
+    def on_link_opened(self, link: LinkHandle) -> None:
         pass
 
-    def on_link_flow(self, link: Any) -> None:
+    def on_link_flow(self, link: LinkHandle) -> None:
         pass
 
-    def on_delivery(self, link: Any, delivery: Any) -> None:
+    def on_delivery(self, link: LinkHandle, delivery: Delivery) -> None:
         if self.fail:
             raise RuntimeError("owner bug")
-        self.received.append(bytes(receive_delivery(link, 1024)))
-        settle(delivery, ACCEPTED)
+        self.received.append(bytes(link.recv(1024)))
+        delivery.finish(ACCEPTED)
 
-    def on_link_closed(self, link: Link) -> None:
+    def on_link_closed(self, link: LinkHandle) -> None:
         self.closed = True
 
-    def on_link_failed(self, link: Link, condition: Condition) -> None:
+    def on_link_failed(self, link: LinkHandle, condition: Condition) -> None:
         self.failed = str(condition.name)
 
 

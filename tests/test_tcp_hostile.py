@@ -24,9 +24,10 @@ from proton import Collector, Connection, Endpoint, Link, Receiver, Sender, Sess
 from tunnel.amqp_link import AmqpSocket
 from tunnel.bridge import EgressBridge
 from tunnel.config import ListenConfig
+from tunnel.connection import Connection as TcpConnection
+from tunnel.dialects.link_route import MAX_DELIVERY, MAX_UNSETTLED, LinkRouteCarrier
 from tunnel.direct import DirectListener
 from tunnel.limits import Limits
-from tunnel.relay import MAX_DELIVERY, MAX_UNSETTLED, Tunnel
 from tunnel.spec import EgressSpec, parse_spec
 
 # The smallest frame AMQP allows; with a session capacity of one frame the
@@ -237,8 +238,9 @@ async def test_a_lost_peer_is_freed_without_the_cycle_collector() -> None:
         peer = await RawPeer.connect(port)
         await peer.open_tunnel(peer.session(), credit=10)
         tunnel = await eventually(lambda: next(iter(bridge.stats.live), None), "a tunnel")
-        assert isinstance(tunnel, Tunnel)
-        socket = tunnel.amqp
+        assert isinstance(tunnel, TcpConnection)
+        assert isinstance(tunnel.carrier, LinkRouteCarrier)
+        socket = tunnel.carrier.port
         assert isinstance(socket, AmqpSocket)
         refs = {
             "tunnel": weakref.ref(tunnel),
@@ -330,5 +332,5 @@ async def test_a_peer_that_never_settles_gets_a_bounded_number_of_deliveries() -
 
 
 def test_the_unsettled_bound_is_one_mib_per_tunnel() -> None:
-    """What relay's docstring states: at most 1 MiB held towards a peer that never settles."""
+    """What the link-route docstring states: at most 1 MiB held towards a peer not settling."""
     assert MAX_UNSETTLED * MAX_DELIVERY == 1 << 20

@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import __version__, flows, http_message
+from .amqp.engine import DEFAULT_MAX_FRAME_SIZE
 from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
-from .engine import DEFAULT_MAX_FRAME_SIZE
+from .dialects.link_route import DEFAULT_WINDOW
 from .errors import ConfigError, StartupError
 from .limits import (
     DEFAULT_HALF_CLOSED_TIMEOUT,
@@ -24,7 +25,6 @@ from .limits import (
     DEFAULT_SILENT_TIMEOUT,
     Limits,
 )
-from .relay import DEFAULT_WINDOW
 from .router import Dialect
 from .spec import parse_specs
 

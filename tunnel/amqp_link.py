@@ -22,7 +22,7 @@ import asyncio
 import logging
 from typing import Protocol, cast
 
-from .engine import AmqpEngine, ConnectionHandler
+from .amqp.engine import AmqpEngine, ConnectionHandler
 from .tcp_side import READ_SIZE
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class AmqpSocket(asyncio.BufferedProtocol):
         view = memoryview(data)
         offset = 0
         # A slice at a time, each followed by its events, so that received
-        # bytes leave proton as they land (see tunnel.engine on memory).
+        # bytes leave proton as they land (see tunnel.amqp.engine on memory).
         while offset < len(view):
             taken = self.engine.receive_bytes(view[offset:])
             offset += taken

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .admin import AdminServer
+from .amqp.engine import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_LINKS
 from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
+from .dialects.carrier import Failure
+from .dialects.link_route import DEFAULT_WINDOW
 from .direct import DirectListener
-from .engine import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_LINKS
 from .errors import naming
 from .flows import snapshot
 from .http_egress import HttpEgressBridge, RoutedEgress
@@ -21,7 +23,6 @@ from .http_message import HttpSettings
 from .limits import DEFAULT_LIMITS, Limits
 from .memory import MemoryReleaser
 from .metrics import registry_for
-from .relay import DEFAULT_WINDOW, Failure
 from .router import Dialect, RouterClient
 from .spec import (
     BridgeSpec,

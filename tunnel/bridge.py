@@ -1,20 +1,27 @@
 """Bridges: the TCP listeners of ingress specs, and the address handlers of egress specs.
 
-An :class:`IngressBridge` accepts TCP connections and gives each an
-:class:`IngressTunnel`, which opens its links on the shared router
-connection (skupper-proxy §1.2 on the wire, but never a new AMQP connection
-per TCP connection).
+This is asyncio glue: it owns the listening sockets, the backend connects
+and the timers, and makes one :class:`~tunnel.connection.Connection` per
+TCP connection with the carrier of the AMQP connection's dialect.
 
-An :class:`EgressBridge` is handed sender attaches for its address, by a
-link route through a router or by direct mode, and gives each an egress
-tunnel: it mirrors the attach's termini, connects to the backend, and only
-then grants credit, so a client's first bytes always have somewhere to go.
+An :class:`IngressBridge` accepts TCP connections. While the router is
+connected, each gets a connection at once, its links on the shared router
+connection (never a new AMQP connection per TCP connection). While it is
+not, the accepted socket is held unread (:class:`~tunnel.tcp_side.TcpSide`)
+for up to the hold timeout, so TCP backpressure does the waiting; held
+sockets count against the bridge's limits like open ones.
+
+An :class:`EgressBridge` is handed sender attaches for its address (a link
+route through a router, or direct mode) or client streams (skupper-router's
+TCP adaptor), and gives each a connection: it connects to the backend and
+only then answers, so a client's first bytes always have somewhere to go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -22,16 +29,18 @@ import socket
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol, cast
 
-from proton import Link, Receiver, Sender
+from proton import Link, Session
 
-from . import wire
-from .adaptor_flow import Flow, Role, StreamDispatcher
 from .adaptor_wire import StreamHeader
+from .amqp.handles import Delivery, handle
+from .amqp.handles import Link as LinkHandle
 from .amqp_link import AmqpSocket
-from .engine import add_capability, capabilities
+from .connection import Connection
+from .dialects.carrier import Carrier, Failure
+from .dialects.link_route import DEFAULT_WINDOW, LinkRouteCarrier
+from .dialects.tcp_adaptor import StreamDispatcher, TcpAdaptorCarrier
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
 from .peer_text import printable
-from .relay import DEFAULT_WINDOW, MAX_MESSAGE_SIZE, NO_PORT, Failure, Phase, Tunnel
 from .spec import EgressSpec, IngressSpec, join_host
 from .stats import BridgeStats
 from .tcp_side import TcpSide
@@ -59,16 +68,16 @@ def link_name(peer: object, site_id: str) -> str:
 
 
 class TunnelHost(Protocol):
-    """One AMQP connection that tunnels run on: the router client or a direct-mode peer."""
+    """One AMQP connection that connections run on: the router client or a direct-mode peer."""
 
     socket: AmqpSocket
-    #: Whether the connection is one peer, whose tunnels count against the
+    #: Whether the connection is one peer, whose connections count against the
     #: per-peer share; False for a router's, which carries every client's.
     one_peer: bool
 
-    def add_tunnel(self, tunnel: Tunnel) -> None: ...
-    def forget_tunnel(self, tunnel: Tunnel) -> None: ...
-    def take_reply_link(self) -> Link | None:
+    def add_tunnel(self, conn: Connection) -> None: ...
+    def forget_tunnel(self, conn: Connection) -> None: ...
+    def take_reply_link(self) -> LinkHandle | None:
         """A dynamic receiver attached in advance, or None."""
         ...
 
@@ -80,7 +89,7 @@ class TunnelHost(Protocol):
 class RouterLink(Protocol):
     """The shared router connection, as the ingress bridges see it."""
 
-    def current(self) -> tuple[TunnelHost, object] | None:
+    def current(self) -> tuple[TunnelHost, Session] | None:
         """The live connection and its session for tunnel links, or None while down."""
         ...
 
@@ -91,136 +100,26 @@ class RouterLink(Protocol):
     def stop_waiting(self, callback: Callable[[], None]) -> None: ...
 
 
-class IngressTunnel(Tunnel):
-    """A tunnel for one accepted client: opens a dynamic receiver, then a sender to the address."""
+class Deadlines:
+    """The open-timeout timers of one bridge's connections: the clock the connections lack."""
 
-    __slots__ = ("bridge", "host", "open_timer", "session")
+    def __init__(self) -> None:
+        #: One per connection with a deadline, until it ends.
+        self.timers: dict[Connection, asyncio.TimerHandle] = {}
 
-    def __init__(self, bridge: IngressBridge) -> None:
-        super().__init__("(accepting)", NO_PORT, routed_is_sender=True, window=bridge.window)
-        self.bridge = bridge
-        self.host: TunnelHost | None = None
-        self.session: object = None
-        self.open_timer: asyncio.TimerHandle | None = None
+    def arm(self, conn: Connection) -> None:
+        if conn.deadline is not None:
+            loop = asyncio.get_running_loop()
+            self.timers[conn] = loop.call_at(conn.deadline, self._fire, conn)
 
-    def on_tcp_connected(self, transport: asyncio.Transport) -> None:
-        bridge = self.bridge
-        self.name = link_name(transport.get_extra_info("peername"), bridge.site_id)
-        self.log.extra = {"tunnel": self.name}
-        self.stats = bridge.stats
-        peer = transport.get_extra_info("peername")
-        client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        bridge.stats.tunnel_opened(self, peer=client)
-        if (refusal := bridge.limits.refusal(bridge.stats, client, client)) is not None:
-            self.tcp = transport
-            self.reset(refusal, Failure.LIMIT)
-            return
-        super().on_tcp_connected(transport)
-        self.on_finished = self._on_finished
-        live = bridge.router.current()
-        if live is None:
-            # Held, not refused: the router may well be back within the hold time.
-            self.log.debug("waiting up to %gs for the router", bridge.hold_timeout)
-            bridge.router.wait_for_up(self._on_router_up)
-            self.open_timer = asyncio.get_running_loop().call_later(
-                bridge.hold_timeout, self._on_hold_timeout
-            )
-            return
-        self._open(*live)
+    def _fire(self, conn: Connection) -> None:
+        self.timers.pop(conn, None)
+        conn.on_deadline(asyncio.get_running_loop().time())
 
-    def _on_router_up(self) -> None:
-        live = self.bridge.router.current()
-        if self.phase is Phase.CLOSED or live is None:
-            return
-        if self.open_timer is not None:
-            self.open_timer.cancel()
-            self.open_timer = None
-        self._open(*live)
-
-    def _on_hold_timeout(self) -> None:
-        self.open_timer = None
-        if self.host is None:
-            self.reset(
-                f"no router connection within {self.bridge.hold_timeout:g} s", Failure.NO_ROUTER
-            )
-
-    def _open(self, host: TunnelHost, session: Any) -> None:
-        """Open this tunnel's links on the live router connection."""
-        bridge = self.bridge
-        dispatcher = host.stream_dispatcher()
-        if dispatcher is not None:
-            self._hand_over(host, dispatcher, session)
-            return
-        self.host, self.session, self.amqp = host, session, host.socket
-        host.add_tunnel(self)
-        pooled = host.take_reply_link()
-        if pooled is not None:
-            # Its dynamic address is known already: one round trip saved.
-            self.attach_links(None, pooled)
-            self._open_sender(pooled)
-        else:
-            receiver: Receiver = session.receiver(f"{self.name}/reply")
-            receiver.source.dynamic = True
-            receiver.max_message_size = MAX_MESSAGE_SIZE
-            self.attach_links(None, receiver)
-            receiver.open()
-        self.log.debug("accepted; opening links to %r", bridge.spec.address)
-        self.open_timer = asyncio.get_running_loop().call_later(
-            bridge.open_timeout, self.on_open_timeout, bridge.open_timeout
-        )
-        self.amqp.flush_soon()
-
-    def _hand_over(self, host: TunnelHost, dispatcher: StreamDispatcher, session: Any) -> None:
-        """skupper-router's dialect: from here a :class:`Flow` carries this connection."""
-        bridge, tcp = self.bridge, self.tcp
-        assert tcp is not None
-        flow = Flow(self.name, host, dispatcher, Role.LISTENER, bridge.spec.address)
-        flow.stats = bridge.stats
-        bridge.stats.hand_over(self, flow)
-        self.tcp, self.phase, self.on_finished = None, Phase.CLOSED, None
-        tcp.set_protocol(TcpSide(flow))
-        parked = bytes(self._parked) if self._parked is not None else b""
-        flow.start_listener(session, tcp, bridge.open_timeout, parked, self.read_open)
-
-    def on_link_flow(self, link: Link) -> None:
-        super().on_link_flow(link)
-        if self.open_timer is not None and self.phase is not Phase.OPENING:
-            self.open_timer.cancel()
-            self.open_timer = None
-
-    def _on_finished(self, tunnel: Tunnel) -> None:
-        if self.open_timer is not None:
-            self.open_timer.cancel()
-            self.open_timer = None
-        self.bridge.router.stop_waiting(self._on_router_up)
-        if self.host is not None:
-            self.host.forget_tunnel(self)
-        # Closed: the connection it ran on may go, and nothing of it is needed.
-        self.host = self.session = None
-
-    def on_link_opened(self, link: Link) -> None:
-        if link.is_sender:
-            # An answer with no target is still an attach: rhea, and so the node
-            # egress behind a link route, never copies the termini. A refusal
-            # is the detach that follows, and that is what resets.
-            super().on_link_opened(link)
-            return
-        self._open_sender(link)
-
-    def _open_sender(self, receiver: Link) -> None:
-        """Attach the sender, carrying the reply link's dynamic address as its source."""
-        address = receiver.remote_source.address
-        if not address:
-            self.reset("the router gave no dynamic reply address", Failure.FAR_END)
-            return
-        sender: Sender = receiver.session.sender(self.name)
-        sender.target.address = self.bridge.spec.address
-        sender.source.address = address
-        add_capability(sender.source, wire.HALF_CLOSE)
-        self.prefix = wire.properties_section(address)
-        self.attach_links(sender, None)
-        sender.open()
-        self.on_tcp_write_resumed()  # grants the first credit on the reply link
+    def disarm(self, conn: Connection) -> None:
+        timer = self.timers.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
 
 
 class IngressBridge:
@@ -247,11 +146,14 @@ class IngressBridge:
         self.server: asyncio.Server | None = None
         self.stats = BridgeStats(str(spec), f"amqp:{spec.address}")
         self.sweeper = Sweeper(self.stats, limits)
+        self.deadlines = Deadlines()
+        #: Accepted sockets waiting for the router, with their client and hold timer.
+        self.held: dict[TcpSide, tuple[str, asyncio.TimerHandle]] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: TcpSide(IngressTunnel(self)),
+            lambda: TcpSide(acceptor=self),
             host=self.spec.host,
             port=self.spec.port,
             reuse_address=True,
@@ -266,6 +168,96 @@ class IngressBridge:
         if self.server is not None:
             self.server.close()
         self.sweeper.stop()
+
+    # -- Acceptor -----------------------------------------------------------------
+    def on_accepted(self, side: TcpSide) -> None:
+        assert side.port is not None
+        client = _client(side.port.peer())
+        stats = self.stats
+        stats.hold(client)
+        if (refusal := self.limits.refusal(stats, client, client)) is not None:
+            stats.unhold(client)
+            stats.refused(link_name(side.port.peer(), self.site_id), Failure.LIMIT)
+            logger.debug("%s: client %s refused: %s", self.spec, client, refusal)
+            side.port.reset()
+            return
+        if self.router.current() is None:
+            # Held, not refused: the router may well be back within the hold time.
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.hold_timeout, self._on_hold_timeout, side)
+            self.held[side] = (client, timer)
+            self.router.wait_for_up(self._on_router_up)
+            return
+        self._connect(side, client)
+
+    def on_lost(self, side: TcpSide) -> None:
+        held = self.held.pop(side, None)
+        if held is not None:
+            held[1].cancel()
+            self.stats.unhold(held[0])
+
+    def _on_router_up(self) -> None:
+        for side, (client, timer) in list(self.held.items()):
+            if self.router.current() is None:
+                self.router.wait_for_up(self._on_router_up)
+                return
+            del self.held[side]
+            timer.cancel()
+            self._connect(side, client)
+
+    def _on_hold_timeout(self, side: TcpSide) -> None:
+        held = self.held.pop(side, None)
+        if held is None or side.port is None:
+            return
+        self.stats.unhold(held[0])
+        self.stats.refused(link_name(side.port.peer(), self.site_id), Failure.NO_ROUTER)
+        logger.debug(
+            "%s: client %s reset: no router connection within %g s",
+            self.spec,
+            held[0],
+            self.hold_timeout,
+        )
+        side.port.reset()
+        if not self.held:
+            self.router.stop_waiting(self._on_router_up)
+
+    def _connect(self, side: TcpSide, client: str) -> None:
+        """The router is connected: give the socket its connection, in the router's dialect."""
+        live = self.router.current()
+        assert live is not None and side.port is not None
+        host, session = live
+        self.stats.unhold(client)
+        name = link_name(side.port.peer(), self.site_id)
+        dispatcher = host.stream_dispatcher()
+        carrier: Carrier
+        if dispatcher is not None:
+            carrier = TcpAdaptorCarrier.listener(host.socket, dispatcher, name, self.spec.address)
+        else:
+            carrier = LinkRouteCarrier.ingress(
+                host.socket,
+                name,
+                session,
+                self.spec.address,
+                window=self.window,
+                reply=host.take_reply_link(),
+            )
+        conn = Connection(
+            name,
+            carrier,
+            stats=self.stats,
+            peer=client,
+            on_finished=functools.partial(self._on_finished, host),
+            now=asyncio.get_running_loop().time(),
+            open_timeout=self.open_timeout,
+        )
+        conn.log.debug("accepted; opening links to %r", self.spec.address)
+        host.add_tunnel(conn)
+        self.deadlines.arm(conn)
+        side.bind(conn)
+
+    def _on_finished(self, host: TunnelHost, conn: Connection) -> None:
+        self.deadlines.disarm(conn)
+        host.forget_tunnel(conn)
 
 
 def listening_addresses(server: asyncio.Server) -> str:
@@ -289,9 +281,10 @@ class EgressBridge:
         self.stats = BridgeStats(str(spec), f"tcp:{join_host(spec.host, spec.port)}")
         self.sweeper = Sweeper(self.stats, limits)
         self.backend = BackendHealth(f"{spec}", join_host(spec.host, spec.port))
+        self.deadlines = Deadlines()
 
     def on_attach(self, receiver: Link, sender: Link, host: TunnelHost) -> None:
-        """A client's sender reached us (routed or direct): start a tunnel for it.
+        """A client's sender reached us (routed or direct): start a connection for it.
 
         ``sender`` is the way back: a new sender targeting the attach's source
         address through a router, or the ingress's own dynamic receiver link
@@ -299,68 +292,59 @@ class EgressBridge:
         """
         # The peer names the link; the name reaches the logs and the flow records.
         name = printable("@".join(receiver.name.split("@")[:2]))
-        tunnel = Tunnel(
-            name,
-            host.socket,
-            routed_is_sender=False,
-            window=self.window,
-            on_finished=host.forget_tunnel,
+        carrier = LinkRouteCarrier.egress(
+            host.socket, name, handle(receiver), handle(sender), window=self.window
         )
-        receiver.source.copy(receiver.remote_source)
-        receiver.target.copy(receiver.remote_target)
-        add_capability(receiver.target, wire.HALF_CLOSE)
-        receiver.max_message_size = MAX_MESSAGE_SIZE
-        tunnel.peer_half_close = wire.HALF_CLOSE in capabilities(receiver.remote_source)
-        tunnel.attach_links(sender, receiver)
-        tunnel.stats = self.stats
         peer = cast(Hashable, host) if host.one_peer else None
-        self.stats.tunnel_opened(tunnel, peer=peer)
-        if (refusal := self.limits.refusal(self.stats, peer, _peer_name(host))) is not None:
-            host.add_tunnel(tunnel)
-            tunnel.reset(refusal, Failure.LIMIT)
-            return
-        # The attach is answered once the backend is connected (see
-        # Tunnel.on_tcp_connected), so the answer and the first credit
-        # reach the client in one write.
-        host.add_tunnel(tunnel)
-        if sender.state & Link.REMOTE_ACTIVE:
-            tunnel.on_sender_ready()
-        tunnel.log.debug("attached; connecting to %s:%d", self.spec.host, self.spec.port)
-        task = asyncio.get_running_loop().create_task(
-            self._connect(tunnel), name=f"connect {tunnel.name}"
-        )
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        conn = self._open(name, carrier, host, peer, _peer_name(host))
+        if conn is not None:
+            conn.log.debug("attached; connecting to %s:%d", self.spec.host, self.spec.port)
 
     def on_client_stream(
-        self, host: TunnelHost, dispatcher: StreamDispatcher, delivery: Any, header: StreamHeader
-    ) -> Flow:
+        self,
+        host: TunnelHost,
+        dispatcher: StreamDispatcher,
+        delivery: Delivery,
+        header: StreamHeader,
+    ) -> TcpAdaptorCarrier:
         """skupper-router's dialect: a client stream for our address; connect to the backend."""
-        assert header.reply_to is not None
-        # Only through a router: its one connection carries every client's
-        # streams, so the per-peer share does not apply.
         name = f"{printable(header.correlation_id or 'stream')}@{_PROCESS_TAG}-{next(_sequence)}"
-        flow = Flow(name, host, dispatcher, Role.CONNECTOR, header.reply_to, stats=self.stats)
-        flow.start_connector(delivery, header)
-        if (refusal := self.limits.refusal(self.stats)) is not None:
-            flow.reset(refusal, Failure.LIMIT)
-            return flow
-        task = asyncio.get_running_loop().create_task(self._connect(flow), name=f"connect {name}")
+        carrier = TcpAdaptorCarrier.connector(host.socket, dispatcher, name, delivery, header)
+        conn = self._open(name, carrier, host, None, "")
+        if conn is not None:
+            conn.log.debug(
+                "client stream (correlation %s) for %r", header.correlation_id, header.to
+            )
+        return carrier
+
+    def _open(
+        self, name: str, carrier: Carrier, host: TunnelHost, peer: Hashable | None, who: str
+    ) -> Connection | None:
+        """A connection for ``carrier``, connecting to the backend; None if refused.
+
+        Only through a router is ``peer`` None: its one connection carries
+        every client's, so the per-peer share does not apply.
+        """
+        conn = Connection(name, carrier, stats=self.stats, peer=peer)
+        conn.on_finished = host.forget_tunnel
+        host.add_tunnel(conn)
+        if (refusal := self.limits.refusal(self.stats, peer, who)) is not None:
+            conn.reset(refusal, Failure.LIMIT)
+            return None
+        task = asyncio.get_running_loop().create_task(self._connect(conn), name=f"connect {name}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return flow
+        return conn
 
-    async def _connect(self, tunnel: Tunnel | Flow) -> None:
+    async def _connect(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(BACKEND_CONNECT_TIMEOUT):
-                await loop.create_connection(
-                    lambda: TcpSide(tunnel), self.spec.host, self.spec.port
-                )
+                await loop.create_connection(lambda: TcpSide(conn), self.spec.host, self.spec.port)
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
             self.backend.failed(reason, loop.time())
-            tunnel.reset(f"backend {self.backend.name} unreachable: {reason}", Failure.BACKEND)
+            conn.reset(f"backend {self.backend.name} unreachable: {reason}", Failure.BACKEND)
         else:
             self.backend.answered()
 
@@ -371,6 +355,11 @@ class EgressBridge:
         for task in list(self.tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _client(peer: object) -> str:
+    """The client's address, as limits count it."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
 
 
 def _peer_name(host: TunnelHost) -> str:
@@ -425,34 +414,28 @@ class BackendHealth:
         self.failures = self._told = 0
 
 
-class Hosted(Protocol):
-    """A tunnel or flow, as the connection it runs on sees it."""
-
-    def on_amqp_writable(self) -> None: ...
-    def on_amqp_lost(self) -> None: ...
-
-
 class HostedTunnels:
-    """The tunnels running on one AMQP connection: woken together, reset together."""
+    """The connections running on one AMQP connection: woken together, reset together."""
 
     socket: AmqpSocket
     #: A direct-mode peer is one peer; a router connection sets this False.
     one_peer = True
 
     def __init__(self) -> None:
-        self.tunnels: set[Hosted] = set()
+        #: Bounded by the bridges' connection limits.
+        self.tunnels: set[Connection] = set()
 
-    def take_reply_link(self) -> Link | None:
+    def take_reply_link(self) -> LinkHandle | None:
         return None
 
     def stream_dispatcher(self) -> StreamDispatcher | None:
         return None
 
-    def add_tunnel(self, tunnel: Hosted) -> None:
-        self.tunnels.add(tunnel)
+    def add_tunnel(self, conn: Connection) -> None:
+        self.tunnels.add(conn)
 
-    def forget_tunnel(self, tunnel: Hosted) -> None:
-        self.tunnels.discard(tunnel)
+    def forget_tunnel(self, conn: Connection) -> None:
+        self.tunnels.discard(conn)
 
     def on_socket_writable(self) -> None:
         for tunnel in list(self.tunnels):

@@ -49,10 +49,7 @@ from typing import Any
 
 from proton import Condition, Link
 
-from .amqp_link import AmqpSocket
-from .bridge import LISTEN_BACKLOG, EgressBridge, HostedTunnels
-from .config import ListenConfig
-from .engine import (
+from .amqp.engine import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_LINKS,
     AmqpEngine,
@@ -61,6 +58,11 @@ from .engine import (
     refuse_link,
     set_owner,
 )
+from .amqp.handles import Delivery
+from .amqp.handles import Link as LinkHandle
+from .amqp_link import AmqpSocket
+from .bridge import LISTEN_BACKLOG, EgressBridge, HostedTunnels
+from .config import ListenConfig
 from .forwarding import DYNAMIC_PREFIX, MANAGEMENT, Forwarder
 from .http_egress import HttpEgressBridge
 from .http_message import HttpSettings
@@ -72,7 +74,6 @@ from .messaging import (
     set_budget,
 )
 from .peer_text import PEER_LOG, printable
-from .relay import Tunnel
 from .spec import join_host
 
 logger = logging.getLogger(__name__)
@@ -428,9 +429,8 @@ class DirectPeer(HostedTunnels):
                 printable(condition.description),
             )
             return
-        for tunnel in list(self.tunnels):
-            if isinstance(tunnel, Tunnel):  # the only kind direct mode runs
-                tunnel.on_peer_closed()
+        for conn in list(self.tunnels):
+            conn.on_peer_closed()
 
     def on_transport_error(self, condition: Condition | None) -> None:
         if condition is None or self.socket.transport is None:
@@ -587,17 +587,17 @@ class _Unclaimed:
         self.dynamic = dynamic
         self.forwarder = forwarder
 
-    def on_link_opened(self, link: Link) -> None:
+    def on_link_opened(self, link: LinkHandle) -> None:
         pass
 
-    def on_link_flow(self, link: Any) -> None:
+    def on_link_flow(self, link: LinkHandle) -> None:
         pass
 
-    def on_delivery(self, link: Any, delivery: Any) -> None:
+    def on_delivery(self, link: LinkHandle, delivery: Delivery) -> None:
         pass
 
-    def on_link_closed(self, link: Link) -> None:
-        address = str(link.source.address)
+    def on_link_closed(self, link: LinkHandle) -> None:
+        address = str(link.proton.source.address)
         if self.dynamic.pop(address, None) is not None:
             self.forwarder.remove_dynamic(address)
 

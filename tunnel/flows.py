@@ -44,10 +44,24 @@ def record(stats: BridgeStats, conn: Carried, started: float, now: float) -> Rec
         "connection": conn.name,
         "client": conn.name.split("@", 1)[0],
         "far_end": stats.far_end,
-        "dialect": conn.DIALECT,
+        "dialect": conn.dialect,
         "to_peer": {"open": conn.write_open, "bytes": conn.bytes_in},
         "from_peer": {"open": conn.read_open, "bytes": conn.bytes_out},
         "age_s": round(now - started, 3),
+    }
+
+
+def refused_record(stats: BridgeStats, name: str) -> Record:
+    """The record of a connection refused before it had a dialect."""
+    return {
+        "bridge": stats.name,
+        "connection": name,
+        "client": name.split("@", 1)[0],
+        "far_end": stats.far_end,
+        "dialect": "none",
+        "to_peer": {"open": False, "bytes": 0},
+        "from_peer": {"open": False, "bytes": 0},
+        "age_s": 0.0,
     }
 
 

@@ -54,19 +54,17 @@ from typing import Any, Protocol
 
 from proton import Condition, Link, Message, Session
 
-from .amqp_link import AmqpSocket
-from .codec import WireError
-from .engine import (
-    ACCEPTED,
-    MODIFIED,
-    REJECTED,
-    RELEASED,
+from .amqp.engine import (
     close_link,
     open_session,
     refuse_link,
     session_usable,
     set_owner,
 )
+from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED, Delivery
+from .amqp.handles import Link as LinkHandle
+from .amqp_link import AmqpSocket
+from .codec import WireError
 from .http_message import decode, encode
 from .messaging import MessageReceiver, MessageSender
 from .peer_text import PEER_LOG, printable
@@ -510,19 +508,19 @@ class RoutedLink:
         target.socket.flush_soon()
 
     # The origin's link, before the target answers (LinkOwner).
-    def on_link_opened(self, link: Link) -> None:
+    def on_link_opened(self, link: LinkHandle) -> None:
         pass
 
-    def on_link_flow(self, link: Any) -> None:
+    def on_link_flow(self, link: LinkHandle) -> None:
         pass
 
-    def on_delivery(self, link: Any, delivery: Any) -> None:
+    def on_delivery(self, link: LinkHandle, delivery: Delivery) -> None:
         pass  # no credit was given yet
 
-    def on_link_closed(self, link: Link) -> None:
-        self.on_origin_closed(link)
+    def on_link_closed(self, link: LinkHandle) -> None:
+        self.on_origin_closed(link.proton)
 
-    def on_link_failed(self, link: Link, condition: Condition) -> None:
+    def on_link_failed(self, link: LinkHandle, condition: Condition) -> None:
         """The engine closed the origin's link for its fault: the far end hears why."""
         if not self.closed:
             self._end()

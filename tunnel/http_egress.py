@@ -58,8 +58,8 @@ import h11
 from proton import Condition, Link, Message, Session
 
 from . import http_message as hm
+from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .codec import WireError
-from .engine import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .peer_text import PEER_LOG, printable
 from .spec import HttpEgressSpec, join_host

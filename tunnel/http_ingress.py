@@ -77,9 +77,9 @@ import h11
 from proton import Condition, Link, Session
 
 from . import http_message as hm
+from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .bridge import LISTEN_BACKLOG, listening_addresses
 from .codec import WireError
-from .engine import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .peer_text import PEER_LOG, printable
 from .spec import HttpIngressSpec

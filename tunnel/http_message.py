@@ -45,8 +45,8 @@ from uuid import UUID
 
 from proton import Message, ulong
 
+from .amqp.engine import message_content_type
 from .codec import WireError
-from .engine import message_content_type
 
 Headers = list[tuple[str, str]]
 

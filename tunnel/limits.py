@@ -22,7 +22,8 @@ import asyncio
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from .relay import Failure, Phase
+from .connection import Phase
+from .dialects.carrier import Failure
 from .stats import BridgeStats, Carried
 
 DEFAULT_MAX_CONNECTIONS = 16384
@@ -61,7 +62,7 @@ class Limits:
         ``peer`` is the key it was counted under (see
         :meth:`BridgeStats.tunnel_opened`), ``who`` that peer for the reason.
         """
-        if len(stats.live) > self.max_connections:
+        if len(stats.live) + stats.held > self.max_connections:
             return (
                 f"over the bridge's limit of {self.max_connections} connections (--max-connections)"
             )

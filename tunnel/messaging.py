@@ -32,28 +32,15 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from proton import Condition, Connection, Endpoint, Link
 
-from .engine import (
-    ACCEPTED,
-    MODIFIED,
-    REJECTED,
-    RELEASED,
-    AmqpEngine,
-    close_link,
-    failure_of,
-    raw_lib,
-    receive_delivery,
-    receive_more,
-    set_owner,
-    settle,
-    wrap_link,
-)
+from .amqp.engine import AmqpEngine, close_link, set_owner
+from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED, Delivery, handle
+from .amqp.handles import Link as LinkHandle
 from .peer_text import printable
 
-_lib = raw_lib
 logger = logging.getLogger(__name__)
 
 _TERMINAL = frozenset((ACCEPTED, RELEASED, REJECTED, MODIFIED))
@@ -109,7 +96,7 @@ def budget_of(host: AmqpHost) -> PeerBudget:
     return budget
 
 
-def _ignore_message(delivery: Any, data: bytearray) -> None:
+def _ignore_message(delivery: Delivery, data: bytearray) -> None:
     pass
 
 
@@ -141,14 +128,14 @@ class MessageSender:
         on_opened: Callable[[Link], object] | None = None,
     ) -> None:
         self.link = link
-        self.raw = link._impl
+        self.handle = handle(link)
         self.host = host
         self.on_closed = on_closed
         self.on_opened = on_opened
         #: Bounded by the callers: every queued message is a delivery in hand elsewhere.
         self.queue: deque[tuple[bytes | bytearray, OutcomeCallback | None]] = deque()
         #: Sent, not yet settled: bounded by the connection's ``PeerBudget.max_unsettled``.
-        self.unsettled: dict[Any, OutcomeCallback | None] = {}
+        self.unsettled: dict[Delivery, OutcomeCallback | None] = {}
         self.closed = False
         #: Detach cleanly once nothing is queued or unsettled (see :meth:`finish`).
         self.finishing = False
@@ -175,7 +162,7 @@ class MessageSender:
         engine = self.host.engine
         budget = self.peer_budget
         sent = False
-        while self.queue and not self.closed and _lib.pn_link_credit(self.raw) > 0:
+        while self.queue and not self.closed and self.handle.credit > 0:
             if budget.unsettled >= budget.max_unsettled:
                 self._refuse(
                     f"{budget.unsettled} deliveries sent on this connection are unsettled; "
@@ -184,7 +171,7 @@ class MessageSender:
                 return
             data, callback = self.queue.popleft()
             tag = next(self._tags).to_bytes(8, "big")
-            delivery = engine.send_delivery(self.raw, tag, b"", data)
+            delivery = engine.send_delivery(self.handle, tag, b"", data)
             self.unsettled[delivery] = callback
             budget.unsettled += 1
             sent = True
@@ -199,7 +186,7 @@ class MessageSender:
     @property
     def credit(self) -> int:
         """Credit the peer has given and no queued message has taken yet."""
-        return 0 if self.host.closed else _lib.pn_link_credit(self.raw) - len(self.queue)
+        return 0 if self.host.closed else self.handle.credit - len(self.queue)
 
     def finish(self) -> None:
         """Detach cleanly, without an error, once every queued message is sent and settled."""
@@ -233,29 +220,29 @@ class MessageSender:
             on_closed(self)
 
     # -- LinkOwner --------------------------------------------------------------
-    def on_link_opened(self, link: Link) -> None:
+    def on_link_opened(self, link: LinkHandle) -> None:
         if self.on_opened is not None:
-            self.on_opened(link)
+            self.on_opened(link.proton)
 
-    def on_link_flow(self, link: Any) -> None:
+    def on_link_flow(self, link: LinkHandle) -> None:
         self._pump()
 
-    def on_delivery(self, link: Any, delivery: Any) -> None:
-        state = _lib.pn_delivery_remote_state(delivery)
-        if not _lib.pn_delivery_settled(delivery) and state not in _TERMINAL:
+    def on_delivery(self, link: LinkHandle, delivery: Delivery) -> None:
+        state = delivery.remote_state
+        if not delivery.settled and state not in _TERMINAL:
             return  # not an outcome yet (received, or nothing)
         if delivery not in self.unsettled:
-            _lib.pn_delivery_settle(delivery)
+            delivery.settle()
             return
         callback = self.unsettled.pop(delivery)
         self.peer_budget.unsettled -= 1
-        why = failure_of(delivery) if state in (REJECTED, MODIFIED) else ""
-        _lib.pn_delivery_settle(delivery)
+        why = delivery.failure() if state in (REJECTED, MODIFIED) else ""
+        delivery.settle()
         if callback is not None:
             callback(state, why)
         self._finish_if_done()
 
-    def on_link_closed(self, link: Link) -> None:
+    def on_link_closed(self, link: LinkHandle) -> None:
         if not self.closed:
             self._gone()
 
@@ -275,11 +262,11 @@ class MessageReceiver:
         *,
         window: int,
         max_size: int,
-        on_message: Callable[[Any, bytearray], None],
+        on_message: Callable[[Delivery, bytearray], None],
         on_opened: Callable[[Link], None] | None = None,
         on_closed: Callable[[Link], None] | None = None,
     ) -> None:
-        self.raw = link._impl
+        self.handle = handle(link)
         self.host = host
         self.on_closed = on_closed
         self.window = window
@@ -302,13 +289,13 @@ class MessageReceiver:
 
     def top_up(self) -> None:
         """Grant credit up to the window, counting the messages in hand."""
-        credit = _lib.pn_link_credit(self.raw)
+        credit = self.handle.credit
         if credit + self.in_hand < self.window:
-            _lib.pn_link_flow(self.raw, self.window - credit - self.in_hand)
+            self.handle.flow(self.window - credit - self.in_hand)
 
     def settle(
         self,
-        delivery: Any,
+        delivery: Delivery,
         outcome: int,
         *,
         failed: bool = False,
@@ -319,7 +306,7 @@ class MessageReceiver:
         self.in_hand -= 1
         if self.closed or self.host.closed:
             return
-        settle(delivery, outcome, failed=failed, condition=condition, why=why)
+        delivery.finish(outcome, failed=failed, condition=condition, why=why)
         self.top_up()
         self.host.flush_soon()
 
@@ -342,10 +329,10 @@ class MessageReceiver:
         self.on_message = _ignore_message
         return on_closed
 
-    def _refuse(self, link: Any, would_hold: int) -> None:
+    def _refuse(self, link: LinkHandle, would_hold: int) -> None:
         """Over the connection's budget: detach, and drain what the peer still sends."""
         budget = self.peer_budget
-        wrapped = wrap_link(link)
+        wrapped = link.proton
         logger.debug(
             "link %s detached: unfinished deliveries would hold %d bytes",
             printable(wrapped.name),
@@ -369,41 +356,41 @@ class MessageReceiver:
             on_closed(wrapped)
 
     # -- LinkOwner --------------------------------------------------------------
-    def on_link_opened(self, link: Link) -> None:
+    def on_link_opened(self, link: LinkHandle) -> None:
         if self.on_opened is not None:
-            self.on_opened(link)
+            self.on_opened(link.proton)
 
-    def on_link_flow(self, link: Any) -> None:
+    def on_link_flow(self, link: LinkHandle) -> None:
         pass
 
-    def on_delivery(self, link: Any, delivery: Any) -> None:
-        if delivery != _lib.pn_link_current(link):
+    def on_delivery(self, link: LinkHandle, delivery: Delivery) -> None:
+        if not link.is_current(delivery):
             return  # news of one handed on already (the sender settled it): nothing to do
-        pending = _lib.pn_delivery_pending(delivery)
-        partial = bool(_lib.pn_delivery_partial(delivery))
+        pending = delivery.pending
+        partial = delivery.partial
         if self.closed:  # detached by us: drained until the peer's detach comes
-            receive_delivery(link, pending)
+            link.recv(pending)
             if not partial:
-                _lib.pn_link_advance(link)
-                _lib.pn_delivery_settle(delivery)
+                link.advance()
+                delivery.settle()
             return
         held = len(self._partial) if self._partial is not None else 0
         budget = self.peer_budget
         if not self._oversize and held + pending <= self.max_size and partial:
             would_hold = budget.partial + pending
             if would_hold > budget.max_partial:
-                receive_delivery(link, pending)
+                link.recv(pending)
                 self._refuse(link, would_hold)
                 return
         if self._oversize or held + pending > self.max_size:
             # Drained, not kept: left in proton it would shut the session window.
             self._oversize += held + pending
             self._drop_partial()
-            receive_delivery(link, pending)
+            link.recv(pending)
             if not partial:
                 size, self._oversize = self._oversize, 0
                 self.in_hand += 1
-                _lib.pn_link_advance(link)
+                link.advance()
                 self.settle(
                     delivery,
                     REJECTED,
@@ -414,7 +401,7 @@ class MessageReceiver:
                 )
             return
         if pending:
-            self._partial = receive_more(link, pending, self._partial)
+            self._partial = link.recv_into(self._partial, pending)
             if partial:
                 budget.partial += pending
                 self._counted += pending
@@ -422,18 +409,18 @@ class MessageReceiver:
             return
         data = self._partial or bytearray()
         self._drop_partial()
-        _lib.pn_link_advance(link)
+        link.advance()
         self.in_hand += 1
         self.on_message(delivery, data)
 
-    def on_link_closed(self, link: Link) -> None:
+    def on_link_closed(self, link: LinkHandle) -> None:
         if self.closed:
             return
         on_closed = self._end()
         if on_closed is not None:
-            on_closed(link)
+            on_closed(link.proton)
 
-    def on_link_failed(self, link: Link, condition: Condition) -> None:
-        """The engine closed the link with ``condition`` (see ``tunnel.engine.FailingOwner``)."""
+    def on_link_failed(self, link: LinkHandle, condition: Condition) -> None:
+        """The engine closed the link with ``condition`` (see ``engine.FailingOwner``)."""
         self.refused = True
         self.on_link_closed(link)

@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import engine, peer_text
-from .relay import Failure
+from . import peer_text
+from .amqp import engine
+from .dialects.carrier import Failure
 
 if TYPE_CHECKING:
     from .app import App

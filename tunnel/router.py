@@ -14,7 +14,7 @@ dialect (:class:`Dialect`) unless ``--dialect`` did:
   for that address anywhere in the network are then routed to this
   connection and handed to the egress bridge;
 - skupper-router 3.x, which has no link routes: its TCP adaptor's
-  encoding (§4, :mod:`tunnel.adaptor_flow`). Each egress address gets a
+  encoding (§4, :mod:`tunnel.dialects.tcp_adaptor`). Each egress address gets a
   consumer link, and streams are told apart by their headers.
 
 Our Open must offer ``qd.streaming-links`` for skupper-router to carry
@@ -40,28 +40,28 @@ import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from proton import Condition, Delivery, Link, Message, Receiver, Sender, Session
+from proton import Condition, Link, Message, Receiver, Sender, Session
 
 from . import adaptor_wire
-from .adaptor_flow import Flow, StreamDispatcher
-from .amqp_link import AmqpSocket
-from .bridge import EgressBridge, HostedTunnels, TunnelHost
-from .config import RouterEndpoint
-from .engine import (
+from .amqp.engine import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_LINKS,
     AmqpEngine,
     EngineOptions,
-    close_link,
+    close_handle,
     open_session,
     refuse_link,
     set_owner,
-    wrap_delivery,
-    wrap_link,
 )
+from .amqp.handles import ACCEPTED, Delivery, handle
+from .amqp.handles import Link as LinkHandle
+from .amqp_link import AmqpSocket
+from .bridge import EgressBridge, HostedTunnels, TunnelHost
+from .config import RouterEndpoint
+from .dialects.link_route import MAX_MESSAGE_SIZE
+from .dialects.tcp_adaptor import StreamDispatcher, TcpAdaptorCarrier
 from .messaging import AmqpHost
 from .peer_text import printable
-from .relay import MAX_MESSAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class RouterClient:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
-    def current(self) -> tuple[TunnelHost, object] | None:
+    def current(self) -> tuple[TunnelHost, Session] | None:
         conn = self.connection
         if conn is None or not conn.opened or conn.session is None:
             return None
@@ -337,8 +337,8 @@ class RouterConnection(HostedTunnels):
             self.dispatcher.consume(address)
 
     def _on_client_stream(
-        self, address: str, delivery: Any, header: adaptor_wire.StreamHeader
-    ) -> Flow | None:
+        self, address: str, delivery: Delivery, header: adaptor_wire.StreamHeader
+    ) -> TcpAdaptorCarrier | None:
         bridge = self.client.egress.get(address)
         if bridge is None or self.dispatcher is None:
             return None
@@ -350,7 +350,7 @@ class RouterConnection(HostedTunnels):
     def on_link_attach(self, link: Link) -> None:
         if self.dispatcher is not None:
             if link.is_receiver:
-                self.dispatcher.accept_link(link)  # a link per stream (qd.streaming-links)
+                self.dispatcher.accept_link(handle(link))  # a link per stream
             else:
                 refuse_link(link, "amqp:not-allowed", "no link routes in this dialect")
             return
@@ -370,7 +370,7 @@ class RouterConnection(HostedTunnels):
         sender.open()
         bridge.on_attach(link, sender, self)
 
-    def take_reply_link(self) -> Link | None:
+    def take_reply_link(self) -> LinkHandle | None:
         link = self.reply_pool.take()
         if self.session is not None and self.client.ingress:
             self.reply_pool.refill(self.session)
@@ -420,15 +420,15 @@ class ReplyPool:
     SIZE = 4
 
     def __init__(self) -> None:
-        self.ready: collections.deque[Link] = collections.deque()
+        self.ready: collections.deque[LinkHandle] = collections.deque()
         self.pending: set[str] = set()
         self._count = itertools.count(1)
 
-    def take(self) -> Link | None:
+    def take(self) -> LinkHandle | None:
         while self.ready:
             link = self.ready.popleft()
-            set_owner(link, None)
-            if link.state & Link.REMOTE_ACTIVE and not link.state & Link.LOCAL_CLOSED:
+            link.own(None)
+            if link.remote_active and not link.closed:
                 return link
         return None
 
@@ -442,20 +442,20 @@ class ReplyPool:
             receiver.open()
             self.pending.add(name)
 
-    def on_link_opened(self, link: Link) -> None:
+    def on_link_opened(self, link: LinkHandle) -> None:
         self.pending.discard(link.name)
-        if link.remote_source.address:
+        if link.remote_source_address:
             self.ready.append(link)
         else:
-            close_link(link)
+            close_handle(link)
 
-    def on_link_flow(self, link: Any) -> None:
+    def on_link_flow(self, link: LinkHandle) -> None:
         pass
 
-    def on_delivery(self, link: Any, delivery: Any) -> None:
+    def on_delivery(self, link: LinkHandle, delivery: Delivery) -> None:
         pass  # no credit is ever granted to a pooled link
 
-    def on_link_closed(self, link: Link) -> None:
+    def on_link_closed(self, link: LinkHandle) -> None:
         self.pending.discard(link.name)
         if link in self.ready:
             self.ready.remove(link)
@@ -482,12 +482,12 @@ class ManagementClient:
         receiver.open()
         receiver.flow(len(self.conn.client.egress) + 4)
 
-    def on_link_opened(self, link: Link) -> None:
-        if link.is_receiver:
-            self.reply_to = link.remote_source.address
+    def on_link_opened(self, link: LinkHandle) -> None:
+        if not link.is_sender:
+            self.reply_to = link.remote_source_address
         self._send()
 
-    def on_link_flow(self, link: Any) -> None:
+    def on_link_flow(self, link: LinkHandle) -> None:
         self._send()
 
     def _send(self) -> None:
@@ -512,8 +512,7 @@ class ManagementClient:
             sender.advance()
         self.conn.socket.flush_soon()
 
-    def on_delivery(self, raw_link: Any, raw_delivery: Any) -> None:
-        link, delivery = wrap_link(raw_link), wrap_delivery(raw_delivery)
+    def on_delivery(self, link: LinkHandle, delivery: Delivery) -> None:
         if link.is_sender:
             if delivery.settled:
                 delivery.settle()
@@ -521,9 +520,9 @@ class ManagementClient:
         if delivery.partial:
             return
         message = Message()
-        message.decode(link.recv(delivery.pending) or b"")
-        delivery.update(Delivery.ACCEPTED)
-        delivery.settle()
+        message.decode(bytes(link.recv(delivery.pending)))
+        link.advance()
+        delivery.finish(ACCEPTED)
         correlation = message.correlation_id
         address = self.pending.pop(correlation, None) if isinstance(correlation, int) else None
         props: dict[str, object] = message.properties or {}
@@ -541,7 +540,7 @@ class ManagementClient:
                 printable(props.get("statusDescription", "")),
             )
 
-    def on_link_closed(self, link: Link) -> None:
+    def on_link_closed(self, link: LinkHandle) -> None:
         condition = link.remote_condition
         if condition is not None:
             logger.error(

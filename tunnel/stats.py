@@ -11,19 +11,18 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .flows import FLOW_LOG, record
+from .flows import FLOW_LOG, record, refused_record
 
 if TYPE_CHECKING:
-    from .relay import Failure, Phase
+    from .connection import Phase
+    from .dialects.carrier import Failure
 
 
 class Carried(Protocol):
     """One TCP connection a bridge carries, in either dialect, as stats and limits see it."""
 
-    #: How it travels: "link-route" or "tcp-adaptor".
-    DIALECT: ClassVar[str]
     #: ``<client-ip>:<client-port>@<site>...``, as in its link names.
     name: str
     phase: Phase
@@ -31,8 +30,16 @@ class Carried(Protocol):
     #: Bytes written to the TCP peer, and read from it.
     bytes_in: int
     bytes_out: int
-    read_open: bool
-    write_open: bool
+
+    @property
+    def dialect(self) -> str:
+        """How it travels: "link-route" or "tcp-adaptor"."""
+        ...
+
+    @property
+    def read_open(self) -> bool: ...
+    @property
+    def write_open(self) -> bool: ...
 
     def reset(self, reason: str, failure: Failure) -> None: ...
 
@@ -46,6 +53,7 @@ class BridgeStats:
         "done_written",
         "failures",
         "far_end",
+        "held",
         "live",
         "name",
         "opened",
@@ -69,6 +77,8 @@ class BridgeStats:
         # limit), and how many each peer has: both bounded by ``live``.
         self.peer_of: dict[Carried, Hashable] = {}
         self.per_peer: collections.Counter[Hashable] = collections.Counter()
+        #: Accepted sockets waiting for a connection (an ingress's router is away).
+        self.held = 0
 
     def tunnel_opened(self, tunnel: Carried, peer: Hashable | None = None) -> None:
         """``tunnel`` is open; it counts against ``peer`` (a client address, a connection)."""
@@ -82,11 +92,24 @@ class BridgeStats:
         """How many connections open now count against ``peer``."""
         return self.per_peer[peer]
 
-    def hand_over(self, old: Carried, new: Carried) -> None:
-        """``new`` carries from now on the connection that ``old`` accepted."""
-        self.live[new] = self.live.pop(old, time.monotonic())
-        if (peer := self.peer_of.pop(old, None)) is not None:
-            self.peer_of[new] = peer
+    def hold(self, peer: Hashable) -> None:
+        """An accepted socket of ``peer`` waits for its connection; it counts as one."""
+        self.held += 1
+        self.per_peer[peer] += 1
+
+    def unhold(self, peer: Hashable) -> None:
+        """The socket :meth:`hold` counted got its connection, or went."""
+        self.held -= 1
+        self.per_peer[peer] -= 1
+        if self.per_peer[peer] <= 0:
+            del self.per_peer[peer]
+
+    def refused(self, name: str, failure: Failure) -> None:
+        """A socket refused before it had a connection: counted, and its flow record logged."""
+        self.opened += 1
+        self.closed += 1
+        self.failures[failure.value] += 1
+        FLOW_LOG.closed(refused_record(self, name), failure.value)
 
     def tunnel_closed(self, tunnel: Carried) -> None:
         self.closed += 1

@@ -1,15 +1,27 @@
-"""The TCP side of a tunnel: an asyncio Protocol that only moves bytes.
+"""The TCP side of a connection: an asyncio Protocol that only moves bytes.
 
-Every callback is forwarded to the tunnel's ``on_tcp_*`` method; this module
-holds no policy. ``eof_received`` returns True so that a FIN from the peer
-closes only its direction (half-close) and the other keeps flowing.
+Every callback is forwarded to the connection's ``on_tcp_*`` method
+(:class:`TcpEvents`); this module holds no policy. The connection sees its
+socket only as a :class:`TcpPort`, which :class:`TransportPort` implements
+over an asyncio transport, so the connection itself imports no asyncio.
+``eof_received`` returns True so that a FIN from the peer closes only its
+direction (half-close) and the other keeps flowing.
 
 Reads land in one buffer shared by every connection (a buffered protocol):
 the event loop fills it and hands it on before it reads another socket, and
 the bytes are copied into proton at once. A new bytes object of up to
 256 KiB per read, freed a moment later, is what fragmented the heap of a
 long-running process; so ``on_tcp_data`` gets a view that is valid only
-during the call, and a tunnel that must keep bytes copies them.
+during the call, and a connection that must keep bytes copies them.
+
+An accepted socket may have no connection yet (an ingress whose router is
+not connected): it is then *held*, told to its :class:`Acceptor`, and not
+read. What arrived before reading paused (at most one read) is kept and
+handed on, with any FIN, once a connection is bound (:meth:`TcpSide.bind`).
+
+Bounds: each socket buffers at most :data:`WRITE_HIGH_WATER` bytes of
+output before the connection is told to stop taking the far end's bytes;
+a held socket keeps at most one read (:data:`READ_SIZE`).
 """
 
 from __future__ import annotations
@@ -31,10 +43,31 @@ READ_SIZE = 256 * 1024
 _READ_VIEW = memoryview(bytearray(READ_SIZE))
 
 
-class TcpEvents(Protocol):
-    """What a tunnel implements to hear from its TCP connection."""
+class TcpPort(Protocol):
+    """One TCP socket, as a connection drives it."""
 
-    def on_tcp_connected(self, transport: asyncio.Transport) -> None: ...
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def write_eof(self) -> None:
+        """Send our FIN; raises OSError if the peer reset meanwhile."""
+        ...
+
+    def close(self) -> None:
+        """Close once what is written is out (a FIN, both ways ended)."""
+        ...
+
+    def reset(self) -> None:
+        """Close with an RST, so the peer cannot mistake a failure for a clean end."""
+        ...
+
+    def set_reading(self, want: bool) -> None:
+        """Read from the socket only while ``want`` holds."""
+        ...
+
+
+class TcpEvents(Protocol):
+    """What a connection implements to hear from its TCP socket."""
+
+    def on_tcp_connected(self, port: TcpPort) -> None: ...
     def on_tcp_data(self, data: memoryview) -> None:
         """Bytes read; ``data`` is reused after the call returns."""
 
@@ -44,38 +77,112 @@ class TcpEvents(Protocol):
     def on_tcp_write_resumed(self) -> None: ...
 
 
+class Acceptor(Protocol):
+    """Whoever holds accepted sockets that have no connection yet."""
+
+    def on_accepted(self, side: TcpSide) -> None: ...
+    def on_lost(self, side: TcpSide) -> None:
+        """A held socket closed before it got a connection."""
+        ...
+
+
+class TransportPort:
+    """:class:`TcpPort` over an asyncio transport."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def reset(self) -> None:
+        reset(self.transport)
+
+    def set_reading(self, want: bool) -> None:
+        set_reading(self.transport, want)
+
+    def peer(self) -> object:
+        """The peer's address, as the socket gives it."""
+        return self.transport.get_extra_info("peername")
+
+
 class TcpSide(asyncio.BufferedProtocol):
-    """One TCP connection, feeding one tunnel."""
+    """One TCP socket, feeding one connection (or held by an :class:`Acceptor` until then)."""
 
-    __slots__ = ("events",)
+    __slots__ = ("_held", "_held_eof", "acceptor", "events", "port")
 
-    def __init__(self, events: TcpEvents) -> None:
+    def __init__(self, events: TcpEvents | None = None, acceptor: Acceptor | None = None) -> None:
         self.events = events
+        self.acceptor = acceptor
+        self.port: TransportPort | None = None
+        self._held = b""
+        self._held_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-        self.events.on_tcp_connected(transport)
+        self.port = port = TransportPort(transport)
+        if self.events is not None:
+            self.events.on_tcp_connected(port)
+            return
+        port.set_reading(False)
+        if self.acceptor is not None:
+            self.acceptor.on_accepted(self)
+
+    def bind(self, events: TcpEvents) -> None:
+        """Hand a held socket to its connection, with what arrived meanwhile."""
+        assert self.port is not None
+        self.events = events
+        self.acceptor = None
+        held, self._held = self._held, b""
+        events.on_tcp_connected(self.port)
+        if held:
+            events.on_tcp_data(memoryview(held))
+        if self._held_eof:
+            events.on_tcp_eof()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _READ_VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.events.on_tcp_data(_READ_VIEW[:nbytes])
+        if self.events is not None:
+            self.events.on_tcp_data(_READ_VIEW[:nbytes])
+        else:
+            # uvloop may read once before the pause takes; reading stays paused.
+            self._held += _READ_VIEW[:nbytes]
+            if self.port is not None:
+                self.port.set_reading(False)
 
     def eof_received(self) -> bool:
-        self.events.on_tcp_eof()
+        if self.events is not None:
+            self.events.on_tcp_eof()
+        else:
+            self._held_eof = True
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.events.on_tcp_closed(exc)
+        if self.events is not None:
+            self.events.on_tcp_closed(exc)
+        elif self.acceptor is not None:
+            self.acceptor.on_lost(self)
 
     def pause_writing(self) -> None:
-        self.events.on_tcp_write_paused()
+        if self.events is not None:
+            self.events.on_tcp_write_paused()
 
     def resume_writing(self) -> None:
-        self.events.on_tcp_write_resumed()
+        if self.events is not None:
+            self.events.on_tcp_write_resumed()
 
 
 def set_reading(transport: asyncio.Transport | None, want: bool) -> None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -57,20 +56,21 @@ from proton import (
     Collector,
     Condition,
     Connection,
-    Data,
     Delivery,
     Endpoint,
     Event,
     Link,
     Session,
     SymbolList,
-    Terminus,
     Transport,
     symbol,
 )
 
-from . import __version__
-from .peer_text import PEER_LOG, LogLimiter, printable
+from .. import __version__
+from ..peer_text import PEER_LOG, LogLimiter, printable
+from .handles import RELEASED, LinkOwner, forget, handle, link_of, owner_of_raw
+from .handles import Delivery as DeliveryHandle
+from .handles import Link as LinkHandle
 
 # proton's Python binding copies every byte in and out up to three times
 # (a zeroed bytearray, the C copy, then a slice); the hot paths below call
@@ -262,23 +262,34 @@ class AmqpEngine:
 
     # -- sending --------------------------------------------------------------
     def send_delivery(
-        self, link: Any, tag: bytes, head: bytes, body: bytes | bytearray | memoryview = b""
-    ) -> Any:
+        self,
+        sender: LinkHandle,
+        tag: bytes,
+        head: bytes | bytearray,
+        body: bytes | bytearray | memoryview = b"",
+    ) -> DeliveryHandle:
         """One whole delivery on a C sender handle: ``head`` then ``body``, uncopied; returns it.
 
         Each slice is framed as soon as it is in, taking proton's output
         aside when its buffer is full, so the delivery never holds more than
         a slice unless the peer's session window is shut.
         """
+        link = sender.raw
         delivery = cproton.pn_delivery(link, tag)
         _lib.pn_link_send(link, _ffi.from_buffer(head), len(head))
         self._send_sliced(link, delivery, body, SLICE - len(head))
         _lib.pn_link_advance(link)
-        return delivery
+        return DeliveryHandle(delivery)
 
-    def stream(self, link: Any, delivery: Any, data: bytes | memoryview) -> None:
-        """Add ``data`` to ``delivery``, the current one on ``link``, leaving it open."""
-        self._send_sliced(link, delivery, data, SLICE)
+    def begin_stream(self, sender: LinkHandle, tag: bytes) -> DeliveryHandle:
+        """A new delivery on ``sender`` that :meth:`stream` adds to until ``advance()``."""
+        return DeliveryHandle(cproton.pn_delivery(sender.raw, tag))
+
+    def stream(
+        self, sender: LinkHandle, delivery: DeliveryHandle, data: bytes | bytearray | memoryview
+    ) -> None:
+        """Add ``data`` to ``delivery``, the current one on ``sender``, leaving it open."""
+        self._send_sliced(sender.raw, delivery.raw, data, SLICE)
 
     def _send_sliced(
         self, link: Any, delivery: Any, data: bytes | bytearray | memoryview, first: int
@@ -331,9 +342,9 @@ class AmqpEngine:
                     _on_raw_delivery(_lib.pn_event_delivery(raw))
                 elif etype == _LINK_FLOW:
                     link = _lib.pn_event_link(raw)
-                    owner = _owner_of_raw(link)
+                    owner = owner_of_raw(link)
                     if owner is not None:
-                        owner.on_link_flow(link)
+                        owner.on_link_flow(link_of(link))
                 elif etype == _LINK_REMOTE_OPEN:
                     self._on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
                 elif etype in _LINK_REMOTE_END:
@@ -350,7 +361,7 @@ class AmqpEngine:
     def _contain(self, raw: Any, exc: Exception) -> None:
         """An exception while handling ``raw``: end its link, or failing that the connection."""
         link = _lib.pn_event_link(raw)
-        owner = None if link == _ffi.NULL else _owner_of_raw(link)
+        owner = None if link == _ffi.NULL else owner_of_raw(link)
         where = type(owner).__name__ if owner is not None else "link" if link else "connection"
         FAILURES.log(
             logging.ERROR,
@@ -391,7 +402,7 @@ class AmqpEngine:
     def _on_link_remote_open(self, link: Link, handler: ConnectionHandler) -> None:
         owner = owner_of(link)
         if owner is not None:
-            owner.on_link_opened(link)
+            owner.on_link_opened(handle(link))
         elif link.state & Endpoint.LOCAL_UNINIT and not self._refused:
             if self._peer_links >= self._max_links:
                 self._refuse_peer(f"more than {self._max_links} links on one connection")
@@ -449,19 +460,6 @@ class AmqpEngine:
         self.connection.free()
 
 
-class LinkOwner(Protocol):
-    """What a tunnel implements to hear about its own links.
-
-    The per-chunk events (credit, deliveries) carry proton's C handles;
-    ``Link.wrap`` and ``Delivery.wrap`` make Python objects of them when needed.
-    """
-
-    def on_link_opened(self, link: Link) -> None: ...
-    def on_link_flow(self, link: Any) -> None: ...
-    def on_delivery(self, link: Any, delivery: Any) -> None: ...
-    def on_link_closed(self, link: Link) -> None: ...
-
-
 class FailingOwner(LinkOwner, Protocol):
     """An owner that can tell a link we ended for the peer's fault (or ours) from a clean end.
 
@@ -470,15 +468,15 @@ class FailingOwner(LinkOwner, Protocol):
     owner handled the link. Owners without it hear ``on_link_closed``.
     """
 
-    def on_link_failed(self, link: Link, condition: Condition) -> None: ...
+    def on_link_failed(self, link: LinkHandle, condition: Condition) -> None: ...
 
 
 def _tell_failed(owner: LinkOwner, link: Link, condition: Condition) -> None:
     failed = getattr(owner, "on_link_failed", None)
     if failed is not None:
-        cast(FailingOwner, owner).on_link_failed(link, condition)
+        cast(FailingOwner, owner).on_link_failed(handle(link), condition)
     else:
-        owner.on_link_closed(link)
+        owner.on_link_closed(handle(link))
 
 
 class ConnectionHandler(Protocol):
@@ -499,6 +497,11 @@ def owner_of(link: Link) -> LinkOwner | None:
     return owner
 
 
+def close_handle(link: LinkHandle, condition: Condition | None = None) -> None:
+    """:func:`close_link` for a :class:`~tunnel.amqp.handles.Link`."""
+    close_link(link.proton, condition)
+
+
 _LOCAL_CLOSED = Endpoint.LOCAL_CLOSED
 _REMOTE_CLOSED = Endpoint.REMOTE_CLOSED
 _REMOTE_UNINIT = Endpoint.REMOTE_UNINIT
@@ -516,11 +519,6 @@ def wrap_delivery(raw: Any) -> Delivery:
     return delivery
 
 
-def _owner_of_raw(link: Any) -> LinkOwner | None:
-    attrs = cproton.pn_record_get_py(_lib.pn_link_attachments(link))
-    return None if attrs is None else attrs.get(OWNER_ATTR)
-
-
 def _on_raw_delivery(delivery: Any) -> None:
     link = _lib.pn_delivery_link(delivery)
     # A receiver's credit drops as each delivery is advanced past, so what the
@@ -528,12 +526,12 @@ def _on_raw_delivery(delivery: Any) -> None:
     if _lib.pn_link_credit(link) < _lib.pn_link_queued(link) and _lib.pn_link_is_receiver(link):
         _over_credit(link, delivery)
         return
-    owner = _owner_of_raw(link)
+    owner = owner_of_raw(link)
     if owner is not None:
-        owner.on_delivery(link, delivery)
+        owner.on_delivery(link_of(link), DeliveryHandle(delivery))
     elif _lib.pn_link_is_receiver(link):
         # A delivery on a link nobody owns any more: refuse it, never drop it.
-        settle(delivery, RELEASED)
+        DeliveryHandle(delivery).finish(RELEASED)
 
 
 def _over_credit(link: Any, delivery: Any) -> None:
@@ -554,13 +552,13 @@ def _over_credit(link: Any, delivery: Any) -> None:
         close_link(wrapped, condition)
         if owner is not None:
             _tell_failed(owner, wrapped, condition)
-    settle(delivery, RELEASED)
+    DeliveryHandle(delivery).finish(RELEASED)
 
 
 def _on_link_remote_close(link: Link, handler: ConnectionHandler) -> None:
     owner = owner_of(link)
     if owner is not None:
-        owner.on_link_closed(link)
+        owner.on_link_closed(handle(link))
     close_link(link)
 
 
@@ -662,85 +660,8 @@ def _free_if_done(link: Link) -> None:
         set_owner(link, None)
         if (counted := getattr(link, _COUNTED_ATTR, None)) is not None:
             counted.link_freed()
+        forget(link._impl)
         link.free()
-
-
-def receive_delivery(link: Any, size: int) -> bytearray:
-    """The next ``size`` bytes of the current delivery on a C link handle, copied once."""
-    out = bytearray(size)
-    got = _lib.pn_link_recv(link, _ffi.from_buffer(out), size)
-    if got < size:
-        del out[max(got, 0) :]
-    return out
-
-
-ACCEPTED = int(Delivery.ACCEPTED)
-RECEIVED = int(Delivery.RECEIVED)
-RELEASED = int(Delivery.RELEASED)
-REJECTED = int(Delivery.REJECTED)
-MODIFIED = int(Delivery.MODIFIED)
-#: The terminal outcomes (AMQP 1.0 §3.4), and received, by name for logs.
-OUTCOME_NAMES = {
-    ACCEPTED: "accepted",
-    RELEASED: "released",
-    REJECTED: "rejected",
-    MODIFIED: "modified",
-    RECEIVED: "received",
-}
-
-
-def failure_of(delivery: Any) -> str:
-    """What the peer's outcome of a sent delivery (C handle) says went wrong, or ""."""
-    remote = wrap_delivery(delivery).remote
-    if remote.type == REJECTED:
-        condition = remote.condition
-        return f"{condition.name}: {condition.description}" if condition is not None else ""
-    annotations = remote.annotations or {}
-    return str(annotations.get(symbol(FAILURE_ANNOTATION), "")) if remote.type == MODIFIED else ""
-
-
-def outcome_name(state: int) -> str:
-    return OUTCOME_NAMES.get(state, str(state))
-
-
-#: The message annotation a modified outcome carries its reason in, for the sender's error.
-FAILURE_ANNOTATION = "x-opt-tunnel-failure"
-
-
-def settle(
-    delivery: Any,
-    outcome: int,
-    *,
-    failed: bool = False,
-    condition: Condition | None = None,
-    why: str | None = None,
-) -> None:
-    """Settle a received delivery (C handle) with ``outcome``; ``failed`` marks a modified
-    outcome delivery-failed, ``condition`` is a rejection's error, ``why`` a modified
-    outcome's reason (:data:`FAILURE_ANNOTATION`)."""
-    if failed:
-        _lib.pn_disposition_set_failed(_lib.pn_delivery_local(delivery), True)
-    if condition is None and why is None:
-        _lib.pn_delivery_update(delivery, outcome)
-    else:
-        # proton's wrapper keeps a condition and annotations on the Python side
-        # and writes them into the disposition only in its own update().
-        wrapped = wrap_delivery(delivery)
-        if condition is not None:
-            wrapped.local.condition = condition
-        if why is not None:
-            wrapped.local.annotations = {symbol(FAILURE_ANNOTATION): why}
-        wrapped.update(outcome)
-    _lib.pn_delivery_settle(delivery)
-
-
-def receive_more(link: Any, size: int, into: bytearray | None) -> bytearray:
-    """``into`` (a new buffer if None) extended by the next ``size`` bytes of the delivery."""
-    part = receive_delivery(link, size)
-    if into is None:
-        return part
-    into += part
-    return into
 
 
 def refuse_link(link: Link, name: str, description: str) -> None:
@@ -748,33 +669,6 @@ def refuse_link(link: Link, name: str, description: str) -> None:
     link.source.copy(link.remote_source)
     link.target.copy(link.remote_target)
     close_link(link, Condition(name, description))
-
-
-# -- terminus helpers --------------------------------------------------------
-def capabilities(terminus: Terminus) -> set[str]:
-    """The symbols in a terminus's capabilities (a single symbol or an array)."""
-    data: Data = terminus.capabilities
-    data.rewind()
-    if data.next() is None:
-        return set()
-    value = data.get_object()
-    if isinstance(value, str):
-        return {str(value)}
-    if isinstance(value, Iterable):
-        return {str(v) for v in value}
-    return set()
-
-
-def add_capability(terminus: Terminus, name: str) -> None:
-    """Append ``name`` to a terminus's capabilities, keeping what is there."""
-    names = sorted(capabilities(terminus) | {name})
-    data: Data = terminus.capabilities
-    data.clear()
-    data.put_array(False, Data.SYMBOL)
-    data.enter()
-    for item in names:
-        data.put_symbol(symbol(item))
-    data.exit()
 
 
 def message_content_type(message: Any) -> str | None:
