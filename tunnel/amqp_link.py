@@ -14,6 +14,10 @@ a read (at most :data:`~tunnel.tcp_side.READ_SIZE` bytes) waits in
 ``_backlog`` and reading pauses until proton has taken it, so a peer that
 sends faster than proton takes is held back by TCP, not buffered here.
 What proton itself holds is bounded by the credit we granted.
+
+Bounds: ``_backlog`` holds at most one read (:data:`~tunnel.tcp_side.READ_SIZE`);
+the transport's write buffer at most :data:`WRITE_HIGH_WATER` before
+``write_paused`` turns on (one more proton output buffer may land on top).
 """
 
 from __future__ import annotations
