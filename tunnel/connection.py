@@ -64,8 +64,12 @@ logger = logging.getLogger(__name__)
 MAX_EARLY = 1024 * 1024
 
 
-class Open(enum.Flag):
-    """The directions of a connection still open."""
+class Open(enum.IntFlag):
+    """The directions of a connection still open.
+
+    Kept as a plain ``int`` (:attr:`Connection.open`): an enum operation per
+    chunk costs more than the chunk's own bookkeeping.
+    """
 
     NONE = 0
     #: TCP to AMQP: the TCP peer has not sent its FIN.
@@ -73,6 +77,9 @@ class Open(enum.Flag):
     #: AMQP to TCP: the far end has not ended its side.
     WRITE = enum.auto()
     BOTH = READ | WRITE
+
+
+_READ, _WRITE, _BOTH = int(Open.READ), int(Open.WRITE), int(Open.BOTH)
 
 
 class Phase(enum.Enum):
@@ -109,6 +116,7 @@ class Connection:
         "open",
         "open_timeout",
         "phase",
+        "reading",
         "stats",
         "tcp",
         "tcp_paused",
@@ -130,7 +138,8 @@ class Connection:
         self.stats = stats
         self.on_finished = on_finished
         self.log = ConnectionLog(logger, {"tunnel": name})
-        self.open = Open.BOTH
+        #: The directions still open, as :class:`Open` bits.
+        self.open = _BOTH
         self.phase = Phase.OPENING
         self.failure: Failure | None = None
         self.tcp: TcpPort | None = None
@@ -143,6 +152,8 @@ class Connection:
         self.deadline = None if open_timeout is None else now + open_timeout
         self._parked: bytes | None = None
         self._early: list[bytes] = []
+        #: Whether the TCP socket reads, as last asked (None: not asked yet).
+        self.reading: bool | None = None
         if stats is not None:
             stats.tunnel_opened(self, peer=peer)
         carrier.start(self)
@@ -153,11 +164,11 @@ class Connection:
 
     @property
     def read_open(self) -> bool:
-        return Open.READ in self.open
+        return bool(self.open & _READ)
 
     @property
     def write_open(self) -> bool:
-        return Open.WRITE in self.open
+        return bool(self.open & _WRITE)
 
     @property
     def parked(self) -> bool:
@@ -188,6 +199,7 @@ class Connection:
     def on_tcp_data(self, data: memoryview) -> None:
         if not self._live():
             return
+        self.reading = True  # whatever was asked: it read
         if not self.carrier.sending:
             self.reset("TCP data arrived after the far end closed its side", Failure.FAR_END)
             return
@@ -204,7 +216,7 @@ class Connection:
         if not self._live():
             return
         self.log.debug("TCP peer sent FIN")
-        self.open &= ~Open.READ
+        self.open &= ~_READ
         self._pump()
 
     def on_tcp_closed(self, exc: Exception | None) -> None:
@@ -249,14 +261,14 @@ class Connection:
     def on_far_end(self) -> None:
         if not self._live() or not self.write_open:
             return
-        self.open &= ~Open.WRITE
+        self.open &= ~_WRITE
         if self.tcp is not None:
             self._write_eof()
 
     def on_far_finished(self, why: str) -> None:
         if not self._live():
             return
-        self.open = Open.NONE
+        self.open = 0
         self.carrier.close()
         if self.tcp is not None:
             self.tcp.close()
@@ -330,9 +342,10 @@ class Connection:
 
     def _update_reading(self) -> None:
         if self.tcp is not None:
-            self.tcp.set_reading(
-                self.read_open and self._parked is None and self.carrier.room() > 0
-            )
+            want = bool(self.open & _READ) and self._parked is None and self.carrier.room() > 0
+            if want != self.reading:
+                self.reading = want
+                self.tcp.set_reading(want)
 
     # -- ending -------------------------------------------------------------------------
     def _check_finished(self) -> None:

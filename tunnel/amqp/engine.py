@@ -68,7 +68,7 @@ from proton import (
 
 from .. import __version__
 from ..peer_text import PEER_LOG, LogLimiter, printable
-from .handles import RELEASED, LinkOwner, forget, handle, link_of, owner_of_raw
+from .handles import RELEASED, LinkOwner, forget, handle, owned, owner_of_raw
 from .handles import Delivery as DeliveryHandle
 from .handles import Link as LinkHandle
 
@@ -342,9 +342,8 @@ class AmqpEngine:
                     _on_raw_delivery(_lib.pn_event_delivery(raw))
                 elif etype == _LINK_FLOW:
                     link = _lib.pn_event_link(raw)
-                    owner = owner_of_raw(link)
-                    if owner is not None:
-                        owner.on_link_flow(link_of(link))
+                    if (found := owned(link)) is not None:
+                        found[0].on_link_flow(found[1])
                 elif etype == _LINK_REMOTE_OPEN:
                     self._on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
                 elif etype in _LINK_REMOTE_END:
@@ -526,9 +525,9 @@ def _on_raw_delivery(delivery: Any) -> None:
     if _lib.pn_link_credit(link) < _lib.pn_link_queued(link) and _lib.pn_link_is_receiver(link):
         _over_credit(link, delivery)
         return
-    owner = owner_of_raw(link)
-    if owner is not None:
-        owner.on_delivery(link_of(link), DeliveryHandle(delivery))
+    found = owned(link)
+    if found is not None:
+        found[0].on_delivery(found[1], DeliveryHandle(delivery))
     elif _lib.pn_link_is_receiver(link):
         # A delivery on a link nobody owns any more: refuse it, never drop it.
         DeliveryHandle(delivery).finish(RELEASED)

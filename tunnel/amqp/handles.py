@@ -372,6 +372,17 @@ def handle(link: _ProtonLink) -> Link:
     return link_of(link._impl)
 
 
+def owned(raw: Any) -> tuple[LinkOwner, Link] | None:
+    """A C link handle's owner and its :class:`Link`, or None if nobody owns it: one lookup."""
+    attrs = cproton.pn_record_get_py(_lib.pn_link_attachments(raw))
+    if attrs is None or (owner := attrs.get(_OWNER)) is None:
+        return None
+    found = attrs.get(_HANDLE)
+    if found is None:
+        found = attrs[_HANDLE] = Link(raw)
+    return owner, found
+
+
 def owner_of_raw(raw: Any) -> LinkOwner | None:
     attrs = cproton.pn_record_get_py(_lib.pn_link_attachments(raw))
     return None if attrs is None else attrs.get(_OWNER)
