@@ -39,6 +39,7 @@ from typing import cast
 import uvloop
 
 from .. import __version__
+from ..limits import DEFAULT_MAX_CONNECTIONS
 from . import rss_kib
 
 _COUNT = struct.Struct(">Q")
@@ -152,7 +153,15 @@ def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iter
         )
         egress_args = ["--config", str(config), *egress_specs]
     else:
-        egress_args = ["--listen", "amqp://127.0.0.1:0", *egress_specs]
+        # The ingress is one direct-mode peer carrying every bench connection:
+        # the default per-peer share (half of --max-connections) would cap it.
+        egress_args = [
+            "--listen",
+            "amqp://127.0.0.1:0",
+            "--max-connections-per-peer",
+            str(DEFAULT_MAX_CONNECTIONS),
+            *egress_specs,
+        ]
     with egress_log.open("wb") as sink:
         egress = subprocess.Popen([*common, *egress_args], stderr=sink, stdin=subprocess.DEVNULL)
     ingress = None
