@@ -27,11 +27,12 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Hashable
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from proton import Link, Session
 
 from .adaptor_wire import StreamHeader
+from .amqp.engine import AmqpEngine
 from .amqp.handles import Delivery, handle
 from .amqp.handles import Link as LinkHandle
 from .amqp_link import AmqpSocket
@@ -472,7 +473,7 @@ class _LostSocket:
         pass
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> AmqpEngine:
         raise RuntimeError("the AMQP connection is lost")
 
 

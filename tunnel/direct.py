@@ -45,7 +45,6 @@ import secrets
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
 
 from proton import Condition, Link
 
@@ -608,13 +607,13 @@ class _Gone:
     def on_connection_opened(self) -> None:
         pass
 
-    def on_connection_closed(self, condition: Any) -> None:
+    def on_connection_closed(self, condition: Condition | None) -> None:
         pass
 
     def on_link_attach(self, link: Link) -> None:
         pass
 
-    def on_transport_error(self, condition: Any) -> None:
+    def on_transport_error(self, condition: Condition | None) -> None:
         pass
 
     def on_socket_writable(self) -> None:

@@ -38,7 +38,7 @@ import secrets
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from proton import Condition, Link, Message, Receiver, Sender, Session
 
@@ -80,7 +80,7 @@ class Dialect(enum.Enum):
     TCP_ADAPTOR = "tcp-adaptor"
 
 
-def choose_dialect(properties: Mapping[Any, Any]) -> tuple[Dialect, str]:
+def choose_dialect(properties: Mapping[str, object]) -> tuple[Dialect, str]:
     """The dialect for a router that sent these Open properties, and why."""
     product = str(properties.get("product", ""))
     version = str(properties.get("version", ""))
