@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -23,6 +24,7 @@ from helpers import (
     TunnelProcess,
     echo_exact,
     echo_server,
+    eventually,
     expect_reset,
     round_trip,
     send_then_shutdown,
@@ -32,7 +34,6 @@ from reactor_peer import free_port
 from skrouter_peer import (
     CONTENT_TYPE,
     STREAMING_DELIVERIES,
-    WINDOW,
     Originated,
     Policy,
     SkRouterPeer,
@@ -42,6 +43,7 @@ from skrouter_peer import (
 
 from tunnel import adaptor_wire
 from tunnel.codec import WireError
+from tunnel.dialects import tcp_adaptor
 from tunnel.router import Dialect, choose_dialect
 
 MIB = 1024 * 1024
@@ -126,6 +128,20 @@ def test_parse_refuses_an_endless_header() -> None:
 
 
 # -- a pair through the stand-in router -------------------------------------------------
+def _both_streams(peer: SkRouterPeer) -> list[Any] | None:
+    """The peer's client stream and its counter-stream, once both headers are in."""
+
+    def look(p: SkRouterPeer) -> list[Any] | None:
+        by_to = {s.header.to: s for s in p.streams.values() if s.header is not None}
+        client = by_to.get("echo")
+        if client is None or client.header is None:
+            return None
+        counter = by_to.get(client.header.reply_to)
+        return None if counter is None else [client, counter]
+
+    return peer.call(look)
+
+
 @dataclass
 class AdaptorPair:
     peer: SkRouterPeer
@@ -221,17 +237,31 @@ async def test_half_close_both_ways(tmp_path: Path) -> None:
 async def test_data_after_the_clients_fin_still_arrives(tmp_path: Path) -> None:
     """A client that has sent its FIN keeps reading what the backend sends later."""
 
+    client_ended = asyncio.Event()
+
     async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await reader.read()
-        await asyncio.sleep(0.3)
+        # Answer only once the client stream has ended and been settled.
+        await client_ended.wait()
         writer.write(b"late:" + request)
         await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(late, LOOPBACK, 0)
     async with server, adaptor_pair(tmp_path, server.sockets[0].getsockname()[1]) as pair:
-        reply = await asyncio.to_thread(send_then_shutdown, pair.port, b"question")
+        replying = asyncio.ensure_future(
+            asyncio.to_thread(send_then_shutdown, pair.port, b"question")
+        )
+        # The client stream is over at the peer, settled by the egress, before any reply.
+        await eventually(
+            lambda: [e.outcome for e in pair.peer.events() if isinstance(e, StreamEnded)],
+            "the client stream settled",
+        )
+        client_ended.set()
+        reply = await asyncio.wait_for(replying, 20)
         assert reply == b"late:question"
+        ended = [e.outcome for e in pair.peer.events() if isinstance(e, StreamEnded)]
+        assert ended == [0x24, 0x24]  # ACCEPTED, ours first
 
 
 async def test_50_concurrent_flows(tmp_path: Path) -> None:
@@ -293,12 +323,30 @@ async def test_without_acknowledgements_the_stream_stalls_then_resumes(tmp_path:
                 received.extend(chunk)
 
         reading = asyncio.create_task(read_some())
-        await asyncio.sleep(2)
-        # Our ingress sent at most its window before waiting for an acknowledgement.
-        stalled_at = len(received)
-        assert 0 < stalled_at <= 2 * WINDOW
-        await asyncio.sleep(1)
-        assert len(received) == stalled_at
+        # The peer holds both streams: ours towards the egress, and the counter-stream.
+        streams = await eventually(
+            lambda: _both_streams(pair.peer), "both streams at the peer", timeout=20
+        )
+
+        assert streams is not None
+
+        def carried() -> list[int]:
+            return pair.peer.call(lambda _: [s.forwarded + len(s.pending) for s in streams])
+
+        # Our ingress used up its window, the egress echoed all of it back within
+        # its own, and the ingress wrote that to the client.
+        await eventually(
+            lambda: min(carried()) >= tcp_adaptor.WINDOW and len(received) >= tcp_adaptor.WINDOW,
+            "both windows used up",
+            timeout=20,
+        )
+        assert carried() == [tcp_adaptor.WINDOW, tcp_adaptor.WINDOW]
+        assert len(received) == tcp_adaptor.WINDOW
+        # A further flow on the same AMQP connections: its frames come after
+        # anything the stalled flow could have sent past its window.
+        assert await round_trip(pair.port, b"behind the stall") == b"behind the stall"
+        assert carried() == [tcp_adaptor.WINDOW, tcp_adaptor.WINDOW]
+        assert len(received) == tcp_adaptor.WINDOW
         assert pair.ingress.proc.poll() is None and pair.egress.proc.poll() is None
         await asyncio.to_thread(pair.peer.set_forward_acks, True)
         await asyncio.wait_for(writer.drain(), 30)
