@@ -47,6 +47,12 @@ async def _echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
 
 
+async def _reset(reader: asyncio.StreamReader) -> None:
+    """The tunnel resets this connection (an RST, not a FIN)."""
+    with pytest.raises(ConnectionResetError):
+        await reader.read()
+
+
 async def _connect_from(
     port: int, source: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -112,26 +118,36 @@ async def test_idle_tunnels_are_reset(tmp_path: Path) -> None:
         quiet = await asyncio.open_connection(LOOPBACK, port)
         busy = await asyncio.open_connection(LOOPBACK, port)
         await _echoes(*quiet)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 2.5
-        while loop.time() < deadline:
-            await _echoes(*busy)
-            await asyncio.sleep(0.1)
-        with pytest.raises(ConnectionResetError):
-            await asyncio.wait_for(quiet[0].read(), 5)
+        first = asyncio.create_task(_reset(quiet[0]))
+        later: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        second: asyncio.Task[None] | None = None
+        # Busy all along, until a tunnel opened when the quiet one was reset is
+        # reset too: a whole idle timeout more, after the busy one had lived one.
+        async with asyncio.timeout(15):
+            while second is None or not second.done():
+                await _echoes(*busy)
+                if second is None and first.done():
+                    first.result()
+                    later = await asyncio.open_connection(LOOPBACK, port)
+                    await _echoes(*later)
+                    second = asyncio.create_task(_reset(later[0]))
+                await asyncio.sleep(0.1)  # paces the busy tunnel's traffic
+        second.result()
         await _echoes(*busy)
         await ingress.wait_for(r"idle for \d+ s")
-        for _, writer in (quiet, busy):
+        assert later is not None
+        for _, writer in (quiet, busy, later):
             writer.close()
 
 
 async def test_half_closed_tunnels_are_reset(tmp_path: Path) -> None:
     """A client that half-closes towards a backend that never answers is reset after the timeout."""
     seen: list[bytes] = []
+    done = asyncio.Event()
 
     async def mute(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
         seen.append(await reader.read())  # reads to EOF, then neither answers nor closes
-        await asyncio.sleep(30)
+        await done.wait()
 
     server = await asyncio.start_server(mute, LOOPBACK, 0)
     try:
@@ -147,6 +163,7 @@ async def test_half_closed_tunnels_are_reset(tmp_path: Path) -> None:
             await ingress.wait_for(r"half-closed for \d+ s")
             assert seen == [b"request"]
     finally:
+        done.set()
         server.close()
 
 
