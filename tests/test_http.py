@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import LOOPBACK, TunnelProcess, write_connect_json
+from helpers import LOOPBACK, TunnelProcess, eventually, write_connect_json
 from http_backend import MAX_BODY, MIB, TIMEOUT, Server, backend, request
 from reactor_peer import free_port
 
@@ -302,22 +302,46 @@ async def test_oversized_bodies(pair: HttpPair) -> None:
     assert f"backend {LOOPBACK}:{pair.backend.server_address[1]}:".encode() in body
 
 
+def _answer(conn: http.client.HTTPConnection) -> tuple[int, bytes]:
+    """The status and body of the response to the request ``conn`` has sent."""
+    try:
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _unread(server_port: int, client_port: int) -> int | None:
+    """Bytes the kernel holds unread for the server end of a loopback connection."""
+    ends = f"0100007F:{server_port:04X} 0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if f"{fields[1]} {fields[2]}" == ends:
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
 async def test_request_waits_for_the_egress_to_come_back(tmp_path: Path) -> None:
     """A request made while the far end is down is carried once it is back, not failed."""
     with backend() as server:
         async with http_pair(tmp_path, server.server_address[1], timeout=30) as running:
             running.egress.kill()
             await running.ingress.wait_for("connection lost")
-            waiting = asyncio.ensure_future(
-                asyncio.to_thread(request, running.port, "POST", "/echo", b"patient")
+            conn = http.client.HTTPConnection(LOOPBACK, running.port, timeout=30)
+            conn.connect()
+            client_port = conn.sock.getsockname()[1]
+            conn.request("POST", "/echo", b"patient")
+            waiting = asyncio.ensure_future(asyncio.to_thread(_answer, conn))
+            # The ingress has read the whole request (the kernel holds none of it
+            # for the ingress), so it has it in hand while the far end is away.
+            await eventually(
+                lambda: _unread(running.port, client_port) == 0, "the ingress read the request"
             )
-            await asyncio.sleep(0.5)
             assert not waiting.done()
             running.egress = _egress(
                 tmp_path, server.server_address[1], running.amqp_port, 30, "egress2.log"
             )
-            status, _, body = await asyncio.wait_for(waiting, 25)
-            assert (status, body) == (200, b"patient")
+            assert await asyncio.wait_for(waiting, 25) == (200, b"patient")
 
 
 async def test_sigterm_lets_a_request_in_flight_finish(pair: HttpPair) -> None:
