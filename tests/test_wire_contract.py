@@ -9,13 +9,17 @@ a real ``python -m tunnel`` subprocess; every byte stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import socket
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import eventually
 from proton import Delivery, Message
 from reactor_peer import (
     EOS_PROPERTY,
@@ -284,19 +288,41 @@ def test_ingress_carries_bytes_and_half_close_both_ways(harness: Harness) -> Non
     assert peer.received(sender.name)[-1] == marker
 
 
+def _fin_taken(admin: str, client: str) -> bool:
+    """Whether ``/flows`` shows the open flow of ``client`` with a direction ended."""
+    with urllib.request.urlopen(admin + "/flows", timeout=10) as response:  # noqa: S310
+        flows = json.loads(response.read())
+    return any(
+        not (flow["to_peer"]["open"] and flow["from_peer"]["open"])
+        for flow in flows["open"]
+        if flow["client"] == client
+    )
+
+
 def test_ingress_without_half_close_detaches_after_settlement(harness: Harness) -> None:
     """Towards a node egress a client FIN is a clean detach once every delivery is settled."""
-    peer, port = start_ingress(
-        harness,
-        Policy(dynamic_addresses=[INGRESS_DYNAMIC], hold_targets=frozenset({ADDRESS})),
+    peer = harness.peer(
+        Policy(dynamic_addresses=[INGRESS_DYNAMIC], hold_targets=frozenset({ADDRESS}))
     )
+    daemon = harness.daemon(
+        peer, f"tcp:127.0.0.1:0=>amqp:{ADDRESS}", "--site-id", SITE, "--admin", "127.0.0.1:0"
+    )
+    port = int(daemon.wait_log(LISTENING).group(1))
+    admin = daemon.wait_log(r"admin endpoint on (http://127\.0\.0\.1:\d+)").group(1)
+    daemon.wait_log(CONNECTED)
     client = harness.client(port)
     receiver, sender = ingress_links(peer, client)
 
     client.sendall(b"request")
     wait_data(peer, sender.name, len(b"request"))
     client.shutdown(socket.SHUT_WR)
-    time.sleep(0.5)
+    # The ingress has taken our FIN (/flows shows a direction ended) ...
+    me = f"127.0.0.1:{client.getsockname()[1]}"
+    asyncio.run(eventually(lambda: _fin_taken(admin, me), "the ingress took the FIN"))
+    # ... and a tunnel opened after it attaches: the peer has had every frame the
+    # FIN could have made the ingress send, a detach included.
+    harness.client(port)
+    peer.wait_for(Attached, lambda a: a.daemon_role == "sender" and a.name != sender.name)
     assert not any(isinstance(e, Detached) and e.link == sender.name for e in peer.events())
     assert peer.release_held() >= 1
 
