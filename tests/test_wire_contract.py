@@ -15,7 +15,6 @@ import re
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -156,7 +155,7 @@ def test_egress_answers_routed_attach_and_opens_reply_link(harness: Harness) -> 
     assert reply.session == answer.session
     # Credit for the client's bytes comes once the backend connection exists.
     peer.wait_for(Credit, lambda c: c.link == ROUTED and c.credit > 0)
-    assert _eventually(lambda: echo.accepted == 1)
+    asyncio.run(eventually(lambda: echo.accepted == 1, "the backend connection"))
 
 
 def test_egress_carries_bytes_and_half_close_both_ways(harness: Harness) -> None:
@@ -363,15 +362,6 @@ def test_ingress_resets_client_when_link_detached_with_error(harness: Harness) -
 # -- helpers ------------------------------------------------------------------------
 def _count(events: list[PeerEvent], kind: type, link: str) -> int:
     return sum(1 for e in events if isinstance(e, kind) and getattr(e, "link", None) == link)
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_ingress_reads_nothing_until_credit(harness: Harness) -> None:
