@@ -344,8 +344,10 @@ def pump_peer(engine: AmqpEngine, handler: ConnectionHandler, peer: Peer) -> Non
         engine.run_events(handler)
         while (out := engine.bytes_to_send()) is not None:
             moved = True
-            if peer.transport.capacity() > 0:
-                peer.transport.push(bytes(out))
+            rest = bytes(out)
+            while rest and (room := peer.transport.capacity()) > 0:
+                peer.transport.push(rest[:room])
+                rest = rest[room:]
         engine.run_events(handler)
         if not moved:
             return
@@ -459,3 +461,14 @@ def read_messages(link: Link, outcome: int | None = Delivery.ACCEPTED) -> list[M
             delivery.update(outcome)
             delivery.settle()
     return got
+
+
+def bodies(link: Link, outcome: int | None = Delivery.ACCEPTED) -> list[bytes]:
+    """The bodies of :func:`read_messages`, as bytes."""
+    return [body_of(m) for m in read_messages(link, outcome)]
+
+
+def body_of(msg: Message) -> bytes:
+    body: object = msg.body
+    assert isinstance(body, bytes | memoryview), body
+    return bytes(body)
