@@ -17,6 +17,8 @@ from unit_harness import (
     ADDRESS,
     RESET,
     FarEnd,
+    MemoryPort,
+    QuietHandler,
     Side,
     bodies,
     body_of,
@@ -25,9 +27,11 @@ from unit_harness import (
     send_message,
 )
 
+from tunnel.amqp.handles import capabilities, handle
 from tunnel.connection import Connection, Open, Phase
 from tunnel.dialects.carrier import Failure
 from tunnel.dialects.link_route import LinkRouteCarrier
+from tunnel.wire import HALF_CLOSE
 
 
 @dataclass
@@ -330,3 +334,114 @@ def _phase_of_deadline(t: NodeTunnel) -> Phase:
 def test_open_with_credit_is_not_cut_by_the_deadline() -> None:
     t = node_tunnel()
     assert _phase_of_deadline(t) is Phase.OPEN
+
+
+def test_a_far_end_aborting_a_message_resets_and_writes_nothing_of_it() -> None:
+    t = node_tunnel(max_frame_size=512)
+    delivery = t.reply.delivery("r1")
+    t.reply.send(message(b"q" * 5000)[:3000])  # part of a message, in several frames
+    t.pump()
+    assert t.side.tcp.written == b""
+    delivery.abort()
+    t.pump()
+    assert t.side.tcp.written == b""
+    assert t.side.conn.failure is not None and t.side.tcp.was_reset
+
+
+# -- our egress behind a link route, reached by a node ingress --------------------
+class RoutedEgress(QuietHandler):
+    """What RouterConnection does with a routed attach: a reply sender and an egress carrier."""
+
+    def __init__(self, port: MemoryPort) -> None:
+        super().__init__()
+        self.port = port
+
+    def on_link_attach(self, link: Link) -> None:
+        assert link.is_receiver and link.remote_target.address == ADDRESS
+        sender = link.session.sender(f"{link.name}/reply")
+        reply_to = link.remote_source.address
+        assert reply_to is not None
+        sender.target.address = reply_to
+        sender.open()
+        carrier = LinkRouteCarrier.egress(
+            self.port, link.name, handle(link), handle(sender), window=2
+        )
+        self.sides.append(Side(Connection(link.name, carrier)))
+
+
+@dataclass
+class NodeIngress:
+    far: FarEnd
+    side: Side
+    routed: Link  # the node ingress's sender, routed to us
+    reply: Link  # its dynamic receiver, which our reply sender reaches
+
+
+def node_ingress(*, half_close: bool = False) -> NodeIngress:
+    far = FarEnd()
+    handler = RoutedEgress(far.port)
+    far.handler = handler
+    session = far.peer.connection.session()
+    session.open()
+    routed = session.sender("10.0.0.3:6000@node-site")
+    routed.target.address = ADDRESS
+    routed.source.address = "node-reply-1"
+    if half_close:
+        routed.source.capabilities.put_array(False, Data.SYMBOL)
+        routed.source.capabilities.enter()
+        routed.source.capabilities.put_symbol(symbol("tunnel:half-close"))
+        routed.source.capabilities.exit()
+    routed.open()
+    far.pump()
+    (side,) = handler.sides
+    assert routed.state & Endpoint.REMOTE_UNINIT  # answered only once the backend is there
+    (reply,) = far.new_links()
+    assert reply.is_receiver and reply.remote_target.address == "node-reply-1"
+    far.answer_bare(reply)
+    reply.flow(10)
+    far.pump()
+    side.conn.on_tcp_connected(side.tcp)
+    far.pump()
+    assert routed.state & Endpoint.REMOTE_ACTIVE and routed.credit == 2
+    return NodeIngress(far, side, routed, reply)
+
+
+def test_a_node_ingress_reaches_our_egress() -> None:
+    t = node_ingress()
+    send_message(t.routed, message(b"from node"), "m1")
+    t.side.data(b"to node")
+    t.far.pump()
+    assert t.side.tcp.written == b"from node"
+    assert bodies(t.reply) == [b"to node"]
+    assert HALF_CLOSE in capabilities(t.routed.remote_target)  # offered, not taken up
+
+
+def test_the_backend_fin_ends_the_whole_tunnel_towards_a_node_ingress() -> None:
+    t = node_ingress()
+    t.side.fin()
+    t.far.pump()
+    assert t.routed.state & Endpoint.REMOTE_CLOSED and t.routed.remote_condition is None
+    assert t.reply.state & Endpoint.REMOTE_CLOSED and t.reply.remote_condition is None
+    assert phase(t.side) is Phase.CLOSED and t.side.conn.failure is None
+    assert t.side.tcp.closed and not t.side.tcp.was_reset
+
+
+def test_a_node_ingress_detaching_cleanly_ends_the_tunnel() -> None:
+    t = node_ingress()
+    send_message(t.routed, message(b"last"), "m1")
+    t.routed.close()
+    t.far.pump()
+    assert t.side.tcp.written == b"last"
+    assert phase(t.side) is Phase.CLOSED and t.side.conn.failure is None
+    assert t.side.tcp.closed and not t.side.tcp.was_reset
+
+
+def test_a_half_close_ingress_gets_the_marker_from_our_egress() -> None:
+    t = node_ingress(half_close=True)
+    t.side.data(b"bye")
+    t.side.fin()
+    t.far.pump()
+    msgs = read_messages(t.reply)
+    assert [body_of(m) for m in msgs] == [b"bye", b""]
+    assert msgs[1].properties == {"tunnel:eos": True}
+    assert phase(t.side) is Phase.OPEN and not t.routed.state & Endpoint.REMOTE_CLOSED
