@@ -370,12 +370,12 @@ class TcpAdaptorCarrier:
         self.events.on_far_data(data)
         self._acknowledge(ACK_EVERY)
 
-    def on_in_end(self, aborted: bool) -> None:
-        """The far end's stream is complete: its final transfer arrived, or it was aborted."""
+    def on_in_end(self, failure: str | None) -> None:
+        """The far end's stream is over: its final transfer arrived, or ``failure`` says how not."""
         if self.closed:
             return
-        if aborted:
-            self._failed("the far end aborted its stream", Failure.FAR_END)
+        if failure is not None:
+            self._failed(f"the far end {failure}", Failure.FAR_END)
         else:
             self.events.on_far_end()
 
@@ -501,8 +501,8 @@ class StreamDispatcher:
             return
         if delivery in self.ended:
             return  # read to the end; its carrier settles it
-        pending = delivery.pending
-        if pending:
+        # An aborted delivery reports one byte pending, which reads as nothing.
+        if not delivery.aborted and (pending := delivery.pending):
             carrier.on_in_data(link.recv(pending))
         self._check_end(link, delivery, carrier)
 
@@ -560,10 +560,13 @@ class StreamDispatcher:
         return carrier
 
     def _check_end(self, link: Link, delivery: Delivery, carrier: TcpAdaptorCarrier) -> None:
-        if delivery.partial or delivery.pending or delivery not in self.carriers:
+        if delivery not in self.carriers:
+            return
+        failure = _given_up(delivery)
+        if failure is None and (delivery.partial or delivery.pending):
             return
         self.ended.add(delivery)
-        carrier.on_in_end(delivery.aborted)
+        carrier.on_in_end(failure)
         self._top_up(link)
 
     def _refuse(self, link: Link, delivery: Delivery, outcome: int, why: str) -> None:
@@ -576,3 +579,20 @@ class StreamDispatcher:
         # A consumer link keeps credit for many streams; a link the router
         # opened, or a reply link, carries one stream at a time.
         link.top_up(CONSUMER_CREDIT if link in self.consumers.values() else 1)
+
+
+def _given_up(delivery: Delivery) -> str | None:
+    """How the far end gave up a stream it sends us, or None while it has not.
+
+    An abort, or a settlement before ours: the receiver settles a stream,
+    and skupper-router settles its own (``modified``) only when its TCP side
+    drops (protocols.md §4.4). proton then reports the delivery as no longer
+    partial, and often without the outcome, which must not pass for a FIN.
+    """
+    if delivery.aborted:
+        return "aborted its stream"
+    state = delivery.remote_state
+    if delivery.settled and state != ACCEPTED:
+        outcome = outcome_name(state) if state else "no outcome"
+        return f"settled its stream before we did ({outcome})"
+    return None
