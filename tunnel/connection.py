@@ -15,7 +15,7 @@ State: :attr:`Connection.open`, the directions still open (``READ``: TCP to
 AMQP, until the TCP peer's FIN; ``WRITE``: AMQP to TCP, until the far end's
 end), and :attr:`Connection.phase`: ``OPENING`` until the far end is there
 (first credit, or its counter-stream), ``OPEN``, then ``CLOSED``. A
-``CLOSED`` connection ignores every event (:meth:`Connection._live`).
+``CLOSED`` connection ignores every event: each handler's first test.
 
 Transitions (``carrier.idle()``: our side ended, all of it settled)::
 
@@ -88,6 +88,9 @@ class Phase(enum.Enum):
     OPENING = "opening"
     OPEN = "open"
     CLOSED = "closed"
+
+
+_CLOSED = Phase.CLOSED
 
 
 class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -178,13 +181,9 @@ class Connection:
     def tcp_writable(self) -> bool:
         return self.tcp is not None and not self.tcp_paused and self.phase is not Phase.CLOSED
 
-    def _live(self) -> bool:
-        """Whether events still matter: the one place a closed connection ignores them."""
-        return self.phase is not Phase.CLOSED
-
     # -- TCP events (TcpEvents) ----------------------------------------------------
     def on_tcp_connected(self, port: TcpPort) -> None:
-        if not self._live():
+        if self.phase is _CLOSED:
             port.reset()
             return
         self.tcp = port
@@ -192,12 +191,12 @@ class Connection:
         for data in early:
             self._write(data)
         self.carrier.on_tcp_connected()
-        if not self.write_open and self._live():
+        if not self.write_open and self.phase is not _CLOSED:
             self._write_eof()  # the far end ended before TCP was there
         self._pump()
 
     def on_tcp_data(self, data: memoryview) -> None:
-        if not self._live():
+        if self.phase is _CLOSED:
             return
         self.reading = True  # whatever was asked: it read
         if not self.carrier.sending:
@@ -213,14 +212,14 @@ class Connection:
         self._update_reading()
 
     def on_tcp_eof(self) -> None:
-        if not self._live():
+        if self.phase is _CLOSED:
             return
         self.log.debug("TCP peer sent FIN")
         self.open &= ~_READ
         self._pump()
 
     def on_tcp_closed(self, exc: Exception | None) -> None:
-        if not self._live():
+        if self.phase is _CLOSED:
             return
         self.tcp = None
         if exc is not None:
@@ -233,7 +232,7 @@ class Connection:
 
     def on_tcp_write_resumed(self) -> None:
         self.tcp_paused = False
-        if self._live():
+        if self.phase is not _CLOSED:
             self.carrier.on_tcp_drained()
 
     # -- carrier events (CarrierEvents) ----------------------------------------------
@@ -243,13 +242,13 @@ class Connection:
             self.deadline = None
 
     def on_far_credit(self) -> None:
-        if self._live():
+        if self.phase is not _CLOSED:
             self._pump()
 
     def on_far_data(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._live() or not data:
+        if self.phase is _CLOSED or not data:
             return
-        if not self.write_open:
+        if not self.open & _WRITE:
             self.reset("data arrived after the end of the stream", Failure.PROTOCOL)
         elif self.tcp is not None:
             self._write(data)
@@ -259,14 +258,14 @@ class Connection:
             self._early.append(bytes(data))
 
     def on_far_end(self) -> None:
-        if not self._live() or not self.write_open:
+        if self.phase is _CLOSED or not self.write_open:
             return
         self.open &= ~_WRITE
         if self.tcp is not None:
             self._write_eof()
 
     def on_far_finished(self, why: str) -> None:
-        if not self._live():
+        if self.phase is _CLOSED:
             return
         self.open = 0
         self.carrier.close()
@@ -279,16 +278,16 @@ class Connection:
 
     # -- the AMQP connection and time ---------------------------------------------------
     def on_amqp_writable(self) -> None:
-        if self._live():
+        if self.phase is not _CLOSED:
             self._pump()
 
     def on_amqp_lost(self) -> None:
-        if self._live():
+        if self.phase is not _CLOSED:
             self.carrier.lost()
             self.reset("AMQP connection lost", Failure.AMQP_LOST)
 
     def on_peer_closed(self) -> None:
-        if self._live():
+        if self.phase is not _CLOSED:
             self.carrier.on_peer_closed()
 
     def on_deadline(self, now: float) -> None:
@@ -316,9 +315,9 @@ class Connection:
         if self._parked is not None:
             rest = self._send(memoryview(self._parked))
             self._parked = bytes(rest) if rest else None
-        if not self.read_open and self._parked is None and self._live():
+        if not self.open & _READ and self._parked is None and self.phase is not _CLOSED:
             self.carrier.end()
-        if self._live():
+        if self.phase is not _CLOSED:
             self._update_reading()
             self._check_finished()
 
@@ -349,7 +348,7 @@ class Connection:
 
     # -- ending -------------------------------------------------------------------------
     def _check_finished(self) -> None:
-        if self._live() and not self.open and self.carrier.idle():
+        if self.phase is not _CLOSED and not self.open and self.carrier.idle():
             self.carrier.close()
             if self.tcp is not None:
                 self.tcp.close()
@@ -363,7 +362,7 @@ class Connection:
 
     def reset(self, reason: str, failure: Failure) -> None:
         """Tear down both sides as a failure: RST on TCP, the carrier's reset on AMQP."""
-        if not self._live():
+        if self.phase is _CLOSED:
             return
         self.failure = failure
         tcp, self.tcp = self.tcp, None

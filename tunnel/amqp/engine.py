@@ -68,7 +68,7 @@ from proton import (
 
 from .. import __version__
 from ..peer_text import PEER_LOG, LogLimiter, printable
-from .handles import RELEASED, LinkOwner, forget, handle, owned, owner_of_raw
+from .handles import RELEASED, LinkOwner, forget, handle, link_of, owned
 from .handles import Delivery as DeliveryHandle
 from .handles import Link as LinkHandle
 
@@ -85,7 +85,6 @@ DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
 # The most one delivery holds inside proton at once (see the module docstring).
 SLICE = 16 * 1024
 DEFAULT_IDLE_TIMEOUT = 16.0
-OWNER_ATTR = "tunnel_owner"
 _FREED_ATTR = "tunnel_freed"
 _SESSION_WINDOW_ATTR = "tunnel_session_window"
 PRODUCT = "tunnel"
@@ -342,8 +341,8 @@ class AmqpEngine:
                     _on_raw_delivery(_lib.pn_event_delivery(raw))
                 elif etype == _LINK_FLOW:
                     link = _lib.pn_event_link(raw)
-                    if (found := owned(link)) is not None:
-                        found[0].on_link_flow(found[1])
+                    if (found := owned(link)) is not None and found.owner is not None:
+                        found.owner.on_link_flow(found)
                 elif etype == _LINK_REMOTE_OPEN:
                     self._on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
                 elif etype in _LINK_REMOTE_END:
@@ -360,7 +359,7 @@ class AmqpEngine:
     def _contain(self, raw: Any, exc: Exception) -> None:
         """An exception while handling ``raw``: end its link, or failing that the connection."""
         link = _lib.pn_event_link(raw)
-        owner = None if link == _ffi.NULL else owner_of_raw(link)
+        owner = None if link == _ffi.NULL else link_of(link).owner
         where = type(owner).__name__ if owner is not None else "link" if link else "connection"
         FAILURES.log(
             logging.ERROR,
@@ -488,12 +487,11 @@ class ConnectionHandler(Protocol):
 
 
 def set_owner(link: Link, owner: LinkOwner | None) -> None:
-    setattr(link, OWNER_ATTR, owner)
+    handle(link).owner = owner
 
 
 def owner_of(link: Link) -> LinkOwner | None:
-    owner: LinkOwner | None = getattr(link, OWNER_ATTR, None)
-    return owner
+    return handle(link).owner
 
 
 def close_handle(link: LinkHandle, condition: Condition | None = None) -> None:
@@ -526,8 +524,8 @@ def _on_raw_delivery(delivery: Any) -> None:
         _over_credit(link, delivery)
         return
     found = owned(link)
-    if found is not None:
-        found[0].on_delivery(found[1], DeliveryHandle(delivery))
+    if found is not None and found.owner is not None:
+        found.owner.on_delivery(found, DeliveryHandle(delivery))
     elif _lib.pn_link_is_receiver(link):
         # A delivery on a link nobody owns any more: refuse it, never drop it.
         DeliveryHandle(delivery).finish(RELEASED)

@@ -9,8 +9,9 @@ do in AMQP's words.
 
 One :class:`Link` is made per proton link and kept in the link's record
 (:func:`link_of`), so every event about a link hands its owner the same
-object. A :class:`Delivery` is made per event; two for the same proton
-delivery compare equal, so a delivery can key a dict across events.
+object; it holds the owner too, so one lookup per event finds both. A
+:class:`Delivery` is made per event; two for the same proton delivery
+compare equal, so a delivery can key a dict across events.
 
 The cold paths (termini, names, sessions) go through proton's own Python
 objects (:attr:`Link.proton`), which are typed and copy nothing that matters.
@@ -29,7 +30,6 @@ from proton import Link as _ProtonLink
 _ffi = cproton.ffi
 _lib = cproton.lib
 
-_OWNER = "tunnel_owner"
 _HANDLE = "tunnel_handle"
 
 ACCEPTED = int(_ProtonDelivery.ACCEPTED)
@@ -65,10 +65,13 @@ class LinkOwner(Protocol):
 class Link:
     """One AMQP link (proton's ``pn_link_t``)."""
 
-    __slots__ = ("raw",)
+    __slots__ = ("is_sender", "owner", "raw")
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
+        #: What hears the link's events (None: nobody); see :meth:`own`.
+        self.owner: LinkOwner | None = None
+        self.is_sender = bool(_lib.pn_link_is_sender(raw))
 
     # -- identity and termini (cold paths) -------------------------------------
     @property
@@ -80,10 +83,6 @@ class Link:
     @property
     def name(self) -> str:
         return str(_ffi.string(_lib.pn_link_name(self.raw)).decode())
-
-    @property
-    def is_sender(self) -> bool:
-        return bool(_lib.pn_link_is_sender(self.raw))
 
     @property
     def session(self) -> Session:
@@ -137,14 +136,9 @@ class Link:
             link.max_message_size = max_message_size
 
     # -- owner --------------------------------------------------------------
-    @property
-    def owner(self) -> LinkOwner | None:
-        owner: LinkOwner | None = _record(self.raw).get(_OWNER)
-        return owner
-
     def own(self, owner: LinkOwner | None) -> None:
         """Give the link's events to ``owner`` (None: nobody)."""
-        _record(self.raw)[_OWNER] = owner
+        self.owner = owner
 
     # -- credit ---------------------------------------------------------------
     @property
@@ -184,7 +178,10 @@ class Link:
 
     def recv_into(self, into: bytearray | None, size: int) -> bytearray:
         """``into`` (a new buffer if None) extended by the next ``size`` bytes."""
-        part = self.recv(size)
+        part = bytearray(size)
+        got = _lib.pn_link_recv(self.raw, _ffi.from_buffer(part), size)
+        if got < size:
+            del part[max(got, 0) :]
         if into is None:
             return part
         into += part
@@ -372,28 +369,20 @@ def handle(link: _ProtonLink) -> Link:
     return link_of(link._impl)
 
 
-def owned(raw: Any) -> tuple[LinkOwner, Link] | None:
-    """A C link handle's owner and its :class:`Link`, or None if nobody owns it: one lookup."""
+def owned(raw: Any) -> Link | None:
+    """The :class:`Link` of a C link handle if it has an owner, else None: one lookup."""
     attrs = cproton.pn_record_get_py(_lib.pn_link_attachments(raw))
-    if attrs is None or (owner := attrs.get(_OWNER)) is None:
+    if attrs is None:
         return None
-    found = attrs.get(_HANDLE)
-    if found is None:
-        found = attrs[_HANDLE] = Link(raw)
-    return owner, found
-
-
-def owner_of_raw(raw: Any) -> LinkOwner | None:
-    attrs = cproton.pn_record_get_py(_lib.pn_link_attachments(raw))
-    return None if attrs is None else attrs.get(_OWNER)
+    found: Link | None = attrs.get(_HANDLE)
+    return found if found is not None and found.owner is not None else None
 
 
 def forget(raw: Any) -> None:
-    """Drop the owner and the handle kept in a link's record (before it is freed)."""
+    """Drop the handle kept in a link's record, and with it the owner (before it is freed)."""
     attrs = cproton.pn_record_get_py(_lib.pn_link_attachments(raw))
-    if attrs is not None:
-        attrs.pop(_OWNER, None)
-        attrs.pop(_HANDLE, None)
+    if attrs is not None and (found := attrs.pop(_HANDLE, None)) is not None:
+        found.owner = None
 
 
 def _record(raw: Any) -> dict[str, Any]:
