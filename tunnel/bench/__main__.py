@@ -142,7 +142,17 @@ def relay_path(servers: dict[str, int]) -> Iterator[Route]:
 @contextlib.contextmanager
 def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iterator[Route]:
     egress_log, ingress_log = folder / "egress.log", folder / "ingress.log"
-    common = [sys.executable, "-m", "tunnel", "--log-level", "INFO"]
+    # Every bench client comes from 127.0.0.1, and the ingress is one direct-mode
+    # peer: the default per-peer share (half of --max-connections) would cap both.
+    common = [
+        sys.executable,
+        "-m",
+        "tunnel",
+        "--log-level",
+        "INFO",
+        "--max-connections-per-peer",
+        str(DEFAULT_MAX_CONNECTIONS),
+    ]
     egress_specs = [f"amqp:bench-{t}=>tcp:127.0.0.1:{servers[t]}" for t in TARGETS]
     ingress_specs = [f"tcp:127.0.0.1:0=>amqp:bench-{t}" for t in TARGETS]
     if amqp:
@@ -153,15 +163,7 @@ def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iter
         )
         egress_args = ["--config", str(config), *egress_specs]
     else:
-        # The ingress is one direct-mode peer carrying every bench connection:
-        # the default per-peer share (half of --max-connections) would cap it.
-        egress_args = [
-            "--listen",
-            "amqp://127.0.0.1:0",
-            "--max-connections-per-peer",
-            str(DEFAULT_MAX_CONNECTIONS),
-            *egress_specs,
-        ]
+        egress_args = ["--listen", "amqp://127.0.0.1:0", *egress_specs]
     with egress_log.open("wb") as sink:
         egress = subprocess.Popen([*common, *egress_args], stderr=sink, stdin=subprocess.DEVNULL)
     ingress = None
