@@ -260,6 +260,8 @@ async def test_data_after_the_clients_fin_still_arrives(tmp_path: Path) -> None:
         client_ended.set()
         reply = await asyncio.wait_for(replying, 20)
         assert reply == b"late:question"
+        # The client has the bytes; the ingress settles the backend's stream after them.
+        pair.peer.wait_until(lambda events: sum(isinstance(e, StreamEnded) for e in events) == 2)
         ended = [e.outcome for e in pair.peer.events() if isinstance(e, StreamEnded)]
         assert ended == [0x24, 0x24]  # ACCEPTED, ours first
 

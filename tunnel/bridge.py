@@ -148,6 +148,9 @@ class IngressBridge:
         self.stats = BridgeStats(str(spec), f"amqp:{spec.address}")
         self.sweeper = Sweeper(self.stats, limits)
         self.deadlines = Deadlines()
+        # Made once, not per connection: a closure each would cost every connection.
+        self._disarm = self.deadlines.disarm
+        self._finish: tuple[TunnelHost, Callable[[Connection], None]] | None = None
         #: Accepted sockets waiting for the router, with their client and hold timer.
         self.held: dict[TcpSide, tuple[str, asyncio.TimerHandle]] = {}
 
@@ -172,15 +175,14 @@ class IngressBridge:
 
     # -- Acceptor -----------------------------------------------------------------
     def on_accepted(self, side: TcpSide) -> None:
-        assert side.port is not None
-        client = _client(side.port.peer())
+        client = _client(side.peer())
         stats = self.stats
         stats.hold(client)
         if (refusal := self.limits.refusal(stats, client, client)) is not None:
             stats.unhold(client)
-            stats.refused(link_name(side.port.peer(), self.site_id), Failure.LIMIT)
+            stats.refused(link_name(side.peer(), self.site_id), Failure.LIMIT)
             logger.debug("%s: client %s refused: %s", self.spec, client, refusal)
-            side.port.reset()
+            side.reset()
             return
         if self.router.current() is None:
             # Held, not refused: the router may well be back within the hold time.
@@ -208,27 +210,27 @@ class IngressBridge:
 
     def _on_hold_timeout(self, side: TcpSide) -> None:
         held = self.held.pop(side, None)
-        if held is None or side.port is None:
+        if held is None:
             return
         self.stats.unhold(held[0])
-        self.stats.refused(link_name(side.port.peer(), self.site_id), Failure.NO_ROUTER)
+        self.stats.refused(link_name(side.peer(), self.site_id), Failure.NO_ROUTER)
         logger.debug(
             "%s: client %s reset: no router connection within %g s",
             self.spec,
             held[0],
             self.hold_timeout,
         )
-        side.port.reset()
+        side.reset()
         if not self.held:
             self.router.stop_waiting(self._on_router_up)
 
     def _connect(self, side: TcpSide, client: str) -> None:
         """The router is connected: give the socket its connection, in the router's dialect."""
         live = self.router.current()
-        assert live is not None and side.port is not None
+        assert live is not None
         host, session = live
         self.stats.unhold(client)
-        name = link_name(side.port.peer(), self.site_id)
+        name = link_name(side.peer(), self.site_id)
         dispatcher = host.stream_dispatcher()
         carrier: Carrier
         if dispatcher is not None:
@@ -247,7 +249,8 @@ class IngressBridge:
             carrier,
             stats=self.stats,
             peer=client,
-            on_finished=functools.partial(self._on_finished, host),
+            on_finished=self._finisher(host),
+            on_opened=self._disarm,
             now=asyncio.get_running_loop().time(),
             open_timeout=self.open_timeout,
         )
@@ -255,6 +258,12 @@ class IngressBridge:
         host.add_tunnel(conn)
         self.deadlines.arm(conn)
         side.bind(conn)
+
+    def _finisher(self, host: TunnelHost) -> Callable[[Connection], None]:
+        """What a connection on ``host`` calls when it ends: one per host, not per connection."""
+        if self._finish is None or self._finish[0] is not host:
+            self._finish = (host, functools.partial(self._on_finished, host))
+        return self._finish[1]
 
     def _on_finished(self, host: TunnelHost, conn: Connection) -> None:
         self.deadlines.disarm(conn)

@@ -116,6 +116,7 @@ class Connection:
         "log",
         "name",
         "on_finished",
+        "on_opened",
         "open",
         "open_timeout",
         "phase",
@@ -133,6 +134,7 @@ class Connection:
         stats: BridgeStats | None = None,
         peer: Hashable | None = None,
         on_finished: Callable[[Connection], None] | None = None,
+        on_opened: Callable[[Connection], None] | None = None,
         now: float = 0.0,
         open_timeout: float | None = None,
     ) -> None:
@@ -140,6 +142,8 @@ class Connection:
         self.carrier = carrier
         self.stats = stats
         self.on_finished = on_finished
+        #: Told when the deadline goes (the far end is there), so a timer can go too.
+        self.on_opened = on_opened
         self.log = ConnectionLog(logger, {"tunnel": name})
         #: The directions still open, as :class:`Open` bits.
         self.open = _BOTH
@@ -154,7 +158,8 @@ class Connection:
         #: When the far end must be there by (monotonic seconds), while OPENING.
         self.deadline = None if open_timeout is None else now + open_timeout
         self._parked: bytes | None = None
-        self._early: list[bytes] = []
+        # Made at first need: most connections never have any.
+        self._early: list[bytes] | None = None
         #: Whether the TCP socket reads, as last asked (None: not asked yet).
         self.reading: bool | None = None
         if stats is not None:
@@ -187,8 +192,8 @@ class Connection:
             port.reset()
             return
         self.tcp = port
-        early, self._early = self._early, []
-        for data in early:
+        early, self._early = self._early, None
+        for data in early or ():
             self._write(data)
         self.carrier.on_tcp_connected()
         if not self.write_open and self.phase is not _CLOSED:
@@ -240,6 +245,9 @@ class Connection:
         if self.phase is Phase.OPENING:
             self.phase = Phase.OPEN
             self.deadline = None
+            on_opened, self.on_opened = self.on_opened, None
+            if on_opened is not None:
+                on_opened(self)
 
     def on_far_credit(self) -> None:
         if self.phase is not _CLOSED:
@@ -252,6 +260,8 @@ class Connection:
             self.reset("data arrived after the end of the stream", Failure.PROTOCOL)
         elif self.tcp is not None:
             self._write(data)
+        elif self._early is None:
+            self._early = [bytes(data)]
         elif sum(map(len, self._early)) + len(data) > MAX_EARLY:
             self.reset(f"over {MAX_EARLY} bytes before the TCP connection", Failure.PROTOCOL)
         else:
@@ -381,10 +391,11 @@ class Connection:
         if self.stats is not None:
             self.stats.tunnel_closed(self)
         on_finished, self.on_finished = self.on_finished, None
+        self.on_opened = None
         if on_finished is not None:
             on_finished(self)
         # A closed connection may live on a while (its TCP transport holds it
         # until connection_lost, a flow record may too): it keeps nothing alive.
         self.tcp = None
         self._parked = None
-        self._early = []
+        self._early = None

@@ -2,8 +2,8 @@
 
 Every callback is forwarded to the connection's ``on_tcp_*`` method
 (:class:`TcpEvents`); this module holds no policy. The connection sees its
-socket only as a :class:`TcpPort`, which :class:`TransportPort` implements
-over an asyncio transport, so the connection itself imports no asyncio.
+socket only as a :class:`TcpPort`, which :class:`TcpSide` implements over
+its asyncio transport, so the connection itself imports no asyncio.
 ``eof_received`` returns True so that a FIN from the peer closes only its
 direction (half-close) and the other keeps flowing.
 
@@ -86,66 +86,40 @@ class Acceptor(Protocol):
         ...
 
 
-class TransportPort:
-    """:class:`TcpPort` over an asyncio transport."""
-
-    __slots__ = ("transport",)
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.transport.write(data)
-
-    def write_eof(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.write_eof()
-
-    def close(self) -> None:
-        self.transport.close()
-
-    def reset(self) -> None:
-        reset(self.transport)
-
-    def set_reading(self, want: bool) -> None:
-        set_reading(self.transport, want)
-
-    def peer(self) -> object:
-        """The peer's address, as the socket gives it."""
-        return self.transport.get_extra_info("peername")
-
-
 class TcpSide(asyncio.BufferedProtocol):
-    """One TCP socket, feeding one connection (or held by an :class:`Acceptor` until then)."""
+    """One TCP socket: the protocol feeding one connection, and the :class:`TcpPort` it drives.
 
-    __slots__ = ("_held", "_held_eof", "acceptor", "events", "port")
+    Until it has a connection it is held by its :class:`Acceptor`.
+    """
+
+    __slots__ = ("_held", "_held_eof", "acceptor", "events", "transport")
 
     def __init__(self, events: TcpEvents | None = None, acceptor: Acceptor | None = None) -> None:
         self.events = events
         self.acceptor = acceptor
-        self.port: TransportPort | None = None
+        self.transport: asyncio.Transport | None = None
         self._held = b""
         self._held_eof = False
 
+    # -- asyncio callbacks --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-        self.port = port = TransportPort(transport)
+        self.transport = transport
         if self.events is not None:
-            self.events.on_tcp_connected(port)
+            self.events.on_tcp_connected(self)
             return
-        port.set_reading(False)
+        set_reading(transport, False)
         if self.acceptor is not None:
             self.acceptor.on_accepted(self)
 
     def bind(self, events: TcpEvents) -> None:
         """Hand a held socket to its connection, with what arrived meanwhile."""
-        assert self.port is not None
         self.events = events
         self.acceptor = None
         held, self._held = self._held, b""
-        events.on_tcp_connected(self.port)
+        events.on_tcp_connected(self)
         if held:
             events.on_tcp_data(memoryview(held))
         if self._held_eof:
@@ -160,8 +134,7 @@ class TcpSide(asyncio.BufferedProtocol):
         else:
             # uvloop may read once before the pause takes; reading stays paused.
             self._held += _READ_VIEW[:nbytes]
-            if self.port is not None:
-                self.port.set_reading(False)
+            set_reading(self.transport, False)
 
     def eof_received(self) -> bool:
         if self.events is not None:
@@ -183,6 +156,31 @@ class TcpSide(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         if self.events is not None:
             self.events.on_tcp_write_resumed()
+
+    # -- TcpPort ----------------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write_eof(self) -> None:
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        assert self.transport is not None
+        self.transport.close()
+
+    def reset(self) -> None:
+        assert self.transport is not None
+        reset(self.transport)
+
+    def set_reading(self, want: bool) -> None:
+        set_reading(self.transport, want)
+
+    def peer(self) -> object:
+        """The peer's address, as the socket gives it."""
+        return None if self.transport is None else self.transport.get_extra_info("peername")
 
 
 def set_reading(transport: asyncio.Transport | None, want: bool) -> None:
