@@ -32,12 +32,11 @@ from typing import Protocol, cast
 from proton import Link, Session
 
 from .adaptor_wire import StreamHeader
-from .amqp.engine import AmqpEngine
 from .amqp.handles import Delivery, handle
 from .amqp.handles import Link as LinkHandle
 from .amqp_link import AmqpSocket
 from .connection import Connection
-from .dialects.carrier import Carrier, Failure
+from .dialects.carrier import NO_PORT, Carrier, Failure
 from .dialects.link_route import DEFAULT_WINDOW, LinkRouteCarrier
 from .dialects.tcp_adaptor import StreamDispatcher, TcpAdaptorCarrier
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
@@ -468,22 +467,4 @@ class HostedTunnels:
         self.socket = cast(AmqpSocket, LOST_SOCKET)
 
 
-class _LostSocket:
-    """What a host's ``socket`` is once the real one is lost: closed, and sending nothing."""
-
-    closed = True
-    transport = None
-    write_paused = True
-
-    def flush_soon(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    @property
-    def engine(self) -> AmqpEngine:
-        raise RuntimeError("the AMQP connection is lost")
-
-
-LOST_SOCKET = _LostSocket()
+LOST_SOCKET = NO_PORT

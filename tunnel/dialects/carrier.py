@@ -96,15 +96,23 @@ class CarrierEvents(Protocol):
 
 
 class _NoPort:
-    """A closed carrier's AMQP connection: sends nothing, and keeps no engine alive."""
+    """An AMQP connection that is gone: sends nothing, and keeps no engine alive.
 
+    What a closed carrier holds, and what a host's socket becomes once lost.
+    """
+
+    closed = True
+    transport = None
     write_paused = True
 
     @property
     def engine(self) -> AmqpEngine:
-        raise RuntimeError("a closed carrier sent")
+        raise RuntimeError("the AMQP connection is gone")
 
     def flush_soon(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
