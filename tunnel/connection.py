@@ -157,7 +157,7 @@ class Connection:
         self.open_timeout = open_timeout
         #: When the far end must be there by (monotonic seconds), while OPENING.
         self.deadline = None if open_timeout is None else now + open_timeout
-        self._parked: bytes | None = None
+        self._parked: memoryview | None = None
         # Made at first need: most connections never have any.
         self._early: list[bytes] | None = None
         #: Whether the TCP socket reads, as last asked (None: not asked yet).
@@ -210,10 +210,10 @@ class Connection:
         if self._parked is None:
             rest = self._send(data)
             if rest:
-                self._parked = bytes(rest)  # ``data`` is reused after this call
+                self._parked = memoryview(bytes(rest))  # ``data`` is reused after this call
         else:
             # Reading pauses while anything is parked; this read was under way.
-            self._parked += data
+            self._parked = memoryview(b"".join((self._parked, data)))
         self._update_reading()
 
     def on_tcp_eof(self) -> None:
@@ -323,8 +323,9 @@ class Connection:
     def _pump(self) -> None:
         """Move whatever can move now: parked bytes, then our end, then see if we are done."""
         if self._parked is not None:
-            rest = self._send(memoryview(self._parked))
-            self._parked = bytes(rest) if rest else None
+            rest = self._send(self._parked)
+            # A view of what is left: sending part of it copies nothing.
+            self._parked = rest if rest else None
         if not self.open & _READ and self._parked is None and self.phase is not _CLOSED:
             self.carrier.end()
         if self.phase is not _CLOSED:
