@@ -120,7 +120,6 @@ class Connection:
         "open",
         "open_timeout",
         "phase",
-        "reading",
         "stats",
         "tcp",
         "tcp_paused",
@@ -160,8 +159,6 @@ class Connection:
         self._parked: memoryview | None = None
         # Made at first need: most connections never have any.
         self._early: list[bytes] | None = None
-        #: Whether the TCP socket reads, as last asked (None: not asked yet).
-        self.reading: bool | None = None
         if stats is not None:
             stats.tunnel_opened(self, peer=peer)
         carrier.start(self)
@@ -203,7 +200,6 @@ class Connection:
     def on_tcp_data(self, data: memoryview) -> None:
         if self.phase is _CLOSED:
             return
-        self.reading = True  # whatever was asked: it read
         if not self.carrier.sending:
             self.reset("TCP data arrived after the far end closed its side", Failure.FAR_END)
             return
@@ -352,10 +348,9 @@ class Connection:
 
     def _update_reading(self) -> None:
         if self.tcp is not None:
-            want = bool(self.open & _READ) and self._parked is None and self.carrier.room() > 0
-            if want != self.reading:
-                self.reading = want
-                self.tcp.set_reading(want)
+            self.tcp.set_reading(
+                bool(self.open & _READ) and self._parked is None and self.carrier.room() > 0
+            )
 
     # -- ending -------------------------------------------------------------------------
     def _check_finished(self) -> None:
