@@ -57,7 +57,7 @@ from .amqp.engine import (
     refuse_link,
     set_owner,
 )
-from .amqp.handles import Delivery
+from .amqp.handles import Delivery, handle
 from .amqp.handles import Link as LinkHandle
 from .amqp_link import AmqpSocket
 from .bridge import LISTEN_BACKLOG, EgressBridge, HostedTunnels
@@ -457,8 +457,7 @@ class DirectPeer(HostedTunnels):
             return
         http = self.listener.http_egress.get(address) if address else None
         if http is not None:
-            link.source.copy(link.remote_source)
-            link.target.copy(link.remote_target)
+            handle(link).mirror()
             http.consume(link, self.socket, self._reply)
             return
         bridge = self.listener.egress.get(address) if address else None

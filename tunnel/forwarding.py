@@ -61,7 +61,7 @@ from .amqp.engine import (
     session_usable,
     set_owner,
 )
-from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED, Delivery
+from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED, Delivery, handle
 from .amqp.handles import Link as LinkHandle
 from .amqp_link import AmqpSocket
 from .codec import WireError
@@ -139,7 +139,7 @@ class Forwarder:
     # -- what a peer attaches ---------------------------------------------------
     def serve_management(self, peer: Peer, link: Link) -> None:
         """A peer's sender to ``$management``: it may ask for link routes."""
-        _mirror(link)
+        handle(link).mirror()
         agent = _Management(self, peer)
         agent.receiver = MessageReceiver(
             link, peer.socket, window=4, max_size=MAX_REQUEST, on_message=agent.on_request
@@ -181,7 +181,7 @@ class Forwarder:
                 f"at most {MAX_CONSUMERS} consumers per connection",
             )
             return
-        _mirror(link)
+        handle(link).mirror()
         sender = MessageSender(
             link, peer.socket, on_closed=lambda gone: self._drop_consumer(peer, address, gone)
         )
@@ -202,7 +202,7 @@ class Forwarder:
 
     def forward(self, peer: Peer, link: Link) -> None:
         """A peer's sender whose deliveries go by address: its target's, or each one's ``to``."""
-        _mirror(link)
+        handle(link).mirror()
         _Inbound(self, peer, link)
         link.open()
 
@@ -365,11 +365,6 @@ def _link_route_pattern(request: Message) -> str:
     if pattern.startswith(DYNAMIC_PREFIX):
         raise _RouteRefusedError(403, f"pattern {pattern!r} is a dynamic address")
     return pattern
-
-
-def _mirror(link: Link) -> None:
-    link.source.copy(link.remote_source)
-    link.target.copy(link.remote_target)
 
 
 def _settle_with(receiver: MessageReceiver, delivery: Any, outcome: int, why: str) -> None:

@@ -56,7 +56,6 @@ from proton import (
     Collector,
     Condition,
     Connection,
-    Delivery,
     Endpoint,
     Event,
     Link,
@@ -510,12 +509,6 @@ def wrap_link(raw: Any) -> Link:
     return link
 
 
-def wrap_delivery(raw: Any) -> Delivery:
-    """proton's Python object for a C delivery handle."""
-    delivery: Delivery = Delivery.wrap(raw)  # type: ignore[no-untyped-call]
-    return delivery
-
-
 def _on_raw_delivery(delivery: Any) -> None:
     link = _lib.pn_delivery_link(delivery)
     # A receiver's credit drops as each delivery is advanced past, so what the
@@ -663,8 +656,7 @@ def _free_if_done(link: Link) -> None:
 
 def refuse_link(link: Link, name: str, description: str) -> None:
     """Attach and at once detach with an error: how AMQP says no to a link."""
-    link.source.copy(link.remote_source)
-    link.target.copy(link.remote_target)
+    handle(link).mirror()
     close_link(link, Condition(name, description))
 
 

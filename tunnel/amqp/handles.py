@@ -93,10 +93,6 @@ class Link:
         return _address(self.proton.remote_source)
 
     @property
-    def remote_target_address(self) -> str | None:
-        return _address(self.proton.remote_target)
-
-    @property
     def remote_condition(self) -> Condition | None:
         condition: Condition | None = self.proton.remote_condition
         return condition
@@ -109,11 +105,6 @@ class Link:
     @property
     def remote_active(self) -> bool:
         return bool(_lib.pn_link_state(self.raw) & Endpoint.REMOTE_ACTIVE)
-
-    @property
-    def locally_open(self) -> bool:
-        """Opened by us, and not yet closed."""
-        return bool(_lib.pn_link_state(self.raw) & Endpoint.LOCAL_ACTIVE)
 
     @property
     def closed(self) -> bool:
@@ -144,11 +135,6 @@ class Link:
     @property
     def credit(self) -> int:
         return int(_lib.pn_link_credit(self.raw))
-
-    @property
-    def queued(self) -> int:
-        """Deliveries not yet advanced past (a receiver's), or not yet sent (a sender's)."""
-        return int(_lib.pn_link_queued(self.raw))
 
     def flow(self, credit: int) -> None:
         """Grant ``credit`` more deliveries (a receiver)."""
