@@ -37,7 +37,7 @@ from typing import Protocol
 from proton import Condition, Connection, Endpoint, Link
 
 from .amqp.engine import AmqpEngine, close_link, set_owner
-from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED, Delivery, handle
+from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED, Delivery, PartialMessage, handle
 from .amqp.handles import Link as LinkHandle
 from .peer_text import printable
 
@@ -61,7 +61,8 @@ class PeerBudget:
       (default :data:`DEFAULT_MAX_PARTIAL`; direct mode sets 4 x the largest
       message). A transfer that takes the sum past it ends that delivery: its
       bytes are dropped, the rest of it drained unkept, and its link detached
-      with ``amqp:resource-limit-exceeded``.
+      with ``amqp:resource-limit-exceeded``. The memory they take is at most
+      twice that (:class:`~tunnel.amqp.handles.PartialMessage` grows by doubling).
     - ``max_unsettled``: deliveries we sent that it has not settled (default
       :data:`DEFAULT_MAX_UNSETTLED`). A send past it detaches the sending
       link with ``amqp:resource-limit-exceeded``; what was queued on it fails.
@@ -279,7 +280,7 @@ class MessageReceiver:
         self.refused = False
         self.in_hand = 0
         self.peer_budget = budget_of(host)
-        self._partial: bytearray | None = None
+        self._partial: PartialMessage | None = None
         #: Bytes of the message being gathered that count against the budget.
         self._counted = 0
         #: Bytes of a message being drained unkept (too large, or over budget).
@@ -374,7 +375,7 @@ class MessageReceiver:
                 link.advance()
                 delivery.settle()
             return
-        held = len(self._partial) if self._partial is not None else 0
+        held = self._partial.size if self._partial is not None else 0
         budget = self.peer_budget
         if not self._oversize and held + pending <= self.max_size and partial:
             would_hold = budget.partial + pending
@@ -401,13 +402,13 @@ class MessageReceiver:
                 )
             return
         if pending:
-            self._partial = link.recv_into(self._partial, pending)
+            self._partial = link.recv_partial(self._partial, pending, 0)
             if partial:
                 budget.partial += pending
                 self._counted += pending
         if partial:
             return
-        data = self._partial or bytearray()
+        data = self._partial.take() if self._partial is not None else bytearray()
         self._drop_partial()
         link.advance()
         self.in_hand += 1

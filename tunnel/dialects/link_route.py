@@ -55,6 +55,7 @@ from ..amqp.handles import (
     REJECTED,
     Delivery,
     Link,
+    PartialMessage,
     open_receiver,
     open_sender,
     outcome_name,
@@ -73,6 +74,9 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 #: What a router puts on a routed link whose far end's connection closed
 #: (protocols.md §8.1): a node ingress's only way to end its stream.
 ROUTED_LINK_LOST = "qd:routed-link-lost"
+#: What a delivery arriving in several frames is received into at first: one
+#: of ours, with its headers (a node proxy's are smaller; a larger one grows it).
+_EXPECTED_DELIVERY = MAX_DELIVERY + 1024
 
 
 class LinkRouteCarrier:
@@ -124,7 +128,7 @@ class LinkRouteCarrier:
         self.closed = False
         self._tag = 0
         #: The start of a delivery still arriving; bounded by MAX_MESSAGE_SIZE.
-        self._partial: bytearray | None = None
+        self._partial: PartialMessage | None = None
         self.address = ""
         self.session: Session | None = None
         self.reply: Link | None = None
@@ -386,12 +390,15 @@ class LinkRouteCarrier:
             # Take what has arrived: left in proton it would hold the session
             # window shut, and a delivery larger than the window would never end.
             if pending:
-                self._partial = link.recv_into(self._partial, pending)
-                if len(self._partial) > MAX_MESSAGE_SIZE:
+                self._partial = link.recv_partial(self._partial, pending, _EXPECTED_DELIVERY)
+                if self._partial.size > MAX_MESSAGE_SIZE:
                     self._failed(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
             return
-        data = link.recv_into(self._partial, pending)
-        self._partial = None
+        partial, self._partial = self._partial, None
+        if partial is None:
+            data = link.recv(pending)
+        else:
+            data = link.recv_partial(partial, pending, _EXPECTED_DELIVERY).take()
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:
