@@ -110,7 +110,7 @@ class TcpSide(asyncio.BufferedProtocol):
         if self.events is not None:
             self.events.on_tcp_connected(self)
             return
-        set_reading(transport, False)
+        self.set_reading(False)
         if self.acceptor is not None:
             self.acceptor.on_accepted(self)
 
@@ -134,7 +134,7 @@ class TcpSide(asyncio.BufferedProtocol):
         else:
             # uvloop may read once before the pause takes; reading stays paused.
             self._held += _READ_VIEW[:nbytes]
-            set_reading(self.transport, False)
+            self.set_reading(False)
 
     def eof_received(self) -> bool:
         if self.events is not None:
@@ -176,25 +176,22 @@ class TcpSide(asyncio.BufferedProtocol):
         reset(self.transport)
 
     def set_reading(self, want: bool) -> None:
-        set_reading(self.transport, want)
+        """Read from the socket only while ``want`` holds.
+
+        Asks the transport, not a flag of ours: uvloop starts reading after
+        connection_made even if the protocol paused it there.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing() or want == transport.is_reading():
+            return
+        if want:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
     def peer(self) -> object:
         """The peer's address, as the socket gives it."""
         return None if self.transport is None else self.transport.get_extra_info("peername")
-
-
-def set_reading(transport: asyncio.Transport | None, want: bool) -> None:
-    """Read from ``transport`` only while ``want`` holds.
-
-    Asks the transport, not a flag of ours: uvloop starts reading after
-    connection_made even if the protocol paused it there.
-    """
-    if transport is None or transport.is_closing() or want == transport.is_reading():
-        return
-    if want:
-        transport.resume_reading()
-    else:
-        transport.pause_reading()
 
 
 def reset(transport: asyncio.Transport) -> None:

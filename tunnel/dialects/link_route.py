@@ -97,6 +97,7 @@ class LinkRouteCarrier:
         "eos_pending",
         "eos_sent",
         "events",
+        "far_opened",
         "name",
         "peer_half_close",
         "port",
@@ -120,6 +121,8 @@ class LinkRouteCarrier:
         self.sender: Link | None = None
         self.receiver: Link | None = None
         self.sender_ready = False
+        #: The far end has granted its first credit (told once: flow comes per delivery).
+        self.far_opened = False
         self.peer_half_close = False
         self.prefix = b""
         self.eos_pending = False
@@ -320,7 +323,8 @@ class LinkRouteCarrier:
 
     def on_link_flow(self, link: Link) -> None:
         if link.is_sender and not self.closed:
-            if link.credit > 0:
+            if not self.far_opened and link.credit > 0:
+                self.far_opened = True
                 self.events.on_far_opened()  # the far end is there and takes bytes
             self.events.on_far_credit()
 
