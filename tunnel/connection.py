@@ -23,6 +23,7 @@ Transitions (``carrier.idle()``: our side ended, all of it settled)::
     ------------------------  -----------------  ----------------------------------------
     on_tcp_data               READ               send up to room(), park the rest;
                                                  read only while nothing is parked
+                                                 (and, once OPEN, room() > 0)
     on_tcp_data               not sending        reset (far end closed its side)
     on_tcp_eof                READ               -READ; carrier.end() once unparked
     on_far_data               WRITE              TCP write (kept until TCP connects)
@@ -348,8 +349,13 @@ class Connection:
 
     def _update_reading(self) -> None:
         if self.tcp is not None:
+            # While opening, one read is taken and parked: the client's first
+            # bytes then leave with the far end's first credit, not a loop turn
+            # and a socket read after it.
             self.tcp.set_reading(
-                bool(self.open & _READ) and self._parked is None and self.carrier.room() > 0
+                bool(self.open & _READ)
+                and self._parked is None
+                and (self.phase is Phase.OPENING or self.carrier.room() > 0)
             )
 
     # -- ending -------------------------------------------------------------------------

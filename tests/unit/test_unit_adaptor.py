@@ -174,6 +174,7 @@ def test_the_listener_stream_header_and_capability() -> None:
 
 def test_first_bytes_wait_for_the_counter_stream() -> None:
     t = make_listener()
+    assert t.side.tcp.reading is True  # one read is taken before the far end is there
     t.side.data(b"early")
     assert t.side.conn.parked and t.side.tcp.reading is False
     t.pump()

@@ -47,6 +47,8 @@ def test_bytes_cross_both_ways_and_the_tunnel_opens() -> None:
 def test_first_bytes_before_credit_are_not_lost() -> None:
     pair = Pair(auto_connect=False)
     client = pair.client()
+    # One read is taken before credit, to leave with the first credit.
+    assert client.conn.phase is Phase.OPENING and client.tcp.reading is True
     client.data(b"GET / HTTP/1.0\r\n")  # before any link is attached
     assert client.conn.parked and client.tcp.reading is False
     client.data(b"\r\n")  # a read already under way when reading paused
