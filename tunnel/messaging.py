@@ -61,8 +61,7 @@ class PeerBudget:
       (default :data:`DEFAULT_MAX_PARTIAL`; direct mode sets 4 x the largest
       message). A transfer that takes the sum past it ends that delivery: its
       bytes are dropped, the rest of it drained unkept, and its link detached
-      with ``amqp:resource-limit-exceeded``. The memory they take is at most
-      twice that (:class:`~tunnel.amqp.handles.PartialMessage` grows by doubling).
+      with ``amqp:resource-limit-exceeded``.
     - ``max_unsettled``: deliveries we sent that it has not settled (default
       :data:`DEFAULT_MAX_UNSETTLED`). A send past it detaches the sending
       link with ``amqp:resource-limit-exceeded``; what was queued on it fails.
@@ -402,7 +401,7 @@ class MessageReceiver:
                 )
             return
         if pending:
-            self._partial = link.recv_partial(self._partial, pending, 0)
+            self._partial = link.recv_partial(self._partial, pending, 0, self.max_size)
             if partial:
                 budget.partial += pending
                 self._counted += pending

@@ -299,6 +299,15 @@ def test_a_message_larger_than_max_frame_is_reassembled() -> None:
     assert bodies(t.routed) == [payload[:70_000]]
 
 
+def test_a_message_larger_than_our_own_deliveries_is_reassembled() -> None:
+    # Past the buffer sized for our 128 KiB deliveries: it grows, nothing is lost.
+    t = node_tunnel(max_frame_size=4096)
+    payload = random.Random(4).randbytes(1_000_000)
+    send_message(t.reply, message(payload), "r1")
+    t.pump()
+    assert t.side.tcp.written == payload and t.side.conn.failure is None
+
+
 def test_a_slow_reader_grants_no_more_credit_until_resumed() -> None:
     t = node_tunnel()
     t.side.conn.on_tcp_write_paused()

@@ -162,10 +162,12 @@ class Link:
             del out[max(got, 0) :]
         return out
 
-    def recv_partial(self, into: PartialMessage | None, size: int, expect: int) -> PartialMessage:
-        """``into`` (if None, a new one sized for ``expect``) with the next ``size`` bytes."""
+    def recv_partial(
+        self, into: PartialMessage | None, size: int, expect: int, limit: int
+    ) -> PartialMessage:
+        """``into`` (if None, a new one for ``expect`` bytes, at most ``limit``), ``size`` more."""
         if into is None:
-            into = PartialMessage(max(expect, size))
+            into = PartialMessage(min(max(expect, size), max(limit, size)), limit)
         into.receive(self.raw, size)
         return into
 
@@ -189,22 +191,25 @@ class PartialMessage:
     Extending a buffer read by read copies what it held at every growth, and
     for a 128 KiB delivery arriving in 16 KiB frames that cost more than the
     copy out of proton. So the buffer starts at what the sender's deliveries
-    usually hold (or at the first read's size) and doubles when a delivery
-    is larger: it is at most twice what it holds, or ``expect``. Its holder
-    bounds the size.
+    usually hold (or at the first read's size) and doubles when a delivery is
+    larger, but never past ``limit`` unless what it holds is: its holder
+    refuses a delivery over its limit, so the buffer stays within the limit
+    plus one transfer.
     """
 
-    __slots__ = ("_buffer", "size")
+    __slots__ = ("_buffer", "limit", "size")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, limit: int) -> None:
         self._buffer = bytearray(capacity)
+        self.limit = limit
         #: The bytes received so far (the buffer may be larger).
         self.size = 0
 
     def receive(self, raw: Any, count: int) -> None:
         end = self.size + count
         if end > len(self._buffer):
-            self._buffer.extend(bytes(max(end, 2 * len(self._buffer)) - len(self._buffer)))
+            grown = max(end, min(2 * len(self._buffer), self.limit))
+            self._buffer.extend(bytes(grown - len(self._buffer)))
         start = _ffi.from_buffer(self._buffer)
         got = _lib.pn_link_recv(raw, start + self.size, count)
         if got > 0:

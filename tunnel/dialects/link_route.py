@@ -394,7 +394,9 @@ class LinkRouteCarrier:
             # Take what has arrived: left in proton it would hold the session
             # window shut, and a delivery larger than the window would never end.
             if pending:
-                self._partial = link.recv_partial(self._partial, pending, _EXPECTED_DELIVERY)
+                self._partial = link.recv_partial(
+                    self._partial, pending, _EXPECTED_DELIVERY, MAX_MESSAGE_SIZE
+                )
                 if self._partial.size > MAX_MESSAGE_SIZE:
                     self._failed(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
             return
@@ -402,7 +404,7 @@ class LinkRouteCarrier:
         if partial is None:
             data = link.recv(pending)
         else:
-            data = link.recv_partial(partial, pending, _EXPECTED_DELIVERY).take()
+            data = link.recv_partial(partial, pending, _EXPECTED_DELIVERY, MAX_MESSAGE_SIZE).take()
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:
