@@ -30,7 +30,7 @@ from unit_harness import (
 from tunnel.amqp.handles import capabilities, handle
 from tunnel.connection import Connection, Open, Phase
 from tunnel.dialects.carrier import Failure
-from tunnel.dialects.link_route import LinkRouteCarrier
+from tunnel.dialects.link_route import MAX_MESSAGE_SIZE, LinkRouteCarrier
 from tunnel.wire import HALF_CLOSE
 
 
@@ -306,6 +306,14 @@ def test_a_message_larger_than_our_own_deliveries_is_reassembled() -> None:
     send_message(t.reply, message(payload), "r1")
     t.pump()
     assert t.side.tcp.written == payload and t.side.conn.failure is None
+
+
+def test_a_message_over_the_size_limit_resets_and_writes_nothing_of_it() -> None:
+    t = node_tunnel(max_frame_size=65536)
+    send_message(t.reply, message(bytes(MAX_MESSAGE_SIZE + 1)), "r1")
+    t.pump()
+    assert t.side.conn.failure is Failure.PROTOCOL and t.side.tcp.was_reset
+    assert t.side.tcp.written == b""
 
 
 def test_a_slow_reader_grants_no_more_credit_until_resumed() -> None:

@@ -405,6 +405,12 @@ class LinkRouteCarrier:
             data = link.recv(pending)
         else:
             data = link.recv_partial(partial, pending, _EXPECTED_DELIVERY, MAX_MESSAGE_SIZE).take()
+        if len(data) > MAX_MESSAGE_SIZE:  # its last transfer took it over
+            delivery.finish(
+                REJECTED, condition=Condition("amqp:link:message-size-exceeded", str(len(data)))
+            )
+            self._failed(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
+            return
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:
