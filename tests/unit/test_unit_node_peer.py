@@ -308,9 +308,10 @@ def test_a_message_larger_than_our_own_deliveries_is_reassembled() -> None:
     assert t.side.tcp.written == payload and t.side.conn.failure is None
 
 
-def test_a_message_over_the_size_limit_resets_and_writes_nothing_of_it() -> None:
+@pytest.mark.parametrize("over", [1, 1024 * 1024], ids=["by-the-last-transfer", "by-earlier-ones"])
+def test_a_message_over_the_size_limit_resets_and_writes_nothing_of_it(over: int) -> None:
     t = node_tunnel(max_frame_size=65536)
-    send_message(t.reply, message(bytes(MAX_MESSAGE_SIZE + 1)), "r1")
+    send_message(t.reply, message(bytes(MAX_MESSAGE_SIZE + over)), "r1")
     t.pump()
     assert t.side.conn.failure is Failure.PROTOCOL and t.side.tcp.was_reset
     assert t.side.tcp.written == b""

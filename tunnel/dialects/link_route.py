@@ -398,7 +398,7 @@ class LinkRouteCarrier:
                     self._partial, pending, _EXPECTED_DELIVERY, MAX_MESSAGE_SIZE
                 )
                 if self._partial.size > MAX_MESSAGE_SIZE:
-                    self._failed(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
+                    self._too_large(delivery, self._partial.size)
             return
         partial, self._partial = self._partial, None
         if partial is None:
@@ -406,10 +406,7 @@ class LinkRouteCarrier:
         else:
             data = link.recv_partial(partial, pending, _EXPECTED_DELIVERY, MAX_MESSAGE_SIZE).take()
         if len(data) > MAX_MESSAGE_SIZE:  # its last transfer took it over
-            delivery.finish(
-                REJECTED, condition=Condition("amqp:link:message-size-exceeded", str(len(data)))
-            )
-            self._failed(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
+            self._too_large(delivery, len(data))
             return
         try:
             body, eos = wire.decode(data)
@@ -428,6 +425,12 @@ class LinkRouteCarrier:
         else:
             self._top_up()
         self.port.flush_soon()
+
+    def _too_large(self, delivery: Delivery, size: int) -> None:
+        self._partial = None
+        condition = Condition("amqp:link:message-size-exceeded", f"{size} bytes so far")
+        delivery.finish(REJECTED, condition=condition)
+        self._failed(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
 
     def _top_up(self) -> None:
         receiver = self.receiver
