@@ -91,7 +91,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-_CLOSED = Phase.CLOSED
+_OPENING, _CLOSED = Phase.OPENING, Phase.CLOSED
 
 
 class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -355,7 +355,7 @@ class Connection:
             self.tcp.set_reading(
                 bool(self.open & _READ)
                 and self._parked is None
-                and (self.phase is Phase.OPENING or self.carrier.room() > 0)
+                and (self.phase is _OPENING or self.carrier.room() > 0)
             )
 
     # -- ending -------------------------------------------------------------------------

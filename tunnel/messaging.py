@@ -401,7 +401,9 @@ class MessageReceiver:
                 )
             return
         if pending:
-            self._partial = link.recv_partial(self._partial, pending, 0, self.max_size)
+            if self._partial is None:
+                self._partial = PartialMessage(0, self.max_size)
+            self._partial.receive(link, pending)
             if partial:
                 budget.partial += pending
                 self._counted += pending

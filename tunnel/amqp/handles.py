@@ -162,15 +162,6 @@ class Link:
             del out[max(got, 0) :]
         return out
 
-    def recv_partial(
-        self, into: PartialMessage | None, size: int, expect: int, limit: int
-    ) -> PartialMessage:
-        """``into`` (if None, a new one for ``expect`` bytes, at most ``limit``), ``size`` more."""
-        if into is None:
-            into = PartialMessage(min(max(expect, size), max(limit, size)), limit)
-        into.receive(self.raw, size)
-        return into
-
     def is_current(self, delivery: Delivery) -> bool:
         """Whether ``delivery`` is the one the link reads (or sends) now."""
         return bool(_lib.pn_link_current(self.raw) == delivery.raw)
@@ -190,28 +181,34 @@ class PartialMessage:
 
     Extending a buffer read by read copies what it held at every growth, and
     for a 128 KiB delivery arriving in 16 KiB frames that cost more than the
-    copy out of proton. So the buffer starts at what the sender's deliveries
-    usually hold (or at the first read's size) and doubles when a delivery is
-    larger, but never past ``limit`` unless what it holds is: its holder
-    refuses a delivery over its limit, so the buffer stays within the limit
-    plus one transfer.
+    copy out of proton. So the buffer is made, at the first read, for what
+    the sender's deliveries usually hold (``expect``), and doubles when a
+    delivery is larger, but never past ``limit`` unless what it holds is: its
+    holder refuses a delivery :attr:`over` the limit, so the buffer stays
+    within the limit plus one transfer.
     """
 
-    __slots__ = ("_buffer", "limit", "size")
+    __slots__ = ("_buffer", "expect", "limit", "size")
 
-    def __init__(self, capacity: int, limit: int) -> None:
-        self._buffer = bytearray(capacity)
+    def __init__(self, expect: int, limit: int) -> None:
+        self._buffer = bytearray()
+        self.expect = expect
         self.limit = limit
         #: The bytes received so far (the buffer may be larger).
         self.size = 0
 
-    def receive(self, raw: Any, count: int) -> None:
+    @property
+    def over(self) -> bool:
+        return self.size > self.limit
+
+    def receive(self, link: Link, count: int) -> None:
+        """The next ``count`` bytes of the delivery being read on ``link``."""
         end = self.size + count
         if end > len(self._buffer):
-            grown = max(end, min(2 * len(self._buffer), self.limit))
+            grown = max(end, min(max(2 * len(self._buffer), self.expect), self.limit))
             self._buffer.extend(bytes(grown - len(self._buffer)))
         start = _ffi.from_buffer(self._buffer)
-        got = _lib.pn_link_recv(raw, start + self.size, count)
+        got = _lib.pn_link_recv(link.raw, start + self.size, count)
         if got > 0:
             self.size += got
 

@@ -97,7 +97,6 @@ class LinkRouteCarrier:
         "eos_pending",
         "eos_sent",
         "events",
-        "far_opened",
         "name",
         "peer_half_close",
         "port",
@@ -121,8 +120,6 @@ class LinkRouteCarrier:
         self.sender: Link | None = None
         self.receiver: Link | None = None
         self.sender_ready = False
-        #: The far end has granted its first credit (told once: flow comes per delivery).
-        self.far_opened = False
         self.peer_half_close = False
         self.prefix = b""
         self.eos_pending = False
@@ -323,8 +320,7 @@ class LinkRouteCarrier:
 
     def on_link_flow(self, link: Link) -> None:
         if link.is_sender and not self.closed:
-            if not self.far_opened and link.credit > 0:
-                self.far_opened = True
+            if link.credit > 0:
                 self.events.on_far_opened()  # the far end is there and takes bytes
             self.events.on_far_credit()
 
@@ -389,25 +385,22 @@ class LinkRouteCarrier:
         self.events.on_far_credit()
 
     def _on_message(self, link: Link, delivery: Delivery) -> None:
-        pending = delivery.pending
-        if delivery.partial:
+        partial = self._partial
+        if partial is None and not delivery.partial:
+            data = link.recv(delivery.pending)  # one transfer: at most a frame
+        else:
             # Take what has arrived: left in proton it would hold the session
             # window shut, and a delivery larger than the window would never end.
-            if pending:
-                self._partial = link.recv_partial(
-                    self._partial, pending, _EXPECTED_DELIVERY, MAX_MESSAGE_SIZE
-                )
-                if self._partial.size > MAX_MESSAGE_SIZE:
-                    self._too_large(delivery, self._partial.size)
-            return
-        partial, self._partial = self._partial, None
-        if partial is None:
-            data = link.recv(pending)
-        else:
-            data = link.recv_partial(partial, pending, _EXPECTED_DELIVERY, MAX_MESSAGE_SIZE).take()
-        if len(data) > MAX_MESSAGE_SIZE:  # its last transfer took it over
-            self._too_large(delivery, len(data))
-            return
+            if partial is None:
+                partial = self._partial = PartialMessage(_EXPECTED_DELIVERY, MAX_MESSAGE_SIZE)
+            partial.receive(link, delivery.pending)
+            if partial.over:
+                self._too_large(delivery, partial.size)
+                return
+            if delivery.partial:
+                return
+            self._partial = None
+            data = partial.take()
         try:
             body, eos = wire.decode(data)
         except wire.WireError as exc:
