@@ -18,6 +18,10 @@ What proton itself holds is bounded by the credit we granted.
 Bounds: ``_backlog`` holds at most one read (:data:`~tunnel.tcp_side.READ_SIZE`);
 the transport's write buffer at most :data:`WRITE_HIGH_WATER` before
 ``write_paused`` turns on (one more proton output buffer may land on top).
+Output framed in one loop turn, before the flush at its end, counts too:
+``write_paused`` turns on once :data:`WRITE_HIGH_WATER` of it waits in the
+engine, so what all tunnels together frame in a turn is that plus the one
+send that crossed it (at most one tunnel's room).
 """
 
 from __future__ import annotations
@@ -68,7 +72,13 @@ class AmqpSocket(asyncio.BufferedProtocol):
     # -- what tunnels see -----------------------------------------------------
     @property
     def write_paused(self) -> bool:
-        return self._write_paused
+        """Past the transport's high-water mark, or as much waiting in the engine.
+
+        The engine's share is what tunnels sent in this loop turn, before
+        the flush at its end: without it, every tunnel readable in one turn
+        would frame its whole room before the transport could push back.
+        """
+        return self._write_paused or self.engine.output_held >= WRITE_HIGH_WATER
 
     def flush_soon(self) -> None:
         if not self._flush_scheduled and not self.closed:
@@ -161,12 +171,17 @@ class AmqpSocket(asyncio.BufferedProtocol):
         deadline = engine.tick(self._loop.time())
         # tick() may produce events (a heartbeat timeout closes the connection).
         self._run_events()
+        held_back = engine.output_held >= WRITE_HIGH_WATER
         # proton hands out its output one buffer at a time: drain it, but only
         # while the socket takes it. Past the high-water mark the rest stays
         # in proton until resume_writing, rather than sitting there and in a
         # copy in the transport's buffer.
         while not self._write_paused and (out := engine.bytes_to_send()) is not None:
             transport.write(out)
+        if held_back and not self.write_paused:
+            # Tunnels stopped on the engine's share, which is out now: the
+            # transport will not tell them, as it never paused.
+            self.handler.on_socket_writable()
         if self._backlog and engine.transport.capacity() > 0:
             self._loop.call_soon(self._take, b"")
         if engine.finished:

@@ -145,6 +145,7 @@ class AmqpEngine:
         "_max_links",
         "_max_sessions",
         "_outbox",
+        "_outbox_bytes",
         "_peer_links",
         "_peer_sessions",
         "_refused",
@@ -196,8 +197,10 @@ class AmqpEngine:
         self._collector_impl = self.collector._impl
         self.connection.collect(self.collector)
         self._ended_in = False
-        # Output taken out of proton early, to make room (see send_delivery).
+        # Output taken out of proton early, to make room (see send_delivery);
+        # bounded by its caller, which stops sending once output_held is high.
         self._outbox: deque[bytearray] = deque()
+        self._outbox_bytes = 0
 
     # -- bytes in -------------------------------------------------------------
     def receive_bytes(self, data: bytes | memoryview) -> int:
@@ -246,7 +249,14 @@ class AmqpEngine:
                     # Our Close is out: end the input too, so the socket closes.
                     self.eof_in()
                 return None
-        return self._outbox.popleft()
+        out = self._outbox.popleft()
+        self._outbox_bytes -= len(out)
+        return out
+
+    @property
+    def output_held(self) -> int:
+        """Output produced and not yet handed out by :meth:`bytes_to_send`, in bytes."""
+        return self._outbox_bytes
 
     def _take_output(self) -> None:
         """Move proton's pending output (one buffer of it) to the outbox, copied once."""
@@ -257,6 +267,7 @@ class AmqpEngine:
             _lib.pn_transport_peek(impl, _ffi.from_buffer(out), pending)
             _lib.pn_transport_pop(impl, pending)
             self._outbox.append(out)
+            self._outbox_bytes += pending
 
     # -- sending --------------------------------------------------------------
     def send_delivery(
