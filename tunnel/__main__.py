@@ -17,7 +17,7 @@ from .amqp.engine import DEFAULT_MAX_FRAME_SIZE
 from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
-from .dialects.link_route import DEFAULT_WINDOW
+from .dialects.link_route import CREDIT_BUDGET, MAX_DELIVERY, START_WINDOW
 from .errors import ConfigError, StartupError
 from .limits import (
     DEFAULT_HALF_CLOSED_TIMEOUT,
@@ -75,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--window",
         type=int,
-        default=DEFAULT_WINDOW,
-        help="credit window per link, in deliveries (default %(default)s)",
+        default=None,
+        help=(
+            "a fixed credit window per link, in deliveries of up to"
+            f" {MAX_DELIVERY // 1024} KiB (default: sized for the path, from {START_WINDOW}"
+            f" to {CREDIT_BUDGET // MAX_DELIVERY})"
+        ),
     )
     parser.add_argument(
         "--open-timeout",
@@ -301,7 +305,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             f"the frame size ({args.max_frame_size}) to 2**31"
         )
     for flag, count, most in (
-        ("--window", args.window, MAX_WINDOW),
+        ("--window", START_WINDOW if args.window is None else args.window, MAX_WINDOW),
         ("--http-window", args.http_window, MAX_HTTP_WINDOW),
         ("--http-max-body", args.http_max_body, MAX_HTTP_BODY),
         ("--max-connections", args.max_connections, MAX_CONNECTIONS),

@@ -13,7 +13,6 @@ from .amqp.engine import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_LINKS
 from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .dialects.carrier import Failure
-from .dialects.link_route import DEFAULT_WINDOW
 from .direct import DirectListener
 from .errors import naming
 from .flows import snapshot
@@ -48,7 +47,8 @@ class Settings:
     router_source: str
     listen: ListenConfig | None
     site_id: str
-    window: int = DEFAULT_WINDOW
+    #: Credit per link-route receiver, in deliveries (None: sized for the path).
+    window: int | None = None
     open_timeout: float = 15.0
     grace: float = DEFAULT_GRACE
     admin: tuple[str, int] | None = None

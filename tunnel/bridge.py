@@ -37,7 +37,7 @@ from .amqp.handles import Link as LinkHandle
 from .amqp_link import AmqpSocket
 from .connection import Connection
 from .dialects.carrier import NO_PORT, Carrier, Failure
-from .dialects.link_route import DEFAULT_WINDOW, LinkRouteCarrier
+from .dialects.link_route import LinkRouteCarrier
 from .dialects.tcp_adaptor import StreamDispatcher, TcpAdaptorCarrier
 from .limits import DEFAULT_LIMITS, Limits, Sweeper
 from .peer_text import printable
@@ -131,7 +131,7 @@ class IngressBridge:
         router: RouterLink,
         site_id: str,
         *,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
         limits: Limits = DEFAULT_LIMITS,
@@ -281,7 +281,7 @@ class EgressBridge:
     """``amqp:ADDRESS=>tcp:HOST:PORT``."""
 
     def __init__(
-        self, spec: EgressSpec, *, window: int = DEFAULT_WINDOW, limits: Limits = DEFAULT_LIMITS
+        self, spec: EgressSpec, *, window: int | None = None, limits: Limits = DEFAULT_LIMITS
     ) -> None:
         self.spec = spec
         self.window = window

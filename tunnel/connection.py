@@ -181,6 +181,10 @@ class Connection:
         return self._parked is not None
 
     @property
+    def tcp_unsent(self) -> int:
+        return 0 if self.tcp is None else self.tcp.unsent()
+
+    @property
     def tcp_writable(self) -> bool:
         return self.tcp is not None and not self.tcp_paused and self.phase is not Phase.CLOSED
 

@@ -47,6 +47,10 @@ class TcpPort(Protocol):
     """One TCP socket, as a connection drives it."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def unsent(self) -> int:
+        """Bytes written that the kernel has not taken yet."""
+        ...
+
     def write_eof(self) -> None:
         """Send our FIN; raises OSError if the peer reset meanwhile."""
         ...
@@ -161,6 +165,10 @@ class TcpSide(asyncio.BufferedProtocol):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def unsent(self) -> int:
+        assert self.transport is not None
+        return self.transport.get_write_buffer_size()
 
     def write_eof(self) -> None:
         assert self.transport is not None

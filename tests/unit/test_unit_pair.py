@@ -12,7 +12,7 @@ from unit_harness import RESET, Pair, Side, carrier_of
 
 from tunnel.connection import Open, Phase
 from tunnel.dialects.carrier import Failure
-from tunnel.dialects.link_route import MAX_DELIVERY
+from tunnel.dialects.link_route import CREDIT_BUDGET, MAX_DELIVERY, PROVEN_FAST, START_WINDOW
 
 
 def phase(side: Side) -> Phase:
@@ -317,3 +317,75 @@ def test_data_after_a_node_style_end_is_a_reset() -> None:
     carrier.sender = None  # the far end closed our sending side for good
     client.data(b"nowhere to go")
     assert client.conn.failure is Failure.FAR_END and client.tcp.was_reset
+
+
+# -- the credit window, sized for the reader ------------------------------------------
+def _push(client: Side, pair: Pair, total: int) -> None:
+    """``total`` bytes from the client, a read at a time, pumped as a socket would be."""
+    chunk = bytes(2 * MAX_DELIVERY)
+    for _ in range(total // len(chunk)):
+        client.data(chunk)
+        pair.pump()
+
+
+def test_a_reader_that_keeps_up_earns_the_whole_budget() -> None:
+    pair = Pair(window=None)
+    client, server = pair.tunnel()
+    receiver = carrier_of(server)
+    assert receiver.window == START_WINDOW
+    _push(client, pair, PROVEN_FAST - 2 * MAX_DELIVERY)
+    assert receiver.window == START_WINDOW  # not proven yet
+    _push(client, pair, 2 * MAX_DELIVERY)
+    assert receiver.window * MAX_DELIVERY == CREDIT_BUDGET
+    assert receiver.receiver is not None and receiver.receiver.credit > START_WINDOW
+    assert len(server.tcp.written) == PROVEN_FAST
+
+
+def test_a_reader_the_kernel_buffers_for_never_earns_more() -> None:
+    pair = Pair(window=None)
+    client, server = pair.tunnel()
+    server.tcp.unsent_bytes = 1  # each write left something behind
+    _push(client, pair, 2 * PROVEN_FAST)
+    assert carrier_of(server).window == START_WINDOW
+    receiver = carrier_of(server).receiver
+    assert receiver is not None and receiver.credit <= START_WINDOW
+
+
+def test_one_write_held_back_starts_the_proof_again() -> None:
+    pair = Pair(window=None)
+    client, server = pair.tunnel()
+    _push(client, pair, PROVEN_FAST // 2)
+    server.tcp.unsent_bytes = 1
+    _push(client, pair, 2 * MAX_DELIVERY)
+    server.tcp.unsent_bytes = 0
+    _push(client, pair, PROVEN_FAST // 2)
+    assert carrier_of(server).window == START_WINDOW
+
+
+def test_a_reader_that_falls_behind_goes_back_to_the_start() -> None:
+    pair = Pair(window=None)
+    client, server = pair.tunnel()
+    _push(client, pair, PROVEN_FAST)
+    assert carrier_of(server).window * MAX_DELIVERY == CREDIT_BUDGET
+    receiver = carrier_of(server).receiver
+    assert receiver is not None
+    server.conn.on_tcp_write_paused()
+    client.data(bytes(MAX_DELIVERY))
+    pair.pump()
+    assert carrier_of(server).window == START_WINDOW
+    outstanding = receiver.credit  # granted already: AMQP has no taking it back
+    server.conn.on_tcp_write_resumed()
+    pair.pump()
+    assert receiver.credit <= outstanding
+    _push(client, pair, CREDIT_BUDGET)  # uses up what was granted before
+    assert receiver.credit <= START_WINDOW
+    assert len(server.tcp.written) == PROVEN_FAST + MAX_DELIVERY + CREDIT_BUDGET
+
+
+def test_a_fixed_window_stays_fixed() -> None:
+    pair = Pair(window=3)
+    client, server = pair.tunnel()
+    _push(client, pair, PROVEN_FAST + 2 * MAX_DELIVERY)
+    assert carrier_of(server).window == 3
+    receiver = carrier_of(server).receiver
+    assert receiver is not None and receiver.credit <= 3

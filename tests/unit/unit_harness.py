@@ -69,6 +69,8 @@ class FakeTcp:
         self.log: list[str] = []
         #: Raised by write_eof, as when the peer reset after its own FIN.
         self.eof_error: OSError | None = None
+        #: What the kernel has not taken, as a test sets it (a slow reader).
+        self.unsent_bytes = 0
 
     @property
     def done(self) -> bool:
@@ -85,6 +87,9 @@ class FakeTcp:
         self.written += data
         self.writes += 1
         self.log.append("write")
+
+    def unsent(self) -> int:
+        return self.unsent_bytes
 
     def write_eof(self) -> None:
         self._check("write_eof")
@@ -185,7 +190,7 @@ class DirectEgress(QuietHandler):
     or when the test says (:meth:`connect`).
     """
 
-    def __init__(self, port: MemoryPort, *, window: int, auto_connect: bool) -> None:
+    def __init__(self, port: MemoryPort, *, window: int | None, auto_connect: bool) -> None:
         super().__init__()
         self.port = port
         self.window = window
@@ -254,7 +259,7 @@ class Pair:
     def __init__(
         self,
         *,
-        window: int = 2,
+        window: int | None = 2,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         auto_connect: bool = True,
         open_timeout: float | None = 5.0,

@@ -78,6 +78,11 @@ class CarrierEvents(Protocol):
         ...
 
     @property
+    def tcp_unsent(self) -> int:
+        """Bytes written to the TCP socket that its peer has not taken yet."""
+        ...
+
+    @property
     def write_open(self) -> bool:
         """The far end's bytes are still wanted (its side has not ended)."""
         ...
@@ -122,6 +127,7 @@ class _NoEvents:
     log = logging.LoggerAdapter(logging.getLogger("tunnel.connection"))
     bytes_in = 0
     tcp_writable = False
+    tcp_unsent = 0
     write_open = False
     parked = False
 

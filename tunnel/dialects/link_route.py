@@ -25,8 +25,19 @@ Flow control, AMQP to TCP
     The receiver keeps at most ``window`` deliveries of credit out and tops
     it up only while the TCP socket is under its high-water mark, so what is
     held for a slow reader is ``window x MAX_DELIVERY`` plus the socket's
-    write high-water mark. Credit is granted only once the TCP socket
-    exists, so the first bytes are never lost.
+    write high-water mark: at most :data:`CREDIT_BUDGET` (1 MiB) plus it.
+    Credit is granted only once the TCP socket exists, so the first bytes
+    are never lost.
+
+    The window starts at :data:`START_WINDOW` and grows to the budget once
+    the reader has shown it keeps up: :data:`PROVEN_FAST` bytes written in
+    a row with the kernel taking each write whole. The proof must outrun
+    the kernel's own send buffer (up to 4 MiB on Linux), which takes a slow
+    reader's first megabytes as fast as a fast reader's; credit given on
+    less would all be held once that buffer fills. Any write the kernel
+    does not take whole starts the count again, and passing the socket's
+    high-water mark puts the window back to the start. A fixed ``window``
+    (``--window``) turns this off.
 
 Half-close
     Our FIN becomes an end-of-stream marker when the far end offered the
@@ -63,9 +74,15 @@ from ..amqp.handles import (
 from ..peer_text import printable
 from .carrier import NO_EVENTS, NO_PORT, RESET_CONDITION, AmqpPort, CarrierEvents, Failure
 
-DEFAULT_WINDOW = 2
 #: With the window, what bounds the bytes in flight: window x MAX_DELIVERY per direction.
 MAX_DELIVERY = 128 * 1024
+#: The credit a receiver starts with, in deliveries.
+START_WINDOW = 2
+#: The most credit a receiver grows to, in bytes (in flight towards one TCP connection).
+CREDIT_BUDGET = 1024 * 1024
+_MAX_WINDOW = CREDIT_BUDGET // MAX_DELIVERY
+#: Bytes a reader takes, each write whole, before it gets more than the start window.
+PROVEN_FAST = 8 * 1024 * 1024
 #: Deliveries sent, not yet settled by the far end: past it sending waits for an outcome.
 MAX_UNSETTLED = 8
 #: The largest message we take in (our peers send at most MAX_DELIVERY, the
@@ -97,6 +114,9 @@ class LinkRouteCarrier:
         "eos_pending",
         "eos_sent",
         "events",
+        "kept_up",
+        "max_window",
+        "min_window",
         "name",
         "peer_half_close",
         "port",
@@ -111,11 +131,17 @@ class LinkRouteCarrier:
         "window",
     )
 
-    def __init__(self, port: AmqpPort, name: str, *, routed_is_sender: bool, window: int) -> None:
+    def __init__(
+        self, port: AmqpPort, name: str, *, routed_is_sender: bool, window: int | None
+    ) -> None:
         self.port = port
         self.name = name
         self.routed_is_sender = routed_is_sender
-        self.window = window
+        #: Credit kept out, in deliveries; it moves between the two bounds.
+        self.window = self.min_window = START_WINDOW if window is None else window
+        self.max_window = _MAX_WINDOW if window is None else window
+        #: Bytes written to TCP since it last held any back (while growing).
+        self.kept_up = 0
         self.events: CarrierEvents
         self.sender: Link | None = None
         self.receiver: Link | None = None
@@ -141,7 +167,7 @@ class LinkRouteCarrier:
         session: Session,
         address: str,
         *,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
         reply: Link | None = None,
     ) -> LinkRouteCarrier:
         """Ours to attach: a dynamic receiver (``reply``, if one is attached already), a sender."""
@@ -151,7 +177,7 @@ class LinkRouteCarrier:
 
     @classmethod
     def egress(
-        cls, port: AmqpPort, name: str, receiver: Link, sender: Link, *, window: int
+        cls, port: AmqpPort, name: str, receiver: Link, sender: Link, *, window: int | None
     ) -> LinkRouteCarrier:
         """The far end's routed sender reached us as ``receiver``; ``sender`` is the way back."""
         carrier = cls(port, name, routed_is_sender=False, window=window)
@@ -416,6 +442,8 @@ class LinkRouteCarrier:
         if eos:
             events.on_far_end()
         else:
+            if self.window < self.max_window:
+                self._grow(len(body))
             self._top_up()
         self.port.flush_soon()
 
@@ -425,9 +453,21 @@ class LinkRouteCarrier:
         delivery.finish(REJECTED, condition=condition)
         self._failed(f"a delivery over {MAX_MESSAGE_SIZE} bytes", Failure.PROTOCOL)
 
+    def _grow(self, written: int) -> None:
+        """Count ``written`` towards proving the reader fast; the window grows on the proof."""
+        if self.events.tcp_unsent:
+            self.kept_up = 0
+            return
+        self.kept_up += written
+        if self.kept_up >= PROVEN_FAST:
+            self.window = self.max_window
+
     def _top_up(self) -> None:
         receiver = self.receiver
         events = self.events
+        if not events.tcp_writable and self.window > self.min_window:
+            self.window = self.min_window
+            self.kept_up = 0
         if (
             receiver is not None
             and not self.closed
