@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import random
 
+from proton import Transport
 from unit_harness import RESET, Pair, Side, carrier_of
 
+from tunnel.amqp.engine import SLICE
 from tunnel.connection import Open, Phase
 from tunnel.dialects.carrier import Failure
 from tunnel.dialects.link_route import CREDIT_BUDGET, MAX_DELIVERY, PROVEN_FAST, START_WINDOW
@@ -389,3 +391,33 @@ def test_a_fixed_window_stays_fixed() -> None:
     assert carrier_of(server).window == 3
     receiver = carrier_of(server).receiver
     assert receiver is not None and receiver.credit <= 3
+
+
+def _transfers_seen(pair: Pair) -> list[str]:
+    """The transfer frames the egress engine receives from now on, as proton traces them."""
+    seen: list[str] = []
+    pair.b.transport.trace(Transport.TRACE_FRM)
+    pair.b.transport.tracer = lambda _, line: seen.append(line) if "<- @transfer" in line else None
+    return seen
+
+
+def test_a_small_delivery_is_one_transfer() -> None:
+    pair = Pair()
+    client, server = pair.tunnel()
+    seen = _transfers_seen(pair)
+    client.data(b"x")
+    pair.pump()
+    assert server.tcp.written == b"x"
+    assert len(seen) == 1 and "more=true" not in seen[0]
+
+
+def test_a_sliced_delivery_ends_with_its_last_slice() -> None:
+    pair = Pair()
+    client, server = pair.tunnel()
+    seen = _transfers_seen(pair)
+    payload = random.Random(2).randbytes(3 * SLICE)  # the header makes it four slices
+    client.data(payload)
+    pair.pump()
+    assert bytes(server.tcp.written) == payload
+    assert len(seen) == 4
+    assert all("more=true" in line for line in seen[:-1]) and "more=true" not in seen[-1]

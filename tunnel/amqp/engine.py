@@ -286,8 +286,16 @@ class AmqpEngine:
         link = sender.raw
         delivery = cproton.pn_delivery(link, tag)
         _lib.pn_link_send(link, _ffi.from_buffer(head), len(head))
-        self._send_sliced(link, delivery, body, SLICE - len(head))
+        view = memoryview(body)
+        first = SLICE - len(head)
+        # The last slice is framed after the advance, so it goes in the final
+        # transfer: no empty transfer after it, and a small delivery is one frame.
+        last = 0 if len(view) <= first else first + (len(view) - first - 1) // SLICE * SLICE
+        self._send_sliced(link, delivery, view[:last], first)
+        tail = view[last:]
+        _lib.pn_link_send(link, _ffi.from_buffer(tail), len(tail))
         _lib.pn_link_advance(link)
+        self._frame(delivery)
         return DeliveryHandle(delivery)
 
     def begin_stream(self, sender: LinkHandle, tag: bytes) -> DeliveryHandle:
