@@ -41,9 +41,10 @@ Transitions (``carrier.idle()``: our side ended, all of it settled)::
 Bounds: what is parked is at most two TCP reads
 (:data:`~tunnel.tcp_side.READ_SIZE` each: reading pauses at the first that
 does not fit, and one may already be under way). What the far end sends
-before the TCP socket exists (a TCP-adaptor client stream, whose backend is
-still connecting) is kept up to :data:`MAX_EARLY` bytes, the window the far
-end may use unacknowledged; past it the connection resets.
+before the TCP socket exists (an egress whose backend is still connecting:
+a TCP-adaptor client stream, or the first credit window of a link-route
+one) is kept up to :data:`MAX_EARLY` bytes, the most either window lets
+the far end send; past it the connection resets.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class Connection:
         "phase",
         "stats",
         "tcp",
+        "tcp_connected",
         "tcp_paused",
     )
 
@@ -150,6 +152,8 @@ class Connection:
         self.phase = Phase.OPENING
         self.failure: Failure | None = None
         self.tcp: TcpPort | None = None
+        #: Set once the TCP socket is there; it stays set after the socket goes.
+        self.tcp_connected = False
         self.tcp_paused = False
         #: Bytes written to the TCP peer, and read from it.
         self.bytes_in = 0
@@ -188,12 +192,21 @@ class Connection:
     def tcp_writable(self) -> bool:
         return self.tcp is not None and not self.tcp_paused and self.phase is not Phase.CLOSED
 
+    @property
+    def takes_far_data(self) -> bool:
+        if self.phase is _CLOSED or not self.open & _WRITE:
+            return False
+        if self.tcp_connected:
+            return self.tcp is not None and not self.tcp_paused
+        return self._early is None  # one window is kept until TCP connects, no more
+
     # -- TCP events (TcpEvents) ----------------------------------------------------
     def on_tcp_connected(self, port: TcpPort) -> None:
         if self.phase is _CLOSED:
             port.reset()
             return
         self.tcp = port
+        self.tcp_connected = True
         early, self._early = self._early, None
         for data in early or ():
             self._write(data)

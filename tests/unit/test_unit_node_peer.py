@@ -412,7 +412,8 @@ def node_ingress(*, half_close: bool = False) -> NodeIngress:
     routed.open()
     far.pump()
     (side,) = handler.sides
-    assert routed.state & Endpoint.REMOTE_UNINIT  # answered only once the backend is there
+    # Answered at once with the first window, while the backend connects.
+    assert routed.state & Endpoint.REMOTE_ACTIVE and routed.credit == 2
     (reply,) = far.new_links()
     assert reply.is_receiver and reply.remote_target.address == "node-reply-1"
     far.answer_bare(reply)

@@ -197,6 +197,10 @@ class DirectEgress(QuietHandler):
         self.auto_connect = auto_connect
         self.dynamic: dict[str, Link] = {}
         self.pending: list[Side] = []
+        #: False: routed attaches are answered with no credit and no carrier, as a
+        #: router answers for an address nobody consumes; they are kept in ``held``.
+        self.serving = True
+        self.held: list[Link] = []
         self._count = itertools.count(1)
 
     def on_link_attach(self, link: Link) -> None:
@@ -216,6 +220,12 @@ class DirectEgress(QuietHandler):
             link.condition = Condition("amqp:not-found", "no such address")
             link.open()
             link.close()
+            return
+        if not self.serving:
+            link.source.copy(link.remote_source)
+            link.target.copy(link.remote_target)
+            link.open()
+            self.held.append(link)
             return
         carrier = RecordingCarrier.egress(
             self.port, link.name, handle(link), handle(reply), window=self.window

@@ -78,6 +78,11 @@ class CarrierEvents(Protocol):
         ...
 
     @property
+    def takes_far_data(self) -> bool:
+        """The far end's bytes are wanted: TCP takes them, or keeps one window until connected."""
+        ...
+
+    @property
     def tcp_unsent(self) -> int:
         """Bytes written to the TCP socket that its peer has not taken yet."""
         ...
@@ -128,6 +133,7 @@ class _NoEvents:
     bytes_in = 0
     tcp_writable = False
     tcp_unsent = 0
+    takes_far_data = False
     write_open = False
     parked = False
 

@@ -26,8 +26,10 @@ Flow control, AMQP to TCP
     it up only while the TCP socket is under its high-water mark, so what is
     held for a slow reader is ``window x MAX_DELIVERY`` plus the socket's
     write high-water mark: at most :data:`CREDIT_BUDGET` (1 MiB) plus it.
-    Credit is granted only once the TCP socket exists, so the first bytes
-    are never lost.
+    The egress answers the attach at once with the first window, while its
+    backend connects, and no more until it has: the connection keeps what
+    arrives meanwhile (one window) and writes it first, so the first bytes
+    are never lost and cross while the backend connects, not after.
 
     The window starts at :data:`START_WINDOW` and grows to the budget once
     the reader has shown it keeps up: :data:`PROVEN_FAST` bytes written in
@@ -206,15 +208,17 @@ class LinkRouteCarrier:
             assert self.receiver is not None and self.sender is not None
             self.receiver.own(self)
             self.sender.own(self)
+            # Answered at once with the first window of credit, while the
+            # backend connects: the client's first bytes cross meanwhile, and
+            # the connection keeps them until it is there.
+            self.receiver.open()
+            self._top_up()
             if self.sender.remote_active:
                 self._on_sender_ready()
         self.port.flush_soon()
 
     def on_tcp_connected(self) -> None:
-        # At the egress the attach is answered now, with the first credit, in one write.
-        if self.receiver is not None and not self.closed:
-            self.receiver.open()
-            self._top_up()
+        self._top_up()  # what arrived before is written: the rest of the window
 
     def room(self) -> int:
         sender = self.sender
@@ -471,8 +475,7 @@ class LinkRouteCarrier:
         if (
             receiver is not None
             and not self.closed
-            and events.tcp_writable
-            and events.write_open
+            and events.takes_far_data
             and receiver.top_up(self.window)
         ):
             self.port.flush_soon()
