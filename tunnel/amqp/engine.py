@@ -76,6 +76,7 @@ from .handles import Link as LinkHandle
 # the binding's own cffi functions so each byte is copied once.
 _ffi = raw_ffi = cproton.ffi
 _lib = raw_lib = cproton.lib
+_alloc_unzeroed = _ffi.new_allocator(should_clear_after_alloc=False)
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class AmqpEngine:
         self._ended_in = False
         # Output taken out of proton early, to make room (see send_delivery);
         # bounded by its caller, which stops sending once output_held is high.
-        self._outbox: deque[bytearray] = deque()
+        self._outbox: deque[memoryview] = deque()
         self._outbox_bytes = 0
 
     # -- bytes in -------------------------------------------------------------
@@ -237,7 +238,7 @@ class AmqpEngine:
                 self.transport.close_head()
 
     # -- bytes out ------------------------------------------------------------
-    def bytes_to_send(self) -> bytearray | None:
+    def bytes_to_send(self) -> memoryview | None:
         """The next piece of output, for the caller to write; ``None`` if there is none.
 
         proton hands its output out one buffer at a time; call until ``None``.
@@ -263,9 +264,11 @@ class AmqpEngine:
         impl = self._transport_impl
         pending = _lib.pn_transport_pending(impl)
         if pending > 0:
-            out = bytearray(pending)
-            _lib.pn_transport_peek(impl, _ffi.from_buffer(out), pending)
+            # Not zeroed first, as a bytearray would be: the copy is the one pass.
+            raw = _alloc_unzeroed("char[]", pending)
+            _lib.pn_transport_peek(impl, raw, pending)
             _lib.pn_transport_pop(impl, pending)
+            out = memoryview(_ffi.buffer(raw))  # keeps ``raw`` alive
             self._outbox.append(out)
             self._outbox_bytes += pending
 
