@@ -24,7 +24,15 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert "tunnel/relay" in result.stdout
     table = json.loads(out.read_text())
     rows = table["rows"]
-    for key in ("bulk_fwd", "bulk_rev", "bulk_16", "bulk_64", "rtt_p50", "conn_p50"):
+    for key in (
+        "bulk_fwd",
+        "bulk_rev",
+        "bulk_16",
+        "bulk_64",
+        "rtt_p50",
+        "conn_p50",
+        "churn_rate",
+    ):
         for path in ("direct", "relay", "tunnel"):
             assert rows[key][path] > 0, (key, path)
         assert rows[key]["ratio"] > 0, key
@@ -40,6 +48,7 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     count = int(rows["concurrent_ok"]["metric"].split()[0])
     assert [rows["concurrent_ok"][p] for p in ("direct", "relay", "tunnel")] == [count] * 3
     assert rows["conn_failures"]["tunnel"] == 0
+    assert [rows["churn_failures"][p] for p in ("direct", "relay", "tunnel")] == [0] * 3
 
 
 def test_bad_router_url_is_refused() -> None:

@@ -55,6 +55,7 @@ class Sizes:
     concurrent: int
     slow_conns: int
     slow_seconds: float
+    churn_conns: int
 
 
 FULL = Sizes(
@@ -64,6 +65,7 @@ FULL = Sizes(
     concurrent=10_000,
     slow_conns=100,
     slow_seconds=5.0,
+    churn_conns=10_000,
 )
 QUICK = Sizes(
     bulk_bytes=64 << 20,
@@ -72,6 +74,7 @@ QUICK = Sizes(
     concurrent=500,
     slow_conns=20,
     slow_seconds=1.5,
+    churn_conns=300,
 )
 
 
@@ -240,6 +243,30 @@ class Pinger(asyncio.Protocol):
             self.waiter.set_exception(exc or ConnectionError("closed"))
 
 
+class Echoer(asyncio.Protocol):
+    """Writes ``payload`` and is done once it has read the same bytes back."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.got = bytearray()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(self.payload)
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+        if len(self.got) >= len(self.payload) and not self.done.done():
+            if self.got == self.payload:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(ConnectionError("the echo differs"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc or ConnectionError("closed before the echo"))
+
+
 class SlowReader(asyncio.Protocol):
     """Reads at most ``budget`` bytes per ``period`` seconds."""
 
@@ -341,6 +368,38 @@ async def new_connections(port: int, count: int) -> tuple[float, float, int]:
     if not samples:
         return float("nan"), float("nan"), failures
     return _pct(samples, 50) * 1e3, _pct(samples, 99) * 1e3, failures
+
+
+CHURN_AT_ONCE = 64
+CHURN_PAYLOAD = b"churn, 16 bytes."
+
+
+async def churn(port: int, count: int) -> tuple[float, int]:
+    """``count`` short connections, ``CHURN_AT_ONCE`` at a time, each echoing a few bytes.
+
+    Returns the connections completed per second, and how many failed.
+    """
+    loop = asyncio.get_running_loop()
+    left, failures = count, 0
+
+    async def worker() -> None:
+        nonlocal left, failures
+        while left:
+            left -= 1
+            try:
+                transport, echoer = await asyncio.wait_for(
+                    loop.create_connection(lambda: Echoer(CHURN_PAYLOAD), "127.0.0.1", port), 10
+                )
+                try:
+                    await asyncio.wait_for(echoer.done, 10)
+                finally:
+                    transport.close()
+            except (OSError, TimeoutError):
+                failures += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(CHURN_AT_ONCE, count))))
+    return (count - failures) / (time.perf_counter() - start), failures
 
 
 async def concurrent(
@@ -467,6 +526,10 @@ async def measure_speed(
     put("conn_p50", c50)
     put("conn_p99", c99)
     put("conn_failures", failures)
+    log(f"{name}: churn")
+    rate, failures = await churn(ports["echo"], sizes.churn_conns)
+    put("churn_rate", rate)
+    put("churn_failures", failures)
 
 
 async def measure_memory(
@@ -504,6 +567,10 @@ def make_rows(sizes: Sizes) -> dict[str, Row]:
         "conn_p50": Row("new conn + 1 RT p50", "ms", "lower", "<= 3x relay"),
         "conn_p99": Row("new conn + 1 RT p99", "ms", "lower"),
         "conn_failures": Row("new conn failures", "count", "lower", "0"),
+        "churn_rate": Row(
+            f"churn: {sizes.churn_conns} conns, {CHURN_AT_ONCE} at a time", "conn/s", "higher"
+        ),
+        "churn_failures": Row("churn failures", "count", "lower", "0"),
         "concurrent_ok": Row(f"{n} concurrent conns echoing", "count", "higher", f"{n}"),
         "concurrent_rss_near": Row(f"RSS with {n} conns, near hop", "MiB", "lower"),
         "concurrent_rss_far": Row(f"RSS with {n} conns, far hop", "MiB", "lower"),
