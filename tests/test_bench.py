@@ -7,7 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tunnel.bench.__main__ import Row, render
+from tunnel.bench.__main__ import (
+    Row,
+    _servers,
+    bulk_forward,
+    bulk_reverse,
+    direct_path,
+    render,
+    rtt,
+)
 
 
 def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
@@ -24,7 +32,18 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert "tunnel/relay" in result.stdout
     table = json.loads(out.read_text())
     rows = table["rows"]
-    for key in ("bulk_fwd", "bulk_rev", "bulk_16", "bulk_64", "rtt_p50", "conn_p50"):
+    for key in (
+        "bulk_fwd",
+        "bulk_rev",
+        "bulk_16",
+        "bulk_64",
+        "rtt_p50",
+        "conn_p50",
+        "churn_rate",
+        "delayed_fwd",
+        "delayed_rev",
+        "delayed_rtt_p50",
+    ):
         for path in ("direct", "relay", "tunnel"):
             assert rows[key][path] > 0, (key, path)
         assert rows[key]["ratio"] > 0, key
@@ -40,6 +59,20 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     count = int(rows["concurrent_ok"]["metric"].split()[0])
     assert [rows["concurrent_ok"][p] for p in ("direct", "relay", "tunnel")] == [count] * 3
     assert rows["conn_failures"]["tunnel"] == 0
+    assert [rows["churn_failures"][p] for p in ("direct", "relay", "tunnel")] == [0] * 3
+
+
+async def test_the_delaying_hop_delays_each_way_and_carries_half_close() -> None:
+    """An echo through tunnel.bench.delay takes twice its delay; bulk ends, both ways, counted."""
+    async with _servers() as (_, servers):
+        with direct_path(servers, delay_ms=5) as path:
+            p50, _ = await rtt(path.ports["echo"], 20)
+            # In microseconds: 5 ms each way, less at most half a timer tick; the
+            # upper bound only keeps a loaded machine from failing the test.
+            assert 9_000 <= p50 <= 50_000
+            # Each checks the byte count, which the far end gives only after the FIN.
+            assert await bulk_forward(path.ports["sink"], 8 << 20) > 0
+            assert await bulk_reverse(path.ports["source"], 8 << 20) > 0
 
 
 def test_bad_router_url_is_refused() -> None:

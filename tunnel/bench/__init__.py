@@ -2,8 +2,9 @@
 
 It compares, on loopback and on the same workloads, three paths to the same
 servers: direct TCP, a plain two-hop uvloop byte relay (the Python limit for
-this topology), and a tunnel pair in direct mode. Every side runs in its own
-process: the servers, the two hops, and the client (this process).
+this topology), and a tunnel pair in direct mode; some rows again with a
+delaying hop (``tunnel.bench.delay``) in each path. Every side runs in its own
+process: the servers, the hops, and the client (this process).
 """
 
 from __future__ import annotations

@@ -1,13 +1,23 @@
-"""``python -m tunnel.bench [--quick] [--json PATH] [--amqp URL]``: measure and compare.
+"""``python -m tunnel.bench [--quick] [--json PATH] [--amqp URL] [--window N] [--delay-ms MS]``.
 
-Paths, each to the same servers (``tunnel.bench.servers``, own process):
+Measures and compares paths, each to the same servers (``tunnel.bench.servers``,
+own process):
 
 - ``direct``: the client connects to the servers;
 - ``relay``: client -> relay -> relay -> server, two ``tunnel.bench.relay``
   processes: the plain Python limit for a two-hop path;
 - ``tunnel``: client -> ingress -> egress -> server, a tunnel pair in direct
   mode as two ``python -m tunnel`` processes (or both connected to the
-  router given by ``--amqp``).
+  router given by ``--amqp``), with ``--window N`` if given.
+
+The rows "over N ms RTT" put a ``tunnel.bench.delay`` hop (``--delay-ms`` each
+way, default 1) where each path crosses from near to far: between client and
+servers, between the two relays, and on the tunnel pair's AMQP connection
+(ingress -> delay -> egress). That is a router's distance, where what a
+tunnel keeps in flight sets its rate rather than the CPU: per direction,
+its credit window (``--window``) or its 8 unsettled deliveries, whichever is
+fewer, of 128 KiB each. With ``--amqp`` the router is the distance, and these
+rows have no tunnel figure.
 
 Each tunnel figure is also given as a ratio to the relay's. The table goes to
 stdout, and with ``--json`` to a file. Timings are reported, never asserted.
@@ -55,6 +65,8 @@ class Sizes:
     concurrent: int
     slow_conns: int
     slow_seconds: float
+    churn_conns: int
+    delayed_rtt_rounds: int
 
 
 FULL = Sizes(
@@ -64,6 +76,8 @@ FULL = Sizes(
     concurrent=10_000,
     slow_conns=100,
     slow_seconds=5.0,
+    churn_conns=10_000,
+    delayed_rtt_rounds=500,
 )
 QUICK = Sizes(
     bulk_bytes=64 << 20,
@@ -72,6 +86,8 @@ QUICK = Sizes(
     concurrent=500,
     slow_conns=20,
     slow_seconds=1.5,
+    churn_conns=300,
+    delayed_rtt_rounds=50,
 )
 
 
@@ -120,27 +136,54 @@ def _wait_log(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> list[re
     raise SystemExit(f"tunnel process did not start:\n{log.read_text()}")
 
 
+def _hop(
+    stack: contextlib.ExitStack, module: list[str], targets: dict[str, int]
+) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """A relay process (``module``: its name and options) in front of each of ``targets``.
+
+    Stopped when ``stack`` closes; returns it and its ports, by the targets' names.
+    """
+    proc, bound = _spawn_json([*module, *(f"0=>127.0.0.1:{port}" for port in targets.values())])
+    stack.callback(_stop, proc)
+    return proc, {name: bound[f"127.0.0.1:{port}"] for name, port in targets.items()}
+
+
+def _delay(delay_ms: float) -> list[str]:
+    return ["tunnel.bench.delay", "--delay-ms", str(delay_ms)]
+
+
 @contextlib.contextmanager
-def relay_path(servers: dict[str, int]) -> Iterator[Route]:
-    far, far_ports = _spawn_json(
-        ["tunnel.bench.relay", *(f"0=>127.0.0.1:{servers[t]}" for t in TARGETS)]
-    )
-    near = None
-    try:
-        mid = {t: far_ports[f"127.0.0.1:{servers[t]}"] for t in TARGETS}
-        near, near_ports = _spawn_json(
-            ["tunnel.bench.relay", *(f"0=>127.0.0.1:{mid[t]}" for t in TARGETS)]
-        )
-        ports = {t: near_ports[f"127.0.0.1:{mid[t]}"] for t in TARGETS}
+def direct_path(servers: dict[str, int], delay_ms: float | None = None) -> Iterator[Route]:
+    """client -> server; with ``delay_ms``, through a delaying hop."""
+    with contextlib.ExitStack() as stack:
+        ports = servers if delay_ms is None else _hop(stack, _delay(delay_ms), servers)[1]
+        yield Route("direct", ports)
+
+
+@contextlib.contextmanager
+def relay_path(servers: dict[str, int], delay_ms: float | None = None) -> Iterator[Route]:
+    """client -> relay -> relay -> server; with ``delay_ms``, a delaying hop between the relays."""
+    with contextlib.ExitStack() as stack:
+        far, mid = _hop(stack, ["tunnel.bench.relay"], servers)
+        if delay_ms is not None:
+            mid = _hop(stack, _delay(delay_ms), mid)[1]
+        near, ports = _hop(stack, ["tunnel.bench.relay"], mid)
         yield Route("relay", ports, [near, far])
-    finally:
-        if near is not None:
-            _stop(near)
-        _stop(far)
 
 
 @contextlib.contextmanager
-def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iterator[Route]:
+def tunnel_path(
+    servers: dict[str, int],
+    folder: Path,
+    amqp: str | None,
+    window: int | None = None,
+    delay_ms: float | None = None,
+) -> Iterator[Route]:
+    """client -> ingress -> egress -> server; with ``delay_ms``, AMQP through a delaying hop.
+
+    The delay needs direct mode (no ``amqp``): it sits in front of the egress's listener.
+    """
+    assert delay_ms is None or amqp is None
     egress_log, ingress_log = folder / "egress.log", folder / "ingress.log"
     # Every bench client comes from 127.0.0.1, and the ingress is one direct-mode
     # peer: the default per-peer share (half of --max-connections) would cap both.
@@ -152,46 +195,46 @@ def tunnel_path(servers: dict[str, int], folder: Path, amqp: str | None) -> Iter
         "INFO",
         "--max-connections-per-peer",
         str(DEFAULT_MAX_CONNECTIONS),
+        *([] if window is None else ["--window", str(window)]),
     ]
     egress_specs = [f"amqp:bench-{t}=>tcp:127.0.0.1:{servers[t]}" for t in TARGETS]
     ingress_specs = [f"tcp:127.0.0.1:0=>amqp:bench-{t}" for t in TARGETS]
+    config = folder / "connect.json"
     if amqp:
         host, _, port = amqp.partition("://")[2].rpartition(":")
-        config = folder / "connect.json"
         config.write_text(
             json.dumps({"scheme": amqp.partition("://")[0], "host": host, "port": int(port)})
         )
         egress_args = ["--config", str(config), *egress_specs]
     else:
         egress_args = ["--listen", "amqp://127.0.0.1:0", *egress_specs]
-    with egress_log.open("wb") as sink:
-        egress = subprocess.Popen([*common, *egress_args], stderr=sink, stdin=subprocess.DEVNULL)
-    ingress = None
-    try:
+    with contextlib.ExitStack() as stack:
+        with egress_log.open("wb") as sink:
+            egress = subprocess.Popen(
+                [*common, *egress_args], stderr=sink, stdin=subprocess.DEVNULL
+            )
+        stack.callback(_stop, egress)
         if amqp:
             _wait_log(egress_log, r"link route for 'bench-source' active", egress)
         else:
-            amqp_port = _wait_log(egress_log, r"accepting AMQP on amqp://[^:]+:(\d+)", egress)[
-                0
-            ].group(1)
-            config = folder / "connect.json"
-            config.write_text(json.dumps({"host": "127.0.0.1", "port": int(amqp_port)}))
+            found = _wait_log(egress_log, r"accepting AMQP on amqp://[^:]+:(\d+)", egress)
+            amqp_port = int(found[0].group(1))
+            if delay_ms is not None:
+                amqp_port = _hop(stack, _delay(delay_ms), {"amqp": amqp_port})[1]["amqp"]
+            config.write_text(json.dumps({"host": "127.0.0.1", "port": amqp_port}))
         with ingress_log.open("wb") as sink:
             ingress = subprocess.Popen(
                 [*common, "--config", str(config), *ingress_specs],
                 stderr=sink,
                 stdin=subprocess.DEVNULL,
             )
+        stack.callback(_stop, ingress)
         _wait_log(ingress_log, r"router \S+ connected", ingress)
         found = _wait_log(ingress_log, r"amqp:bench-(\w+) listening on 127\.0\.0\.1:(\d+)", ingress)
         ports = {m.group(1): int(m.group(2)) for m in found}
         if set(ports) != set(TARGETS):
             raise SystemExit(f"ingress bridges missing:\n{ingress_log.read_text()}")
         yield Route("tunnel", ports, [ingress, egress])
-    finally:
-        if ingress is not None:
-            _stop(ingress)
-        _stop(egress)
 
 
 # -- client protocols -------------------------------------------------------------
@@ -238,6 +281,30 @@ class Pinger(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc or ConnectionError("closed"))
+
+
+class Echoer(asyncio.Protocol):
+    """Writes ``payload`` and is done once it has read the same bytes back."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.got = bytearray()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(self.payload)
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+        if len(self.got) >= len(self.payload) and not self.done.done():
+            if self.got == self.payload:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(ConnectionError("the echo differs"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc or ConnectionError("closed before the echo"))
 
 
 class SlowReader(asyncio.Protocol):
@@ -341,6 +408,38 @@ async def new_connections(port: int, count: int) -> tuple[float, float, int]:
     if not samples:
         return float("nan"), float("nan"), failures
     return _pct(samples, 50) * 1e3, _pct(samples, 99) * 1e3, failures
+
+
+CHURN_AT_ONCE = 64
+CHURN_PAYLOAD = b"churn, 16 bytes."
+
+
+async def churn(port: int, count: int) -> tuple[float, int]:
+    """``count`` short connections, ``CHURN_AT_ONCE`` at a time, each echoing a few bytes.
+
+    Returns the connections completed per second, and how many failed.
+    """
+    loop = asyncio.get_running_loop()
+    left, failures = count, 0
+
+    async def worker() -> None:
+        nonlocal left, failures
+        while left:
+            left -= 1
+            try:
+                transport, echoer = await asyncio.wait_for(
+                    loop.create_connection(lambda: Echoer(CHURN_PAYLOAD), "127.0.0.1", port), 10
+                )
+                try:
+                    await asyncio.wait_for(echoer.done, 10)
+                finally:
+                    transport.close()
+            except (OSError, TimeoutError):
+                failures += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(CHURN_AT_ONCE, count))))
+    return (count - failures) / (time.perf_counter() - start), failures
 
 
 async def concurrent(
@@ -467,6 +566,26 @@ async def measure_speed(
     put("conn_p50", c50)
     put("conn_p99", c99)
     put("conn_failures", failures)
+    log(f"{name}: churn")
+    rate, failures = await churn(ports["echo"], sizes.churn_conns)
+    put("churn_rate", rate)
+    put("churn_failures", failures)
+
+
+async def measure_delayed(
+    path: Route, sizes: Sizes, rows: dict[str, Row], log: Callable[[str], None]
+) -> None:
+    """Bulk each way and the round trip, with a delaying hop on the path."""
+    name, ports = path.name, path.ports
+
+    def put(key: str, value: float | None) -> None:
+        rows[key].values[name] = value
+
+    log(f"{name}: bulk and latency through the delaying hop")
+    put("delayed_fwd", await bulk_forward(ports["sink"], sizes.bulk_bytes))
+    put("delayed_rev", await bulk_reverse(ports["source"], sizes.bulk_bytes))
+    p50, _ = await rtt(ports["echo"], sizes.delayed_rtt_rounds)
+    put("delayed_rtt_p50", p50 / 1000)
 
 
 async def measure_memory(
@@ -492,8 +611,8 @@ async def measure_memory(
             put(f"slow_peak_{hop}", peak[index] if hops else None)
 
 
-def make_rows(sizes: Sizes) -> dict[str, Row]:
-    n = sizes.concurrent
+def make_rows(sizes: Sizes, delay_ms: float) -> dict[str, Row]:
+    n, far = sizes.concurrent, f"over {2 * delay_ms:g} ms RTT"
     return {
         "bulk_fwd": Row("bulk, 1 conn, client->server", "MB/s", "higher", ">= 0.5x relay"),
         "bulk_rev": Row("bulk, 1 conn, server->client", "MB/s", "higher", ">= 0.5x relay"),
@@ -504,6 +623,13 @@ def make_rows(sizes: Sizes) -> dict[str, Row]:
         "conn_p50": Row("new conn + 1 RT p50", "ms", "lower", "<= 3x relay"),
         "conn_p99": Row("new conn + 1 RT p99", "ms", "lower"),
         "conn_failures": Row("new conn failures", "count", "lower", "0"),
+        "churn_rate": Row(
+            f"churn: {sizes.churn_conns} conns, {CHURN_AT_ONCE} at a time", "conn/s", "higher"
+        ),
+        "churn_failures": Row("churn failures", "count", "lower", "0"),
+        "delayed_fwd": Row(f"bulk, 1 conn, {far}, client->server", "MB/s", "higher"),
+        "delayed_rev": Row(f"bulk, 1 conn, {far}, server->client", "MB/s", "higher"),
+        "delayed_rtt_p50": Row(f"1-byte RTT p50, {far}", "ms", "lower"),
         "concurrent_ok": Row(f"{n} concurrent conns echoing", "count", "higher", f"{n}"),
         "concurrent_rss_near": Row(f"RSS with {n} conns, near hop", "MiB", "lower"),
         "concurrent_rss_far": Row(f"RSS with {n} conns, far hop", "MiB", "lower"),
@@ -561,19 +687,31 @@ async def _servers() -> AsyncIterator[tuple[subprocess.Popen[bytes], dict[str, i
         _stop(proc)
 
 
-async def run(sizes: Sizes, amqp: str | None, log: Callable[[str], None]) -> dict[str, Row]:
-    rows = make_rows(sizes)
+async def run(
+    sizes: Sizes,
+    amqp: str | None,
+    window: int | None,
+    delay_ms: float,
+    log: Callable[[str], None],
+) -> dict[str, Row]:
+    rows = make_rows(sizes, delay_ms)
     async with _servers() as (_, servers):
         with tempfile.TemporaryDirectory() as folder:
 
-            def paths() -> Iterator[contextlib.AbstractContextManager[Route]]:
-                yield contextlib.nullcontext(Route("direct", servers))
-                yield relay_path(servers)
-                yield tunnel_path(servers, Path(folder), amqp)
+            def paths(
+                delay: float | None = None,
+            ) -> Iterator[contextlib.AbstractContextManager[Route]]:
+                yield direct_path(servers, delay)
+                yield relay_path(servers, delay)
+                if delay is None or amqp is None:
+                    yield tunnel_path(servers, Path(folder), amqp, window, delay)
 
             for opened in paths():
                 with opened as path:
                     await measure_speed(path, sizes, rows, log)
+            for opened in paths(delay_ms):
+                with opened as path:
+                    await measure_delayed(path, sizes, rows, log)
             for workload in ("concurrent", "slow"):
                 for opened in paths():
                     with opened as path:
@@ -598,9 +736,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--amqp", metavar="URL", help="run the tunnel pair through this router (amqp://HOST:PORT)"
     )
+    parser.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help="the credit window of both tunnel processes, on every path (default: the tunnel's)",
+    )
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=1.0,
+        metavar="MS",
+        help="each way, on the paths of the rows 'over N ms RTT' (default %(default)g)",
+    )
     args = parser.parse_args(argv)
     if args.amqp and not re.fullmatch(r"amqps?://[^/:]+:\d+", args.amqp):
         parser.error(f"--amqp {args.amqp!r}: expected amqp://HOST:PORT")
+    if args.delay_ms < 0:
+        parser.error(f"--delay-ms {args.delay_ms}: must be 0 or more")
     _raise_fd_limit()
     sizes = QUICK if args.quick else FULL
     started = time.monotonic()
@@ -608,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
-    rows = uvloop.run(run(sizes, args.amqp, log))
+    rows = uvloop.run(run(sizes, args.amqp, args.window, args.delay_ms, log))
     table = render(rows)
     machine = {
         "cpus": os.cpu_count(),
@@ -621,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tunnel {__version__}, {machine['cpus']} CPUs, Python {machine['python']}, "
         f"{'quick' if args.quick else 'full'} run, "
         f"{'router ' + args.amqp if args.amqp else 'direct mode'}"
+        f"{'' if args.window is None else f', --window {args.window}'}"
     )
     print(table)
     if args.json:
@@ -630,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": machine,
                     "quick": args.quick,
                     "amqp": args.amqp,
+                    "window": args.window,
+                    "delay_ms": args.delay_ms,
                     "seconds": round(time.monotonic() - started, 1),
                     "rows": {
                         key: {

@@ -13,6 +13,7 @@ import functools
 import json
 import signal
 import sys
+from collections.abc import Callable
 from typing import cast
 
 import uvloop
@@ -108,14 +109,17 @@ class Inbound(Half):
         self.transport.resume_reading()
 
 
-async def serve(mappings: list[str]) -> None:
+async def serve(
+    mappings: list[str], inbound: Callable[[str, int], asyncio.Protocol] = Inbound
+) -> None:
+    """Listen for each ``LISTEN=>HOST:PORT``; ``inbound(HOST, PORT)`` takes each connection."""
     loop = asyncio.get_running_loop()
     ports = {}
     for mapping in mappings:
         listen, _, target = mapping.partition("=>")
         host, _, port = target.rpartition(":")
         server = await loop.create_server(
-            functools.partial(Inbound, host, int(port)), "127.0.0.1", int(listen), backlog=4096
+            functools.partial(inbound, host, int(port)), "127.0.0.1", int(listen), backlog=4096
         )
         ports[target] = server.sockets[0].getsockname()[1]
     print(json.dumps(ports), flush=True)
