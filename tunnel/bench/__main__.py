@@ -123,12 +123,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _wait_log(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> list[re.Match[str]]:
+def _wait_log(
+    log: Path, pattern: str, proc: subprocess.Popen[bytes], count: int = 1
+) -> list[re.Match[str]]:
+    """The first ``count`` lines of ``log`` that match, once the process has written them."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         text = log.read_text()
         matches = list(re.finditer(pattern, text))
-        if matches:
+        if len(matches) >= count:
             return matches
         if proc.poll() is not None:
             break
@@ -230,7 +233,13 @@ def tunnel_path(
             )
         stack.callback(_stop, ingress)
         _wait_log(ingress_log, r"router \S+ connected", ingress)
-        found = _wait_log(ingress_log, r"amqp:bench-(\w+) listening on 127\.0\.0\.1:(\d+)", ingress)
+        # Each bridge says it listens in its own line: wait for all of them.
+        found = _wait_log(
+            ingress_log,
+            r"amqp:bench-(\w+) listening on 127\.0\.0\.1:(\d+)",
+            ingress,
+            count=len(TARGETS),
+        )
         ports = {m.group(1): int(m.group(2)) for m in found}
         if set(ports) != set(TARGETS):
             raise SystemExit(f"ingress bridges missing:\n{ingress_log.read_text()}")
