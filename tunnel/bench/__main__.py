@@ -623,13 +623,13 @@ async def measure_memory(
 def make_rows(sizes: Sizes, delay_ms: float) -> dict[str, Row]:
     n, far = sizes.concurrent, f"over {2 * delay_ms:g} ms RTT"
     return {
-        "bulk_fwd": Row("bulk, 1 conn, client->server", "MB/s", "higher", ">= 0.5x relay"),
-        "bulk_rev": Row("bulk, 1 conn, server->client", "MB/s", "higher", ">= 0.5x relay"),
+        "bulk_fwd": Row("bulk, 1 conn, client->server", "MB/s", "higher", ">= 0.6x relay"),
+        "bulk_rev": Row("bulk, 1 conn, server->client", "MB/s", "higher", ">= 0.6x relay"),
         "bulk_16": Row("bulk, 16 conns aggregate", "MB/s", "higher"),
-        "bulk_64": Row("bulk, 64 conns aggregate", "MB/s", "higher", ">= 1 conn"),
-        "rtt_p50": Row("1-byte RTT p50", "us", "lower", "<= 3x relay"),
+        "bulk_64": Row("bulk, 64 conns aggregate", "MB/s", "higher", ">= 0.6x relay"),
+        "rtt_p50": Row("1-byte RTT p50", "us", "lower", "<= 1.5x relay"),
         "rtt_p99": Row("1-byte RTT p99", "us", "lower"),
-        "conn_p50": Row("new conn + 1 RT p50", "ms", "lower", "<= 3x relay"),
+        "conn_p50": Row("new conn + 1 RT p50", "ms", "lower", "<= 2x relay"),
         "conn_p99": Row("new conn + 1 RT p99", "ms", "lower"),
         "conn_failures": Row("new conn failures", "count", "lower", "0"),
         "churn_rate": Row(
@@ -642,10 +642,10 @@ def make_rows(sizes: Sizes, delay_ms: float) -> dict[str, Row]:
         "concurrent_ok": Row(f"{n} concurrent conns echoing", "count", "higher", f"{n}"),
         "concurrent_rss_near": Row(f"RSS with {n} conns, near hop", "MiB", "lower"),
         "concurrent_rss_far": Row(f"RSS with {n} conns, far hop", "MiB", "lower"),
-        "concurrent_per_conn_near": Row("RSS per conn, near hop", "KiB", "lower", "<= 16"),
-        "concurrent_per_conn_far": Row("RSS per conn, far hop", "KiB", "lower", "<= 16"),
+        "concurrent_per_conn_near": Row("RSS per conn, near hop", "KiB", "lower", "<= 6"),
+        "concurrent_per_conn_far": Row("RSS per conn, far hop", "KiB", "lower", "<= 6"),
         "slow_peak_near": Row(
-            f"{sizes.slow_conns} slow readers, peak RSS near hop", "MiB", "lower", "< 150"
+            f"{sizes.slow_conns} slow readers, peak RSS near hop", "MiB", "lower", "<= 1x relay"
         ),
         "slow_peak_far": Row(
             f"{sizes.slow_conns} slow readers, peak RSS far hop", "MiB", "lower", "< 150"
