@@ -38,6 +38,8 @@ from reactor_peer import (
     free_port,
 )
 
+from tunnel.dialects.link_route import START_WINDOW
+
 pytestmark = pytest.mark.timeout(30)
 
 ADDRESS = "echo"
@@ -200,15 +202,25 @@ def test_egress_carries_bytes_and_half_close_both_ways(harness: Harness) -> None
 
 
 def test_egress_backend_refused_detaches_with_error(harness: Harness) -> None:
-    """When the backend refuses the connection the routed link is closed with an error."""
-    peer, _ = start_egress(harness, free_port())
+    """When the backend refuses the connection the routed link is closed with an error naming it.
+
+    The attach is answered at once with one window of credit, so that first
+    bytes cross during the connect; no more is granted while it is under way,
+    and what was sent meanwhile is refused by the detach, not by an outcome
+    that would arrive first and hide the reason.
+    """
+    dead = free_port()
+    peer, _ = start_egress(harness, dead)
     peer.open_sender(ROUTED, target=ADDRESS, source=ROUTED_SOURCE, source_capabilities=[HALF_CLOSE])
+    peer.wait_for(Credit, lambda c: c.link == ROUTED and c.credit > 0)
+    peer.send(ROUTED, Message(body=b"hello?"))
     detach = wait_detached(peer, ROUTED)
     assert detach.closed
-    assert detach.condition is not None, detach
-    assert not any(
-        isinstance(e, Credit) and e.link == ROUTED and e.credit > 0 for e in peer.events()
-    )
+    assert detach.condition == "tunnel:reset", detach
+    assert f"backend 127.0.0.1:{dead} unreachable" in (detach.description or ""), detach
+    credits = [e.credit for e in peer.events() if isinstance(e, Credit) and e.link == ROUTED]
+    assert max(credits) <= START_WINDOW, credits
+    assert not [e for e in peer.events() if isinstance(e, Outcome) and e.link == ROUTED]
 
 
 # -- ingress: tcp:127.0.0.1:0=>amqp:echo ---------------------------------------------

@@ -541,8 +541,11 @@ def _on_raw_delivery(delivery: Any) -> None:
     found = owned(link)
     if found is not None and found.owner is not None:
         found.owner.on_delivery(found, DeliveryHandle(delivery))
-    elif _lib.pn_link_is_receiver(link):
+    elif _lib.pn_link_is_receiver(link) and not _lib.pn_link_state(link) & _LOCAL_CLOSED:
         # A delivery on a link nobody owns any more: refuse it, never drop it.
+        # On a link we closed, our detach refuses it, with the reason; an
+        # outcome too would reach the sender first (proton frames dispositions
+        # before detaches) and hide that reason. proton frees it with the link.
         DeliveryHandle(delivery).finish(RELEASED)
 
 
