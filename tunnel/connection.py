@@ -115,7 +115,6 @@ class Connection:
         "carrier",
         "deadline",
         "failure",
-        "log",
         "name",
         "on_finished",
         "on_opened",
@@ -146,7 +145,6 @@ class Connection:
         self.on_finished = on_finished
         #: Told when the deadline goes (the far end is there), so a timer can go too.
         self.on_opened = on_opened
-        self.log = ConnectionLog(logger, {"tunnel": name})
         #: The directions still open, as :class:`Open` bits.
         self.open = _BOTH
         self.phase = Phase.OPENING
@@ -167,6 +165,12 @@ class Connection:
         if stats is not None:
             stats.tunnel_opened(self, peer=peer)
         carrier.start(self)
+
+    @property
+    def log(self) -> ConnectionLog:
+        # Made at need: it logs at DEBUG only, and an adapter per idle
+        # connection would cost more than the connection's own fields.
+        return ConnectionLog(logger, {"tunnel": self.name})
 
     @property
     def dialect(self) -> str:
