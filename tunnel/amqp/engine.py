@@ -143,6 +143,7 @@ class AmqpEngine:
     __slots__ = (
         "_collector_impl",
         "_ended_in",
+        "_flows",
         "_max_links",
         "_max_sessions",
         "_outbox",
@@ -198,6 +199,8 @@ class AmqpEngine:
         self._collector_impl = self.collector._impl
         self.connection.collect(self.collector)
         self._ended_in = False
+        #: C links with a flow event not yet told to their owner (see run_events).
+        self._flows: dict[Any, None] = {}
         # Output taken out of proton early, to make room (see send_delivery);
         # bounded by its caller, which stops sending once output_held is high.
         self._outbox: deque[memoryview] = deque()
@@ -351,35 +354,57 @@ class AmqpEngine:
         Deliveries and credit, the per-chunk events, go to their link's owner
         as proton's C handles: wrapping them in proton's Python objects costs
         more than handling them. Events nobody needs are dropped unwrapped.
+        Flows are told once per link and batch, at its end (see _flowed).
         """
         collector = self._collector_impl
         peek, pop, event_type = _lib.pn_collector_peek, _lib.pn_collector_pop, _lib.pn_event_type
         null = _ffi.NULL
-        while (raw := peek(collector)) != null:
-            etype = event_type(raw)
-            try:
-                if etype == _DELIVERY:
-                    _on_raw_delivery(_lib.pn_event_delivery(raw))
-                elif etype == _LINK_FLOW:
-                    link = _lib.pn_event_link(raw)
-                    if (found := owned(link)) is not None and found.owner is not None:
-                        found.owner.on_link_flow(found)
-                elif etype == _LINK_REMOTE_OPEN:
-                    self._on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
-                elif etype in _LINK_REMOTE_END:
-                    _on_link_remote_close(wrap_link(_lib.pn_event_link(raw)), handler)
-                elif (action := _CONNECTION_EVENTS.get(etype)) is not None:
-                    event: Event = Event.wrap(raw)  # type: ignore[no-untyped-call]
-                    pop(collector)
-                    action(self, event, handler)
-                    continue
-            except Exception as exc:  # contained to the event's link
-                self._contain(raw, exc)
-            pop(collector)
+        while True:
+            while (raw := peek(collector)) != null:
+                etype = event_type(raw)
+                try:
+                    if etype == _DELIVERY:
+                        _on_raw_delivery(_lib.pn_event_delivery(raw))
+                    elif etype == _LINK_FLOW:
+                        self._flowed(_lib.pn_event_link(raw))
+                    elif etype == _LINK_REMOTE_OPEN:
+                        self._on_link_remote_open(wrap_link(_lib.pn_event_link(raw)), handler)
+                    elif etype in _LINK_REMOTE_END:
+                        _on_link_remote_close(wrap_link(_lib.pn_event_link(raw)), handler)
+                    elif (action := _CONNECTION_EVENTS.get(etype)) is not None:
+                        event: Event = Event.wrap(raw)  # type: ignore[no-untyped-call]
+                        pop(collector)
+                        action(self, event, handler)
+                        continue
+                except Exception as exc:  # contained to the event's link
+                    self._contain(_lib.pn_event_link(raw), exc)
+                pop(collector)
+            if not self._flows:
+                return
+            self._tell_flows()
 
-    def _contain(self, raw: Any, exc: Exception) -> None:
-        """An exception while handling ``raw``: end its link, or failing that the connection."""
-        link = _lib.pn_event_link(raw)
+    def _flowed(self, link: Any) -> None:
+        # proton reports a flow on a sender after each transfer it frames, as
+        # well as when credit arrives: a 128 KiB delivery makes eight. The
+        # owner hears once per batch, after the batch's other events; what it
+        # does with it depends only on the link's state then.
+        if link not in self._flows:
+            _lib.pn_incref(link)  # the link outlives the event until told
+            self._flows[link] = None
+
+    def _tell_flows(self) -> None:
+        flows, self._flows = self._flows, {}
+        for link in flows:
+            try:
+                if (found := owned(link)) is not None and found.owner is not None:
+                    found.owner.on_link_flow(found)
+            except Exception as exc:  # contained to the link
+                self._contain(link, exc)
+            finally:
+                _lib.pn_decref(link)
+
+    def _contain(self, link: Any, exc: Exception) -> None:
+        """An exception while handling ``link``'s event (or the connection's, for NULL)."""
         owner = None if link == _ffi.NULL else link_of(link).owner
         where = type(owner).__name__ if owner is not None else "link" if link else "connection"
         FAILURES.log(
