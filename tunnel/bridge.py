@@ -43,9 +43,12 @@ from .limits import DEFAULT_LIMITS, Limits, Sweeper
 from .peer_text import printable
 from .spec import EgressSpec, IngressSpec, join_host
 from .stats import BridgeStats
-from .tcp_side import TcpSide
+from .tcp_side import TcpSide, kernel_buffering
 
 logger = logging.getLogger(__name__)
+#: What a TCP reader must take in a row before its credit window grows: more
+#: than the kernel could have buffered for it unread (see tunnel.dialects.link_route).
+READER_PROOF = kernel_buffering()
 
 DEFAULT_OPEN_TIMEOUT = 15.0
 DEFAULT_HOLD_TIMEOUT = 10.0
@@ -241,6 +244,7 @@ class IngressBridge:
                 session,
                 self.spec.address,
                 window=self.window,
+                proof=READER_PROOF,
                 reply=host.take_reply_link(),
             )
         conn = Connection(
@@ -302,7 +306,12 @@ class EgressBridge:
         # The peer names the link; the name reaches the logs and the flow records.
         name = printable("@".join(receiver.name.split("@")[:2]))
         carrier = LinkRouteCarrier.egress(
-            host.socket, name, handle(receiver), handle(sender), window=self.window
+            host.socket,
+            name,
+            handle(receiver),
+            handle(sender),
+            window=self.window,
+            proof=READER_PROOF,
         )
         peer = cast(Hashable, host) if host.one_peer else None
         conn = self._open(name, carrier, host, peer, _peer_name(host))

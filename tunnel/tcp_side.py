@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from pathlib import Path
 from typing import Protocol, cast
 
 # Explicit limits: uvloop's default low-water mark is 16 bytes, which would
@@ -41,6 +42,22 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 READ_SIZE = 256 * 1024
 _READ_VIEW = memoryview(bytearray(READ_SIZE))
+
+
+def kernel_buffering() -> int:
+    """The most a reader that does not read can have taken without one write held back.
+
+    Our send buffer and, for a reader on this host, its receive buffer, at
+    the largest the kernel grows them to (``tcp_wmem`` and ``tcp_rmem``);
+    0 where they cannot be read (not Linux).
+    """
+    total = 0
+    for name in ("tcp_wmem", "tcp_rmem"):
+        try:
+            total += int(Path("/proc/sys/net/ipv4", name).read_text().split()[2])
+        except (OSError, ValueError, IndexError):
+            return 0
+    return total
 
 
 class TcpPort(Protocol):

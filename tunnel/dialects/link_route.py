@@ -32,14 +32,17 @@ Flow control, AMQP to TCP
     are never lost and cross while the backend connects, not after.
 
     The window starts at :data:`START_WINDOW` and grows to the budget once
-    the reader has shown it keeps up: :data:`PROVEN_FAST` bytes written in
-    a row with the kernel taking each write whole. The proof must outrun
-    the kernel's own send buffer (up to 4 MiB on Linux), which takes a slow
-    reader's first megabytes as fast as a fast reader's; credit given on
-    less would all be held once that buffer fills. Any write the kernel
-    does not take whole starts the count again, and passing the socket's
-    high-water mark puts the window back to the start. A fixed ``window``
-    (``--window``) turns this off.
+    the reader has shown it keeps up: ``proof`` bytes written in a row with
+    the kernel taking each write whole. The proof must outrun what the
+    kernel buffers for a reader that does not read, our send buffer and,
+    for a reader on the same host, its receive buffer (together up to 36 MiB
+    on a current Linux), which take a slow reader's first megabytes as fast
+    as a fast reader's; credit given on less would all be held once they
+    fill. So the glue sizes the proof from the kernel's limits, and it is
+    never under :data:`PROVEN_FAST`. Any write the kernel does not take
+    whole starts the count again, and passing the socket's high-water mark
+    puts the window back to the start. A fixed ``window`` (``--window``)
+    turns this off.
 
 Half-close
     Our FIN becomes an end-of-stream marker when the far end offered the
@@ -83,7 +86,7 @@ START_WINDOW = 2
 #: The most credit a receiver grows to, in bytes (in flight towards one TCP connection).
 CREDIT_BUDGET = 1024 * 1024
 _MAX_WINDOW = CREDIT_BUDGET // MAX_DELIVERY
-#: Bytes a reader takes, each write whole, before it gets more than the start window.
+#: The least a reader takes, each write whole, before it gets more than the start window.
 PROVEN_FAST = 8 * 1024 * 1024
 #: Deliveries sent, not yet settled by the far end: past it sending waits for an outcome.
 MAX_UNSETTLED = 8
@@ -123,6 +126,7 @@ class LinkRouteCarrier:
         "peer_half_close",
         "port",
         "prefix",
+        "proof",
         "receiver",
         "reply",
         "routed_is_sender",
@@ -134,7 +138,13 @@ class LinkRouteCarrier:
     )
 
     def __init__(
-        self, port: AmqpPort, name: str, *, routed_is_sender: bool, window: int | None
+        self,
+        port: AmqpPort,
+        name: str,
+        *,
+        routed_is_sender: bool,
+        window: int | None,
+        proof: int = PROVEN_FAST,
     ) -> None:
         self.port = port
         self.name = name
@@ -142,6 +152,8 @@ class LinkRouteCarrier:
         #: Credit kept out, in deliveries; it moves between the two bounds.
         self.window = self.min_window = START_WINDOW if window is None else window
         self.max_window = _MAX_WINDOW if window is None else window
+        #: Bytes the reader must take in a row before the window grows.
+        self.proof = max(proof, PROVEN_FAST)
         #: Bytes written to TCP since it last held any back (while growing).
         self.kept_up = 0
         self.events: CarrierEvents
@@ -170,19 +182,27 @@ class LinkRouteCarrier:
         address: str,
         *,
         window: int | None = None,
+        proof: int = PROVEN_FAST,
         reply: Link | None = None,
     ) -> LinkRouteCarrier:
         """Ours to attach: a dynamic receiver (``reply``, if one is attached already), a sender."""
-        carrier = cls(port, name, routed_is_sender=True, window=window)
+        carrier = cls(port, name, routed_is_sender=True, window=window, proof=proof)
         carrier.session, carrier.address, carrier.reply = session, address, reply
         return carrier
 
     @classmethod
     def egress(
-        cls, port: AmqpPort, name: str, receiver: Link, sender: Link, *, window: int | None
+        cls,
+        port: AmqpPort,
+        name: str,
+        receiver: Link,
+        sender: Link,
+        *,
+        window: int | None,
+        proof: int = PROVEN_FAST,
     ) -> LinkRouteCarrier:
         """The far end's routed sender reached us as ``receiver``; ``sender`` is the way back."""
-        carrier = cls(port, name, routed_is_sender=False, window=window)
+        carrier = cls(port, name, routed_is_sender=False, window=window, proof=proof)
         receiver.mirror(target_capability=wire.HALF_CLOSE, max_message_size=MAX_MESSAGE_SIZE)
         carrier.peer_half_close = wire.HALF_CLOSE in receiver.remote_capabilities(source=True)
         carrier.receiver, carrier.sender = receiver, sender
@@ -463,7 +483,7 @@ class LinkRouteCarrier:
             self.kept_up = 0
             return
         self.kept_up += written
-        if self.kept_up >= PROVEN_FAST:
+        if self.kept_up >= self.proof:
             self.window = self.max_window
 
     def _top_up(self) -> None:
