@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +27,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from prometheus_client.parser import text_string_to_metric_families
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
 
 
-async def eventually(check: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    """``check()``'s first true result, polled until ``timeout``; fails naming ``what``."""
+async def eventually(
+    check: Callable[[], T],
+    what: str,
+    timeout: float = 10.0,
+    detail: Callable[[], object] | None = None,
+) -> T:
+    """``check()``'s first true result, polled until ``timeout``; fails naming ``what``.
+
+    ``detail``, if given, is called on failure and its result added to the message.
+    """
     deadline = time.monotonic() + timeout
     while not (result := check()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
+            extra = "" if detail is None else f": {detail()}"
+            raise AssertionError(f"{what}: not within {timeout}s{extra}")
         await asyncio.sleep(0.01)
     return result
 
@@ -356,3 +368,38 @@ async def expect_reset(port: int) -> None:
     with pytest.raises(ConnectionResetError):
         await asyncio.wait_for(reader.read(), 20)
     writer.close()
+
+
+# -- the admin endpoint ---------------------------------------------------------------
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def get(base: str, path: str) -> tuple[int, str]:
+    return await asyncio.to_thread(_get, base + path)
+
+
+def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of ``base``'s /metrics, read now (blocking, for :func:`eventually`)."""
+    status, text = _get(base + "/metrics")
+    assert status == 200, text
+    return samples(text)
+
+
+async def admin_base(process: TunnelProcess) -> str:
+    """The admin endpoint's base URL, once the process has logged it."""
+    match = await process.wait_for(r"admin endpoint on (http://127\.0\.0\.1:\d+)")
+    return match.group(1)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics page, by name and sorted labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found

@@ -5,41 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import LOOPBACK, TunnelProcess, echo_server, round_trip, write_connect_json
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import (
+    LOOPBACK,
+    TunnelProcess,
+    admin_base,
+    echo_server,
+    get,
+    round_trip,
+    samples,
+    write_connect_json,
+)
 from reactor_peer import free_port
 
 from tunnel.metrics import METRICS
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-async def get(base: str, path: str) -> tuple[int, str]:
-    return await asyncio.to_thread(_get, base + path)
-
-
-async def admin_base(process: TunnelProcess) -> str:
-    match = await process.wait_for(r"admin endpoint on (http://127\.0\.0\.1:\d+)")
-    return match.group(1)
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
 
 
 async def test_readiness_follows_the_router_and_metrics_count_a_transfer(tmp_path: Path) -> None:

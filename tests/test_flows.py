@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from helpers import LOOPBACK, TunnelProcess, echo_server
-from test_admin import admin_base, get
+from helpers import LOOPBACK, TunnelProcess, admin_base, echo_server, get
 
 
 async def test_flows_show_open_and_closed_connections(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ import logging
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
+from .census import counted
 from .dialects.carrier import Carrier, Failure
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{self.extra['tunnel']}] {msg}", kwargs
 
 
+@counted("tcp_connections")
 class Connection:
     """One TCP connection and its carrier; see the module docstring."""
 

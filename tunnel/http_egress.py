@@ -59,6 +59,7 @@ from proton import Condition, Link, Message, Session
 
 from . import http_message as hm
 from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED
+from .census import counted
 from .codec import WireError
 from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .peer_text import PEER_LOG, printable
@@ -87,6 +88,7 @@ class RequestError(Exception):
     """The request cannot be written as HTTP/1.1 (h11 refused it): the request's fault."""
 
 
+@counted("http_backend_connections")
 class BackendConnection:
     """One keep-alive HTTP/1.1 connection to the backend."""
 
@@ -419,6 +421,7 @@ def _peer_of(host: AmqpHost) -> str:
     return printable(host.engine.connection.remote_container or "(unnamed)")
 
 
+@counted("http_request_links")
 class RequestServer:
     """The requests of one receiver link, each served and then settled.
 

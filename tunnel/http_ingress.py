@@ -79,6 +79,7 @@ from proton import Condition, Link, Session
 from . import http_message as hm
 from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .bridge import LISTEN_BACKLOG, listening_addresses
+from .census import counted
 from .codec import WireError
 from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .peer_text import PEER_LOG, printable
@@ -103,6 +104,7 @@ def retry_delay(attempt: int) -> float:
     return 0.0 if attempt <= 1 else min(0.05 * (attempt - 1), 0.25)
 
 
+@counted("http_exchanges")
 class Exchange:
     """One request on its way to an answer."""
 

@@ -11,6 +11,12 @@ free and about 13 ms after some 80 MB were freed, so once every
 :data:`PERIOD` seconds costs nothing measurable.
 
 On a C library without ``malloc_trim`` (musl, macOS) this does nothing.
+
+:func:`heap` reads glibc's own account of the heap (``mallinfo2``): bytes
+in use, bytes free inside the heap (fragmentation, or what a trim would
+give back) and bytes in large blocks mapped on their own. Beside the live
+object counts of :mod:`tunnel.census`, it tells growth of the live set from
+a heap that fragments around a flat one.
 """
 
 from __future__ import annotations
@@ -36,6 +42,48 @@ def _find_trim() -> Callable[[int], int] | None:
 
 
 _TRIM = _find_trim()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _find_mallinfo() -> Callable[[], _MallInfo2] | None:
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    mallinfo = getattr(libc, "mallinfo2", None)  # glibc 2.33 and later
+    if mallinfo is None:
+        return None
+    mallinfo.argtypes = []
+    mallinfo.restype = _MallInfo2
+    return mallinfo  # type: ignore[no-any-return]
+
+
+_MALLINFO = _find_mallinfo()
+
+
+def heap() -> dict[str, int] | None:
+    """The C heap in bytes: ``in_use``, ``free`` inside it, ``mapped`` apart; None off glibc."""
+    if _MALLINFO is None:
+        return None
+    info = _MALLINFO()
+    return {"in_use": info.uordblks, "free": info.fordblks, "mapped": info.hblkhd}
 
 
 class MemoryReleaser:

@@ -2,11 +2,13 @@
 
 A custom collector reads the plain counters in :mod:`tunnel.stats` at scrape
 time, so nothing is updated per chunk and a closed connection leaves no series
-behind. Labels are ``bridge`` (the spec, as given) and ``reason`` only.
+behind. Labels are ``bridge`` (the spec, as given), ``reason``, and for the
+memory figures ``kind`` and ``part``: never anything per connection.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -14,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import peer_text
+from . import census, memory, peer_text
 from .amqp import engine
 from .dialects.carrier import Failure
 
@@ -33,6 +35,11 @@ METRICS = {
     "tunnel_router_disconnects_total": "Times an open router connection was lost.",
     "tunnel_router_connected": "1 while the router connection is open, else 0.",
     "tunnel_log_suppressed_total": "Repeats of a peer's failure counted instead of logged.",
+    "tunnel_live_objects": (
+        "Objects alive now, by kind: ours per connection, link or request, and proton's."
+    ),
+    "tunnel_heap_bytes": "The C heap as glibc counts it: in use, free inside it, mapped apart.",
+    "tunnel_python_blocks": "Memory blocks Python's own allocator has handed out and not freed.",
 }
 
 
@@ -81,6 +88,25 @@ class TunnelCollector(Collector):
         for why, count in sorted(counts.items()):
             suppressed.add_metric([why], count)
         yield suppressed
+        yield from _memory()
+
+
+def _memory() -> Iterator[Metric]:
+    """What a climbing RSS is made of: live objects, the heap, Python's blocks."""
+    live = _family(GaugeMetricFamily, "tunnel_live_objects", ["kind"])
+    for kind, count in sorted(census.LIVE.items()):
+        live.add_metric([kind], count)
+    for kind, count in engine.proton_census().items():
+        live.add_metric([f"proton_{kind}"], count)
+    yield live
+    if (parts := memory.heap()) is not None:
+        heap = _family(GaugeMetricFamily, "tunnel_heap_bytes", ["part"])
+        for part, size in parts.items():
+            heap.add_metric([part], size)
+        yield heap
+    blocks = _family(GaugeMetricFamily, "tunnel_python_blocks", [])
+    blocks.add_metric([], sys.getallocatedblocks())
+    yield blocks
 
 
 def registry_for(app: App) -> CollectorRegistry:

@@ -33,6 +33,8 @@ import struct
 from pathlib import Path
 from typing import Protocol, cast
 
+from .census import counted
+
 # Explicit limits: uvloop's default low-water mark is 16 bytes, which would
 # resume a paused writer almost never; these bound what one socket buffers.
 WRITE_HIGH_WATER = 256 * 1024
@@ -107,6 +109,7 @@ class Acceptor(Protocol):
         ...
 
 
+@counted("tcp_sockets")
 class TcpSide(asyncio.BufferedProtocol):
     """One TCP socket: the protocol feeding one connection, and the :class:`TcpPort` it drives.
 

@@ -27,6 +27,8 @@ from proton import Condition, Data, Endpoint, Session, Terminus, symbol
 from proton import Delivery as _ProtonDelivery
 from proton import Link as _ProtonLink
 
+from ..census import counted
+
 _ffi = cproton.ffi
 _lib = cproton.lib
 
@@ -62,6 +64,7 @@ class LinkOwner(Protocol):
     def on_link_closed(self, link: Link) -> None: ...
 
 
+@counted("link_handles")
 class Link:
     """One AMQP link (proton's ``pn_link_t``)."""
 

@@ -76,6 +76,7 @@ from ..amqp.handles import (
     open_sender,
     outcome_name,
 )
+from ..census import counted
 from ..peer_text import printable
 from .carrier import NO_EVENTS, NO_PORT, RESET_CONDITION, AmqpPort, CarrierEvents, Failure
 
@@ -101,6 +102,7 @@ ROUTED_LINK_LOST = "qd:routed-link-lost"
 _EXPECTED_DELIVERY = MAX_DELIVERY + 1024
 
 
+@counted("link_route_carriers")
 class LinkRouteCarrier:
     """A TCP connection as a link pair; see the module docstring.
 

@@ -64,6 +64,7 @@ from ..amqp.handles import (
     open_sender,
     outcome_name,
 )
+from ..census import counted
 from ..codec import WireError
 from ..peer_text import printable
 from .carrier import NO_EVENTS, NO_PORT, RESET_CONDITION, AmqpPort, CarrierEvents, Failure
@@ -78,6 +79,7 @@ ACK_EVERY = 64 * 1024
 CONSUMER_CREDIT = 64
 
 
+@counted("tcp_adaptor_carriers")
 class TcpAdaptorCarrier:
     """A TCP connection as two streams; see the module docstring.
 
