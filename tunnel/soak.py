@@ -1,19 +1,28 @@
-"""``python -m tunnel.soak --minutes 10``: a long mixed run with faults, checking every byte.
+"""``python -m tunnel.soak --minutes 30``: a long mixed run with faults, checking every byte.
 
 A tunnel pair in direct mode (egress and ingress as separate processes) in
 front of an echo backend in this process. Workers run bulk transfers,
-ping-pong and connection churn through it, while the egress process is
-killed and restarted, and the backend stopped and restarted, at random.
+ping-pong and connection churn through it, while at random the egress
+process (the ingress's router, in this setting) is killed (-9) and
+restarted or frozen (SIGSTOP) for longer than the AMQP idle timeout and
+then let go, and the backend is stopped and restarted.
 
 Each transfer sends a random payload, half-closes, and expects the same
 bytes back and then EOF. An RST or a refused connection during a fault is
-an accepted failure, counted by reason; a clean EOF after fewer bytes than
-were sent, or different bytes, is a *truncation*, which must never happen.
+an accepted failure, counted by where it happened and its errno (say
+``echo: ECONNRESET``); a clean EOF after fewer bytes than were sent, or
+different bytes, is a *truncation*, which must never happen.
 
-The ingress's RSS is read at the start (after a warm-up) and at the end
-with nothing in flight (:meth:`Soak.quiet_rss`), so that the two compare
-what the process keeps rather than what a bulk transfer happens to hold
-at that instant; under load it is also sampled once a minute.
+The ingress's RSS is read with nothing in flight (:meth:`Soak.quiet_rss`)
+after a warm-up, at minute 5 and at the end, so that the readings compare
+what the process keeps rather than what a bulk transfer happens to hold at
+that instant. The verdict: no truncation, RSS growth from the start to the
+end under :data:`MAX_GROWTH`, and from minute 5 to the end under
+:data:`MAX_GROWTH_AFTER_5`. Under load, every :data:`SAMPLE_PERIOD` seconds,
+the run also records both processes' RSS, connections completed and
+failures per second, and the ingress's live object counts and heap from its
+``/metrics``: the curve a soak is read by. ``--json`` writes it all;
+``--plot`` draws it (matplotlib, the ``plot`` extra).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -31,28 +41,69 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+import urllib.request
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from .bench import rss_kib
 from .bench.servers import Echo
 from .memory import PERIOD as MEMORY_RELEASE_PERIOD
 
 QUIET_SECONDS = MEMORY_RELEASE_PERIOD + 2
+#: Seconds between samples of the curve.
+SAMPLE_PERIOD = 10.0
+#: The pair's AMQP idle timeout, short so that a frozen peer is found in seconds.
+IDLE_TIMEOUT = 4.0
+#: How long a frozen egress stays stopped: past the idle timeout.
+FREEZE_SECONDS = 1.5 * IDLE_TIMEOUT
+#: The verdict's bounds on the ingress's quiet RSS growth.
+MAX_GROWTH = 0.10
+MAX_GROWTH_AFTER_5 = 0.05
+#: The ingress's live counts sampled into the curve (kinds of tunnel_live_objects).
+SAMPLED_KINDS = ("tcp_connections", "link_handles", "proton_links", "proton_deliveries")
+
+
+def failure_reason(where: str, exc: BaseException) -> str:
+    """``where: ERRNO`` for an OSError, ``where: timed out``, else the exception's type."""
+    if isinstance(exc, TimeoutError):
+        return f"{where}: timed out"
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{where}: {errno.errorcode.get(exc.errno, str(exc.errno))}"
+    return f"{where}: {type(exc).__name__}"
+
+
+@dataclass
+class Sample:
+    """One point of the curve."""
+
+    seconds: float
+    ingress_rss_kib: int
+    egress_rss_kib: int
+    connections_per_second: float
+    failures_per_second: float
+    #: The ingress's tunnel_live_objects of SAMPLED_KINDS, and its heap (bytes).
+    ingress_live: dict[str, float] = field(default_factory=dict)
+    ingress_heap: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class Report:
     connections: int = 0
+    completed: int = 0
     bytes_verified: int = 0
     truncations: int = 0
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     rss_start_kib: int = 0
+    rss_minute_5_kib: int | None = None
     rss_end_kib: int = 0
-    #: The ingress's RSS once a minute, to tell a leak (steady growth) from
-    #: buffers and pools filling up once.
-    rss_each_minute_kib: list[int] = field(default_factory=list)
+    #: Under load, to tell a leak (steady growth) from pools filling up once.
+    samples: list[Sample] = field(default_factory=list)
+    #: When each fault began, in seconds from the start, and which.
+    fault_times: list[tuple[float, str]] = field(default_factory=list)
 
 
 class Soak:
@@ -67,6 +118,8 @@ class Soak:
         self.egress: subprocess.Popen[bytes] | None = None
         self.ingress: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.admin = ""
+        self.started = time.monotonic()
         # Cleared while the RSS is read with nothing in flight.
         self.running = asyncio.Event()
         self.running.set()
@@ -75,7 +128,7 @@ class Soak:
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with (self.folder / log).open("ab") as sink:
             return subprocess.Popen(
-                [sys.executable, "-m", "tunnel", *args],
+                [sys.executable, "-m", "tunnel", "--idle-timeout", str(IDLE_TIMEOUT), *args],
                 stdout=sink,
                 stderr=sink,
                 stdin=subprocess.DEVNULL,
@@ -114,11 +167,14 @@ class Soak:
         config = self.folder / "connect.json"
         config.write_text(json.dumps({"host": "127.0.0.1", "port": self.amqp_port}))
         self.ingress = self._spawn(
-            ["--config", str(config), "tcp:127.0.0.1:0=>amqp:echo"], "ingress.log"
+            ["--admin", "127.0.0.1:0", "--config", str(config), "tcp:127.0.0.1:0=>amqp:echo"],
+            "ingress.log",
         )
         self.port = int(
             (await self._wait_log("ingress.log", r"listening on 127\.0\.0\.1:(\d+)")).group(1)
         )
+        admin = await self._wait_log("ingress.log", r"admin endpoint on (http://[\d.:]+)")
+        self.admin = admin.group(1)
         await self._wait_log("ingress.log", r"router \S+ connected")
 
     async def transfer(self, size: int) -> None:
@@ -130,7 +186,7 @@ class Soak:
                 asyncio.open_connection("127.0.0.1", self.port), 10
             )
         except (OSError, TimeoutError) as exc:
-            self.report.failures[f"connect: {type(exc).__name__}"] += 1
+            self.report.failures[failure_reason("connect", exc)] += 1
             return
         try:
             writer.write(payload)
@@ -141,14 +197,11 @@ class Soak:
                 received += len(chunk)
             if received == size and digest.digest() == hashlib.sha256(payload).digest():
                 self.report.bytes_verified += 2 * size
+                self.report.completed += 1
             else:
                 self.report.truncations += 1
-        except ConnectionResetError:
-            self.report.failures["reset"] += 1
-        except TimeoutError:
-            self.report.failures["timeout"] += 1
-        except OSError as exc:
-            self.report.failures[type(exc).__name__] += 1
+        except (OSError, TimeoutError) as exc:
+            self.report.failures[failure_reason("echo", exc)] += 1
         finally:
             writer.close()
 
@@ -158,7 +211,7 @@ class Soak:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError as exc:
-            self.report.failures[f"connect: {type(exc).__name__}"] += 1
+            self.report.failures[failure_reason("connect", exc)] += 1
             return
         try:
             for n in range(self.rng.randint(10, 200)):
@@ -171,12 +224,12 @@ class Soak:
             writer.write_eof()
             if await asyncio.wait_for(reader.read(), 10) != b"":
                 self.report.truncations += 1
+            else:
+                self.report.completed += 1
         except asyncio.IncompleteReadError:
             self.report.truncations += 1  # a clean EOF in the middle of a reply
-        except ConnectionResetError:
-            self.report.failures["reset"] += 1
         except (TimeoutError, OSError) as exc:
-            self.report.failures[type(exc).__name__] += 1
+            self.report.failures[failure_reason("ping", exc)] += 1
         finally:
             writer.close()
 
@@ -214,17 +267,29 @@ class Soak:
         while time.monotonic() < self.deadline - 20:
             await asyncio.sleep(self.rng.uniform(15, 40))
             await self.running.wait()
-            if self.rng.random() < 0.5:
-                assert self.egress is not None
+            fault = self.rng.random()
+            assert self.egress is not None
+            began = round(time.monotonic() - self.started, 1)
+            if fault < 0.4:
                 self.egress.kill()
                 await asyncio.to_thread(self.egress.wait)
                 self.report.faults["egress killed"] += 1
+                self.report.fault_times.append((began, "egress killed"))
                 await asyncio.sleep(self.rng.uniform(0.1, 3))
                 await self.start_egress()
+            elif fault < 0.6:
+                # Past the idle timeout: the ingress must find it dead, and
+                # reconnect once it answers again.
+                self.egress.send_signal(signal.SIGSTOP)
+                self.report.faults["egress frozen"] += 1
+                self.report.fault_times.append((began, "egress frozen"))
+                await asyncio.sleep(FREEZE_SECONDS)
+                self.egress.send_signal(signal.SIGCONT)
             else:
                 assert self.backend is not None
                 self.backend.close()
                 self.report.faults["backend stopped"] += 1
+                self.report.fault_times.append((began, "backend stopped"))
                 await asyncio.sleep(self.rng.uniform(0.1, 3))
                 await self.start_backend()
 
@@ -236,9 +301,11 @@ class Soak:
             for kind in ("bulk", "bulk", "churn", "churn", "churn", "pingpong", "pingpong")
         ]
         warm = asyncio.create_task(self._record_start())
-        sampler = asyncio.create_task(self._sample_rss())
+        minute_5 = asyncio.create_task(self._record_minute_5())
+        sampler = asyncio.create_task(self._sample())
         await asyncio.gather(self.chaos(), *workers)
         await warm
+        await minute_5
         sampler.cancel()
         self.report.rss_end_kib = await self.quiet_rss()
         return self.report
@@ -248,11 +315,47 @@ class Soak:
         await asyncio.sleep(min(30.0, max(0.0, self.deadline - time.monotonic()) / 4))
         self.report.rss_start_kib = await self.quiet_rss()
 
-    async def _sample_rss(self) -> None:
+    async def _record_minute_5(self) -> None:
+        # Only if the run goes on long enough after it for growth to show.
+        if self.deadline - self.started < 5 * 60 + 4 * SAMPLE_PERIOD:
+            return
+        await asyncio.sleep(max(0.0, self.started + 5 * 60 - time.monotonic()))
+        self.report.rss_minute_5_kib = await self.quiet_rss()
+
+    async def _sample(self) -> None:
         assert self.ingress is not None
+        report = self.report
+        completed, failed = report.completed, report.failures.total()
         while True:
-            await asyncio.sleep(60)
-            self.report.rss_each_minute_kib.append(rss_kib(self.ingress))
+            await asyncio.sleep(SAMPLE_PERIOD)
+            live, heap = await asyncio.to_thread(self._scrape)
+            egress = self.egress
+            report.samples.append(
+                Sample(
+                    seconds=round(time.monotonic() - self.started, 1),
+                    ingress_rss_kib=rss_kib(self.ingress),
+                    egress_rss_kib=rss_kib(egress) if egress and egress.poll() is None else 0,
+                    connections_per_second=(report.completed - completed) / SAMPLE_PERIOD,
+                    failures_per_second=(report.failures.total() - failed) / SAMPLE_PERIOD,
+                    ingress_live=live,
+                    ingress_heap=heap,
+                )
+            )
+            completed, failed = report.completed, report.failures.total()
+
+    def _scrape(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The ingress's live counts of SAMPLED_KINDS and its heap, from its /metrics."""
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=10) as page:  # noqa: S310
+            text = page.read().decode()
+        live: dict[str, float] = {}
+        heap: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "tunnel_live_objects" and sample.labels["kind"] in SAMPLED_KINDS:
+                    live[sample.labels["kind"]] = sample.value
+                elif sample.name == "tunnel_heap_bytes":
+                    heap[sample.labels["part"]] = sample.value
+        return live, heap
 
     def stop(self) -> None:
         for proc in (self.ingress, self.egress):
@@ -266,6 +369,55 @@ class Soak:
             self.backend.close()
 
 
+def verdict(report: Report) -> dict[str, Any]:
+    """Whether the run passed: no truncation, and the quiet RSS within its growth bounds."""
+    start, end, minute_5 = report.rss_start_kib, report.rss_end_kib, report.rss_minute_5_kib
+    growth = (end - start) / max(start, 1)
+    after_5 = None if minute_5 is None else (end - minute_5) / max(minute_5, 1)
+    failed = []
+    if report.truncations:
+        failed.append(f"{report.truncations} truncations")
+    if growth >= MAX_GROWTH:
+        failed.append(f"RSS grew {growth:.1%} from the start (bound {MAX_GROWTH:.0%})")
+    if after_5 is not None and after_5 >= MAX_GROWTH_AFTER_5:
+        failed.append(f"RSS grew {after_5:.1%} from minute 5 (bound {MAX_GROWTH_AFTER_5:.0%})")
+    return {
+        "ingress_rss_growth": round(growth, 3),
+        "ingress_rss_growth_after_minute_5": None if after_5 is None else round(after_5, 3),
+        "passed": not failed,
+        "failed": failed,
+    }
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """RSS, connections per second and failures per second over time, one panel each."""
+    import matplotlib  # noqa: PLC0415 - an optional extra, needed only here
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot  # noqa: PLC0415
+
+    samples = summary["samples"]
+    minutes = [sample["seconds"] / 60 for sample in samples]
+    figure, (rss, rate, failures) = pyplot.subplots(3, 1, sharex=True, figsize=(9, 8))
+    rss.plot(minutes, [s["ingress_rss_kib"] / 1024 for s in samples], label="ingress")
+    rss.plot(minutes, [s["egress_rss_kib"] / 1024 for s in samples], label="egress")
+    rss.set_ylabel("RSS, MiB")
+    rss.legend()
+    rate.plot(minutes, [s["connections_per_second"] for s in samples])
+    rate.set_ylabel("connections/s")
+    failures.plot(minutes, [s["failures_per_second"] for s in samples], color="tab:red")
+    failures.set_ylabel("failures/s")
+    failures.set_xlabel("minutes (dotted: a fault began)")
+    for seconds, _ in summary["fault_times"]:
+        for panel in (rss, rate, failures):
+            panel.axvline(seconds / 60, color="grey", linestyle=":", linewidth=1)
+    figure.suptitle(
+        f"tunnel soak, {summary['minutes']:g} min, seed {summary['seed']}: "
+        f"{summary['connections']} connections, {summary['truncations']} truncations"
+    )
+    figure.savefig(path, dpi=100)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tunnel.soak",
@@ -275,31 +427,42 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="draw the curve to a PNG (matplotlib)")
     args = parser.parse_args()
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401, PLC0415 - checked before a long run, not after
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'tunnel[plot]'")
     with tempfile.TemporaryDirectory() as folder:
         soak = Soak(Path(folder), args.minutes, args.seed)
         try:
             report = asyncio.run(soak.run())
         finally:
             soak.stop()
-    growth = (report.rss_end_kib - report.rss_start_kib) / max(report.rss_start_kib, 1)
-    summary = {
+    summary: dict[str, Any] = {
         "minutes": args.minutes,
         "seed": args.seed,
         "connections": report.connections,
+        "completed": report.completed,
         "bytes_verified": report.bytes_verified,
         "truncations": report.truncations,
-        "failures": dict(report.failures),
+        "failures": dict(report.failures.most_common()),
         "faults_injected": dict(report.faults),
+        "fault_times": report.fault_times,
         "ingress_rss_start_kib": report.rss_start_kib,
+        "ingress_rss_minute_5_kib": report.rss_minute_5_kib,
         "ingress_rss_end_kib": report.rss_end_kib,
-        "ingress_rss_growth": round(growth, 3),
-        "ingress_rss_each_minute_kib": report.rss_each_minute_kib,
+        **verdict(report),
+        "samples": [asdict(sample) for sample in report.samples],
     }
-    print(json.dumps(summary, indent=2))
+    shown = {key: value for key, value in summary.items() if key != "samples"}
+    print(json.dumps(shown, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
-    return 0 if report.truncations == 0 else 1
+    if args.plot:
+        plot(summary, Path(args.plot))
+    return 0 if summary["passed"] else 1
 
 
 if __name__ == "__main__":
