@@ -42,11 +42,14 @@ class ReactorThread:
         self.crashed: BaseException | None = None
 
     # -- lifecycle (test thread) ------------------------------------------------
-    def start(self) -> int:
-        """Listen on 127.0.0.1 (OS-chosen port), run the reactor thread; returns the port."""
+    def start(self, port: int = 0) -> int:
+        """Listen on 127.0.0.1 (``port``, or one the OS chooses), run the reactor thread.
+
+        Returns the port.
+        """
         container = Container(self)
         container.container_id = self.container_id
-        self._acceptor = container.acceptor("127.0.0.1", "0")
+        self._acceptor = container.acceptor("127.0.0.1", str(port))
         # Acceptor keeps its listening socket as the delegate of its selectable.
         self.port = int(self._acceptor._selectable.getsockname()[1])
         self._injector = EventInjector()

@@ -204,11 +204,26 @@ class SkRouterPeer(ReactorThread, Handler):
             event.connection.close()
 
     def on_transport_closed(self, event: Any) -> None:
+        # proton makes a new wrapper per event: its objects compare with ==, never `is`.
         conn = event.connection
         self.streaming_conns.discard(conn)
         self.streaming_sessions.pop(conn, None)
         for links in self.consumers.values():
-            links[:] = [link for link in links if link.connection is not conn]
+            links[:] = [link for link in links if link.connection != conn]
+        # As the router core does when an outbound link is lost: a stream
+        # forwarded there, and not finished, goes back to its sender as
+        # modified (delivery-failed), so that the sender's client is closed.
+        for key, stream in list(self.streams.items()):
+            out = stream.out_link
+            if out is None or out.connection != conn or stream.in_link.connection == conn:
+                continue
+            if not stream.in_delivery.settled:
+                stream.in_delivery.local.failed = True
+                stream.in_delivery.update(Delivery.MODIFIED)
+                stream.in_delivery.settle()
+            del self.streams[key]
+            self.by_out.pop(stream.out_delivery, None)
+            self.waiting_links.pop(out, None)
 
     def on_link_remote_open(self, event: Any) -> None:
         link = event.link

@@ -112,23 +112,31 @@ async def stopped_cleanly(processes: dict[str, TunnelProcess]) -> AsyncIterator[
             process.kill()
 
 
+@contextlib.asynccontextmanager
+async def direct_pair(
+    tmp: Path, egress_spec: str, ingress_spec: str
+) -> AsyncIterator[tuple[dict[str, TunnelProcess], int]]:
+    """An egress listening in direct mode and an ingress connected to it; the ingress's port."""
+    egress = TunnelProcess(
+        [*ADMIN, "--listen", f"amqp://{LOOPBACK}:0", egress_spec], tmp / "egress.log"
+    )
+    processes = {"egress": egress}
+    async with stopped_cleanly(processes):
+        config = write_connect_json(
+            tmp / "connect.json", {"host": LOOPBACK, "port": await egress.amqp_port()}
+        )
+        ingress = processes["ingress"] = TunnelProcess(
+            [*ADMIN, "--config", str(config), ingress_spec], tmp / "ingress.log"
+        )
+        port = await ingress.listen_port()
+        await ingress.wait_for(r"router amqp://\S+ connected")
+        yield processes, port
+
+
 async def test_link_route_pair_in_direct_mode(tmp_path: Path) -> None:
     async with echo_server() as echo:
-        egress = TunnelProcess(
-            [*ADMIN, "--listen", f"amqp://{LOOPBACK}:0", f"amqp:echo=>tcp:{LOOPBACK}:{echo.port}"],
-            tmp_path / "egress.log",
-        )
-        processes = {"egress": egress}
-        async with stopped_cleanly(processes):
-            config = write_connect_json(
-                tmp_path / "connect.json", {"host": LOOPBACK, "port": await egress.amqp_port()}
-            )
-            ingress = processes["ingress"] = TunnelProcess(
-                [*ADMIN, "--config", str(config), f"tcp:{LOOPBACK}:0=>amqp:echo"],
-                tmp_path / "ingress.log",
-            )
-            port = await ingress.listen_port()
-            await ingress.wait_for(r"router amqp://\S+ connected")
+        egress, ingress = f"amqp:echo=>tcp:{LOOPBACK}:{echo.port}", f"tcp:{LOOPBACK}:0=>amqp:echo"
+        async with direct_pair(tmp_path, egress, ingress) as (processes, port):
             await check_no_leak(processes, tcp_echo(port))
 
 
@@ -156,26 +164,11 @@ async def test_tcp_adaptor_pair_through_the_stand_in_router(tmp_path: Path) -> N
 
 async def test_http_pair_in_direct_mode(tmp_path: Path) -> None:
     with backend() as server:
-        egress = TunnelProcess(
-            [
-                *ADMIN,
-                "--listen",
-                f"amqp://{LOOPBACK}:0",
-                f"amqp:web=>http:{LOOPBACK}:{server.server_address[1]}",
-            ],
-            tmp_path / "egress.log",
-        )
-        processes = {"egress": egress}
-        async with stopped_cleanly(processes):
-            config = write_connect_json(
-                tmp_path / "connect.json", {"host": LOOPBACK, "port": await egress.amqp_port()}
-            )
-            ingress = processes["ingress"] = TunnelProcess(
-                [*ADMIN, "--config", str(config), f"http:{LOOPBACK}:0=>amqp:web"],
-                tmp_path / "ingress.log",
-            )
-            port = await ingress.listen_port()
-            await ingress.wait_for(r"router amqp://\S+ connected")
+        egress = f"amqp:web=>http:{LOOPBACK}:{server.server_address[1]}"
+        async with direct_pair(tmp_path, egress, f"http:{LOOPBACK}:0=>amqp:web") as (
+            processes,
+            port,
+        ):
 
             async def one(index: int) -> None:
                 body = b"request %d" % index

@@ -68,9 +68,9 @@ class TlsRouterPeer(RouterPeer):
         self._transport_errors: list[str] = []
 
     # -- test thread --------------------------------------------------------------
-    def start(self) -> int:
+    def start(self, port: int = 0) -> int:
         """Listen as :meth:`RouterPeer.start` does, with TLS on before any daemon connects."""
-        port = super().start()
+        port = super().start(port)
         certs = self.certs
 
         def use_tls(peer: RouterPeer) -> None:

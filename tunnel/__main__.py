@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import __version__, flows, http_message
-from .amqp.engine import DEFAULT_MAX_FRAME_SIZE
+from .amqp.engine import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FRAME_SIZE, MIN_PEER_IDLE_TIMEOUT
 from .app import DEFAULT_GRACE, Settings, run
 from .bridge import DEFAULT_HOLD_TIMEOUT, DEFAULT_OPEN_TIMEOUT
 from .config import ConnectionConfig, ListenConfig, find_connection_file, load_connection_file
@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="reset a tunnel that carries nothing for this many seconds (default 0: never)",
     )
     parser.add_argument(
+        "--amqp-idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="seconds of silence after which an AMQP peer (the router) is taken for dead; "
+        f"it is asked to send heartbeats at half that (default %(default)g; at least "
+        f"{MIN_PEER_IDLE_TIMEOUT:g}, 0: never)",
+    )
+    parser.add_argument(
         "--silent-timeout",
         type=float,
         default=DEFAULT_SILENT_TIMEOUT,
@@ -249,6 +257,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         hold_timeout=args.hold_timeout,
         max_frame_size=args.max_frame_size,
         session_window=args.session_window,
+        amqp_idle_timeout=args.amqp_idle_timeout,
         max_links=_max_links(args),
         limits=Limits(
             max_connections=args.max_connections,
@@ -299,6 +308,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
     # AMQP 1.0 §2.7.1: no peer may require frames smaller than 512 bytes.
     if not 512 <= args.max_frame_size <= 1 << 30:
         raise ConfigError(f"--max-frame-size {args.max_frame_size}: expected 512 to 2**30")
+    if 0 < args.amqp_idle_timeout < MIN_PEER_IDLE_TIMEOUT:
+        raise ConfigError(
+            f"--amqp-idle-timeout {args.amqp_idle_timeout:g}: must be 0 or at least "
+            f"{MIN_PEER_IDLE_TIMEOUT:g} (our peers refuse shorter ones)"
+        )
     if args.session_window and not args.max_frame_size <= args.session_window <= 1 << 31:
         raise ConfigError(
             f"--session-window {args.session_window}: must be 0, or from "
@@ -324,6 +338,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--grace", args.grace, "0 or more"),
         ("--hold-timeout", args.hold_timeout, "0 or more"),
         ("--idle-timeout", args.idle_timeout, "0 or more"),
+        ("--amqp-idle-timeout", args.amqp_idle_timeout, "0 or more"),
         ("--half-closed-timeout", args.half_closed_timeout, "0 or more"),
         ("--silent-timeout", args.silent_timeout, "0 or more"),
     ):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .admin import AdminServer
-from .amqp.engine import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_LINKS
+from .amqp.engine import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_LINKS
 from .bridge import EgressBridge, IngressBridge
 from .config import ListenConfig, RouterEndpoint
 from .dialects.carrier import Failure
@@ -56,6 +56,7 @@ class Settings:
     hold_timeout: float = 10.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     session_window: int = 0
+    amqp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     #: Links (and sessions) a peer may open on one AMQP connection.
     max_links: int = DEFAULT_MAX_LINKS
     limits: Limits = DEFAULT_LIMITS
@@ -99,6 +100,7 @@ class App:
                 handshake_timeout=settings.handshake_timeout,
                 max_frame_size=settings.max_frame_size,
                 session_window=settings.session_window,
+                idle_timeout=settings.amqp_idle_timeout,
                 max_message=settings.http.max_message,
                 max_links=settings.max_links,
             )
@@ -139,6 +141,7 @@ class App:
                 ingress=any(isinstance(s, IngressSpec) for s in settings.specs),
                 max_frame_size=settings.max_frame_size,
                 session_window=settings.session_window,
+                idle_timeout=settings.amqp_idle_timeout,
                 dialect=settings.dialect,
                 messaging=[*self.http_ingress, *self.routed_http],
                 max_links=settings.max_links,

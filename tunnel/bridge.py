@@ -188,6 +188,12 @@ class IngressBridge:
             return
         if self.router.current() is None:
             # Held, not refused: the router may well be back within the hold time.
+            logger.debug(
+                "%s: client %s held until the router is back (at most %gs)",
+                self.spec,
+                client,
+                self.hold_timeout,
+            )
             loop = asyncio.get_running_loop()
             timer = loop.call_later(self.hold_timeout, self._on_hold_timeout, side)
             self.held[side] = (client, timer)

@@ -40,6 +40,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .tls_files import ReloadingContext
 
 logger = logging.getLogger(__name__)
 
@@ -115,19 +116,29 @@ class ConnectionConfig(BaseModel):
         return tuple(name.strip().upper() for name in names if name.strip())
 
     def endpoint(self) -> RouterEndpoint:
-        ctx = self.ssl_context()
+        tls = None
+        if self.scheme == "amqps":
+            files = self.tls or TlsConfig()
+            tls = ReloadingContext(
+                self._client_context, (files.cert, files.key, files.ca), f"router {self.url}"
+            )
         return RouterEndpoint(
             url=self.url,
             host=self.effective_host,
             port=self.effective_port,
-            ssl=ctx,
-            server_hostname=self.effective_host if ctx is not None else None,
+            tls=tls,
+            server_hostname=self.effective_host if tls is not None else None,
             hostname=self.effective_host,
             user=self.user,
             password=self.password,
-            has_client_cert=ctx is not None and self.tls is not None and self.tls.cert is not None,
+            has_client_cert=tls is not None and self.tls is not None and self.tls.cert is not None,
             mechanisms=self.mechanisms,
         )
+
+    def _client_context(self) -> ssl.SSLContext:
+        ctx = self.ssl_context()
+        assert ctx is not None, "amqps only"
+        return ctx
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The client TLS context for ``amqps``, or None for plain AMQP."""
@@ -373,6 +384,19 @@ class ListenConfig(BaseModel):
     def url(self) -> str:
         return f"{self.scheme}://{_bracket(self.host)}:{self.port}"
 
+    def reloading_context(self) -> ReloadingContext | None:
+        """The server TLS context, following its files (None for plain AMQP)."""
+        if self.scheme != "amqps" or self.cert is None:
+            return None
+        return ReloadingContext(
+            self._server_context, (self.cert, self.key, self.ca), f"the listener {self.url}"
+        )
+
+    def _server_context(self) -> ssl.SSLContext:
+        ctx = self.ssl_context()
+        assert ctx is not None, "amqps with a certificate only"
+        return ctx
+
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.scheme != "amqps" or self.cert is None:
             return None
@@ -396,24 +420,31 @@ class ListenConfig(BaseModel):
         ourselves, and verification stays on.
         """
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # noqa: S104
-        ctx = None
+        tls = None
         if self.scheme == "amqps" and self.cert is not None:
-            ctx = ssl.create_default_context(cafile=str(self.cert))
-            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-            ctx.check_hostname = False
-            if self.ca is not None:
-                ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+            tls = ReloadingContext(
+                self._pinned_context, (self.cert, self.key), f"this listener {self.url}, pinned"
+            )
         return RouterEndpoint(
             url=f"{self.scheme}://{_bracket(host)}:{port}",
             host=host,
             port=port,
-            ssl=ctx,
+            tls=tls,
             server_hostname=None,
             hostname=host,
             user=None,
             password=None,
-            has_client_cert=ctx is not None and self.ca is not None,
+            has_client_cert=tls is not None and self.ca is not None,
         )
+
+    def _pinned_context(self) -> ssl.SSLContext:
+        assert self.cert is not None
+        ctx = ssl.create_default_context(cafile=str(self.cert))
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        ctx.check_hostname = False
+        if self.ca is not None:
+            ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+        return ctx
 
 
 def _bracket(host: str) -> str:
@@ -427,7 +458,8 @@ class RouterEndpoint:
     url: str
     host: str
     port: int
-    ssl: ssl.SSLContext | None
+    #: The TLS context, rebuilt when its files change; None for plain AMQP.
+    tls: ReloadingContext | None
     server_hostname: str | None
     hostname: str
     user: str | None
@@ -435,3 +467,8 @@ class RouterEndpoint:
     has_client_cert: bool
     #: SASL mechanisms the connection file restricts us to; None: chosen from the credentials.
     mechanisms: tuple[str, ...] | None = None
+
+    @property
+    def ssl(self) -> ssl.SSLContext | None:
+        """The TLS context for a new connection: the files' current contents."""
+        return None if self.tls is None else self.tls.current()

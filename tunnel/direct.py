@@ -49,6 +49,7 @@ from collections.abc import Callable
 from proton import Condition, Link
 
 from .amqp.engine import (
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_LINKS,
     AmqpEngine,
@@ -74,6 +75,7 @@ from .messaging import (
 )
 from .peer_text import PEER_LOG, printable
 from .spec import join_host
+from .tls_files import ReloadingContext
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class DirectListener:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         session_window: int = 0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_message: int = HttpSettings().max_message,
         max_unsettled: int = DEFAULT_MAX_UNSETTLED,
         max_links: int = DEFAULT_MAX_LINKS,
@@ -111,6 +114,7 @@ class DirectListener:
         self.max_links = max_links
         self.max_frame_size = max_frame_size
         self.session_window = session_window
+        self.idle_timeout = idle_timeout
         self.egress = egress
         self.http_egress = http_egress or {}
         self.handshake_timeout = handshake_timeout
@@ -126,12 +130,12 @@ class DirectListener:
         )
 
     async def start(self) -> None:
-        ctx = self.config.ssl_context()
-        if ctx is not None:
+        tls = self.config.reloading_context()
+        if tls is not None:
             self.server = TlsServer(
                 listening_sockets(self.config.host, self.config.port),
                 self._accept,
-                ctx,
+                tls,
                 self.handshake_timeout,
             )
         else:
@@ -177,6 +181,7 @@ class DirectListener:
                 outer_tls=self.config.scheme == "amqps",
                 max_frame_size=self.max_frame_size,
                 session_window=self.session_window,
+                idle_timeout=self.idle_timeout,
                 max_links=self.max_links,
                 max_sessions=MAX_SESSIONS,
             )
@@ -223,18 +228,19 @@ class TlsServer:
     asyncio's TLS server drops a failed handshake without a word (an OSError is
     logged in debug mode only), so a client that distrusts our certificate looked
     like one that never spoke. Here each failure is logged at once with its reason.
+    Each handshake takes the context as its files are now (a rotated certificate).
     """
 
     def __init__(
         self,
         sockets: list[socket.socket],
         make: Callable[[float, str], AmqpSocket],
-        ctx: ssl.SSLContext,
+        tls: ReloadingContext,
         timeout: float,
     ) -> None:
         self.sockets = sockets
         self.make = make
-        self.ctx = ctx
+        self.tls = tls
         self.timeout = timeout
         loop = asyncio.get_running_loop()
         self.handshakes: set[asyncio.Task[None]] = set()
@@ -270,7 +276,7 @@ class TlsServer:
             await loop.connect_accepted_socket(
                 protocol,
                 conn,
-                ssl=self.ctx,
+                ssl=self.tls.current(),
                 ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
             )
         except (OSError, TimeoutError) as exc:

@@ -3,6 +3,10 @@
 :class:`RouterClient` connects (TLS and SASL as the connection file says),
 keeps the connection, and reconnects with capped exponential backoff and
 jitter when it is lost, logging the loss once rather than once per retry.
+While the router is not there at all (the connect is refused), the backoff
+stops at :data:`ABSENT_CAP`, so that a restarted router carries the clients
+held meanwhile within a second of its return; a router that answers and
+refuses us (TLS, SASL) is retried up to :data:`BACKOFF_CAP` apart.
 Every tunnel that used a lost connection is reset.
 
 The router's Open says who it is (protocols.md §8.3), and that picks the
@@ -44,6 +48,7 @@ from proton import Condition, Link, Message, Receiver, Sender, Session
 
 from . import adaptor_wire
 from .amqp.engine import (
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_LINKS,
     AmqpEngine,
@@ -66,7 +71,11 @@ from .peer_text import printable
 logger = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 0.1
+#: The longest wait between retries of a router that refused us after connecting.
 BACKOFF_CAP = 10.0
+#: The longest wait between retries of a router that is not listening (each a SYN
+#: answered by RST): jitter makes it 0.25 to 0.75 s.
+ABSENT_CAP = 0.5
 LINK_ROUTE_TYPE = "org.apache.qpid.dispatch.router.connection.linkRoute"
 
 
@@ -116,6 +125,7 @@ class RouterClient:
         ingress: bool = True,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         session_window: int = 0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         dialect: Dialect = Dialect.AUTO,
         messaging: Sequence[MessageBridge] = (),
         max_links: int = DEFAULT_MAX_LINKS,
@@ -127,6 +137,7 @@ class RouterClient:
         self.found: Dialect | None = None
         self.max_frame_size = max_frame_size
         self.session_window = session_window
+        self.idle_timeout = idle_timeout
         self.endpoint = endpoint
         self.egress = egress
         self.container_id = container_id or f"{socket.gethostname()}-tunnel-{secrets.token_hex(4)}"
@@ -158,16 +169,19 @@ class RouterClient:
         delay = BACKOFF_FIRST
         was_up = True
         while not self._stopping:
+            cap = BACKOFF_CAP
             lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
             conn = RouterConnection(self, lost)
             try:
                 await self._connect(conn)
             except (OSError, TimeoutError) as error:
+                if not isinstance(error, ssl.SSLError):
+                    cap = ABSENT_CAP  # nothing answered: no load on the router to spare
                 if was_up:
                     logger.warning(
                         "router %s %s; retrying",
                         self.endpoint.url,
-                        connect_failure(error, tls=self.endpoint.ssl is not None),
+                        connect_failure(error, tls=self.endpoint.tls is not None),
                     )
                     was_up = False
             else:
@@ -176,6 +190,7 @@ class RouterClient:
                     continue
                 if conn.opened:
                     delay = BACKOFF_FIRST
+                    cap = ABSENT_CAP  # most likely gone: back as soon as it listens
                     was_up = True
                     self.disconnects += 1
                     logger.warning(
@@ -194,9 +209,10 @@ class RouterClient:
                     was_up = False
             if self._stopping:
                 break
+            delay = min(delay, cap)
             # Jitter only spreads reconnects out; it needs no cryptographic strength.
             await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311
-            delay = min(delay * 2, BACKOFF_CAP)
+            delay *= 2
 
     async def _connect(self, conn: RouterConnection) -> None:
         ep = self.endpoint
@@ -207,9 +223,10 @@ class RouterClient:
                 user=ep.user,
                 password=ep.password,
                 mechanisms=_mechanisms(ep),
-                outer_tls=ep.ssl is not None,
+                outer_tls=ep.tls is not None,
                 max_frame_size=self.max_frame_size,
                 session_window=self.session_window,
+                idle_timeout=self.idle_timeout,
                 max_links=self.max_links,
                 offered_capabilities=(
                     (adaptor_wire.STREAMING_LINKS,) if self.offers_streaming_links() else ()

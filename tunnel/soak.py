@@ -128,7 +128,7 @@ class Soak:
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with (self.folder / log).open("ab") as sink:
             return subprocess.Popen(
-                [sys.executable, "-m", "tunnel", "--idle-timeout", str(IDLE_TIMEOUT), *args],
+                [sys.executable, "-m", "tunnel", "--amqp-idle-timeout", str(IDLE_TIMEOUT), *args],
                 stdout=sink,
                 stderr=sink,
                 stdin=subprocess.DEVNULL,
