@@ -202,12 +202,16 @@ class Policy:
     ``outcomes`` gives, per target address, the outcomes of the first
     deliveries there (a rejection with ``amqp:internal-error``), before the
     peer goes back to accepting; ``product`` is what the Open says the peer is.
+    ``uncredited_targets`` get no credit at all (a sender there waits forever),
+    and a ``management_status`` of None leaves ``$management`` requests
+    accepted but unanswered, as an overloaded or misconfigured router may.
     """
 
     dynamic_addresses: list[str] = field(default_factory=list)
     target_capabilities: dict[str, tuple[str, ...]] = field(default_factory=dict)
     credit: int = 50
-    management_status: int = 201
+    management_status: int | None = 201
+    uncredited_targets: frozenset[str] = frozenset()
     hold_targets: frozenset[str] = frozenset()
     outcomes: dict[str, list[int]] = field(default_factory=dict)
     #: The Open's product and version, as a router names itself (protocols.md §8.3).
@@ -384,7 +388,7 @@ class RouterPeer(ReactorThread, MessagingHandler):
             if offered is not None:
                 set_capabilities(link.target, offered)
         link.open()
-        if link.is_receiver:
+        if link.is_receiver and link.remote_target.address not in self.policy.uncredited_targets:
             link.flow(self.policy.credit)
 
     def on_link_remote_close(self, event: Any) -> None:
@@ -472,6 +476,8 @@ class RouterPeer(ReactorThread, MessagingHandler):
 
     def _answer_management(self, request: Message) -> None:
         status = self.policy.management_status
+        if status is None:
+            return
         reply = Message(
             address=request.reply_to,
             correlation_id=request.correlation_id,

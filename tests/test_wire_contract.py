@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -439,3 +440,40 @@ def test_ingress_resets_client_on_unaccepted_delivery(harness: Harness, outcome:
     with pytest.raises(ConnectionResetError):
         while client.recv(65536):
             pass
+
+
+# -- a router that stalls the link-route request ---------------------------------------
+@pytest.mark.parametrize(
+    ("policy", "why"),
+    [
+        (
+            Policy(uncredited_targets=frozenset({MANAGEMENT})),
+            "no credit from the router on $management",
+        ),
+        (Policy(management_status=None), "the router has not answered its request"),
+    ],
+    ids=["no-credit", "no-answer"],
+)
+def test_a_stalled_link_route_request_is_warned_about_and_shown_in_readiness(
+    harness: Harness, policy: Policy, why: str
+) -> None:
+    """No credit on $management, or a request never answered: a warning naming the address.
+
+    The readiness probe stays 503 and says why, rather than only that the route is missing.
+    """
+    echo = harness.echo()
+    peer = harness.peer(policy)
+    daemon = harness.daemon(
+        peer, "--admin", "127.0.0.1:0", f"amqp:{ADDRESS}=>tcp:127.0.0.1:{echo.port}"
+    )
+    base = daemon.wait_log(r"admin endpoint on (http://127\.0\.0\.1:\d+)").group(1)
+    warned = daemon.wait_log(rf"link route for '{ADDRESS}' not active: ([^\n]+)")
+    assert warned.group(1).startswith(why), warned.group(0)
+    try:
+        urllib.request.urlopen(base + "/readyz", timeout=10)  # noqa: S310 - loopback
+    except urllib.error.HTTPError as error:
+        status, body = error.code, json.loads(error.read())
+    else:
+        raise AssertionError("/readyz answered 200 with the link route not active")
+    assert status == 503
+    assert any(ADDRESS in item and why in item for item in body["missing"]), body

@@ -210,7 +210,11 @@ class App:
             if self.settings.router is not None:
                 if router is None or address not in router.routes_active:
                     what = "consumer" if adaptor else "link route"
-                    missing.append(f"{what} for {address!r} not active ({bridge.spec})")
+                    why = router.route_problems.get(address) if router else None
+                    missing.append(
+                        f"{what} for {address!r} not active ({bridge.spec})"
+                        + (f": {why}" if why else "")
+                    )
             elif self.direct is None or self.direct.server is None:
                 missing.append(f"direct-mode listener for {bridge.spec} not bound")
         return missing

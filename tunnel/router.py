@@ -70,6 +70,9 @@ from .peer_text import printable
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a router may take to take and answer our link-route requests before we warn.
+#: A router answers in milliseconds; past this it has stalled (no credit, no answer).
+MANAGEMENT_PATIENCE = 5.0
 BACKOFF_FIRST = 0.1
 #: The longest wait between retries of a router that refused us after connecting.
 BACKOFF_CAP = 10.0
@@ -147,6 +150,8 @@ class RouterClient:
         self.disconnects = 0
         self.waiting: set[Callable[[], None]] = set()
         self.routes_active: set[str] = set()
+        #: Why a link route is not active, by address, once there is a reason to tell.
+        self.route_problems: dict[str, str] = {}
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -399,8 +404,11 @@ class RouterConnection(HostedTunnels):
         if client.connection is self:
             client.connection = None
             client.routes_active.clear()
+            client.route_problems.clear()
             for bridge in client.messaging:
                 bridge.on_router_down()
+        if self.management is not None:
+            self.management.stop()
         self.reset_tunnels()
         if not self.lost.done():
             self.lost.set_result(exc)
@@ -479,7 +487,13 @@ class ReplyPool:
 
 
 class ManagementClient:
-    """Creates the connection-scoped link routes with ``$management`` requests."""
+    """Creates the connection-scoped link routes with ``$management`` requests.
+
+    A router that gives no credit on ``$management``, or takes the requests
+    and never answers, would leave the egress waiting in silence: after
+    :data:`MANAGEMENT_PATIENCE` each route still not active is warned about,
+    naming its address and what is missing, and the readiness probe says it.
+    """
 
     def __init__(self, conn: RouterConnection) -> None:
         self.conn = conn
@@ -487,8 +501,37 @@ class ManagementClient:
         self.reply_to: str | None = None
         self.pending: dict[int, str] = {}
         self.sent = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_overdue(self) -> None:
+        self._timer = None
+        client = self.conn.client
+        if client.connection is not self.conn:
+            return
+        if self.sent:
+            why = f"the router has not answered its request in {MANAGEMENT_PATIENCE:g}s"
+        elif self.reply_to is None:
+            why = f"no reply address from the router in {MANAGEMENT_PATIENCE:g}s"
+        else:
+            why = f"no credit from the router on $management in {MANAGEMENT_PATIENCE:g}s"
+        for address in client.egress:
+            if address not in client.routes_active and address not in client.route_problems:
+                client.route_problems[address] = why
+                logger.warning(
+                    "router %s: link route for %r not active: %s",
+                    client.endpoint.url,
+                    address,
+                    why,
+                )
 
     def start(self, session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(MANAGEMENT_PATIENCE, self._on_overdue)
         self.sender = session.sender("tunnel-management")
         self.sender.target.address = "$management"
         set_owner(self.sender, self)
@@ -546,22 +589,22 @@ class ManagementClient:
         status = props.get("statusCode")
         if address is None:
             return
+        client = self.conn.client
         if isinstance(status, int) and 200 <= status < 300:
-            self.conn.client.routes_active.add(address)
-            logger.info("link route for %r active (%s)", address, status)
+            client.routes_active.add(address)
+            if client.route_problems.pop(address, None) is not None:
+                logger.warning("link route for %r active after all (%s)", address, status)
+            else:
+                logger.info("link route for %r active (%s)", address, status)
         else:
-            logger.error(
-                "router refused the link route for %r: %s %s",
-                address,
-                printable(status),
-                printable(props.get("statusDescription", "")),
-            )
+            refusal = f"{printable(status)} {printable(props.get('statusDescription', ''))}"
+            client.route_problems[address] = f"refused by the router: {refusal.strip()}"
+            logger.error("router refused the link route for %r: %s", address, refusal)
 
     def on_link_closed(self, link: LinkHandle) -> None:
         condition = link.remote_condition
         if condition is not None:
-            logger.error(
-                "management link closed by the router: %s: %s",
-                printable(condition.name),
-                printable(condition.description),
-            )
+            why = f"{printable(condition.name)}: {printable(condition.description)}"
+            logger.error("management link closed by the router: %s", why)
+            for address in self.pending.values():
+                self.conn.client.route_problems[address] = f"management link closed: {why}"
