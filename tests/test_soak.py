@@ -1,13 +1,15 @@
-"""The soak's verdict, its failure reasons and its plot (the run itself is too long for CI)."""
+"""The soak's verdict, failure reasons, plot and hostile peers (a run is too long for CI)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from pathlib import Path
 
 import pytest
+from helpers import LOOPBACK, TunnelProcess, echo_server
 
-from tunnel import soak
+from tunnel import soak, soak_peers
 
 
 @pytest.mark.parametrize(
@@ -72,3 +74,23 @@ def test_plot_draws_the_curve(tmp_path: Path) -> None:
     path = tmp_path / "soak.png"
     soak.plot(summary, path)
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+async def test_the_soaks_hostile_peers_meet_the_egress_bounds(tmp_path: Path) -> None:
+    """The two hostile faults, each once against a real egress: refused, held, RSS flat."""
+    async with echo_server() as echo:
+        egress = TunnelProcess(
+            ["--listen", f"amqp://{LOOPBACK}:0", f"amqp:echo=>tcp:{LOOPBACK}:{echo.port}"],
+            tmp_path / "egress.log",
+        )
+        try:
+            port = await egress.amqp_port()
+            before = egress.rss_kib()
+            refused = await soak_peers.ignore_credit(port, "echo")
+            assert refused == "amqp:link:transfer-limit-exceeded", egress.log()
+            held = await soak_peers.shut_window(port, "echo", tunnels=8, seconds=2.0)
+            assert held == "held", egress.log()
+            assert egress.rss_kib() - before < soak.MAX_HOSTILE_GROWTH_KIB
+            assert await asyncio.to_thread(egress.stop) == 0, egress.log()
+        finally:
+            egress.kill()

@@ -5,7 +5,10 @@ front of an echo backend in this process. Workers run bulk transfers,
 ping-pong and connection churn through it, while at random the egress
 process (the ingress's router, in this setting) is killed (-9) and
 restarted or frozen (SIGSTOP) for longer than the AMQP idle timeout and
-then let go, and the backend is stopped and restarted.
+then let go, the backend is stopped and restarted, and a hostile AMQP peer
+(:mod:`tunnel.soak_peers`) ignores credit or holds its session window shut
+against the egress, whose RSS must not grow by more than
+:data:`MAX_HOSTILE_GROWTH_KIB` through it.
 
 Each transfer sends a random payload, half-closes, and expects the same
 bytes back and then EOF. An RST or a refused connection during a fault is
@@ -48,6 +51,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import soak_peers
 from .bench import rss_kib
 from .bench.servers import Echo
 from .memory import PERIOD as MEMORY_RELEASE_PERIOD
@@ -62,6 +66,11 @@ FREEZE_SECONDS = 1.5 * IDLE_TIMEOUT
 #: The verdict's bounds on the ingress's quiet RSS growth.
 MAX_GROWTH = 0.10
 MAX_GROWTH_AFTER_5 = 0.05
+#: What a hostile peer may add to the egress's RSS (the bound of the hostile tests).
+MAX_HOSTILE_GROWTH_KIB = 16 * 1024
+#: How long the peer with a shut session window keeps its tunnels, and how many.
+SHUT_WINDOW_SECONDS = 20.0
+SHUT_WINDOW_TUNNELS = 8
 #: The ingress's live counts sampled into the curve (kinds of tunnel_live_objects).
 SAMPLED_KINDS = ("tcp_connections", "link_handles", "proton_links", "proton_deliveries")
 
@@ -104,6 +113,8 @@ class Report:
     samples: list[Sample] = field(default_factory=list)
     #: When each fault began, in seconds from the start, and which.
     fault_times: list[tuple[float, str]] = field(default_factory=list)
+    #: Each hostile peer: what the egress did, and its RSS before and after (KiB).
+    hostile: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Soak:
@@ -268,30 +279,57 @@ class Soak:
             await asyncio.sleep(self.rng.uniform(15, 40))
             await self.running.wait()
             fault = self.rng.random()
-            assert self.egress is not None
+            assert self.egress is not None and self.backend is not None
             began = round(time.monotonic() - self.started, 1)
-            if fault < 0.4:
+            kind = (
+                "egress killed"
+                if fault < 0.25
+                else "egress frozen"
+                if fault < 0.4
+                else "peer ignoring credit"
+                if fault < 0.55
+                else "peer with a shut window"
+                if fault < 0.7
+                else "backend stopped"
+            )
+            self.report.faults[kind] += 1
+            self.report.fault_times.append((began, kind))
+            if kind == "egress killed":
                 self.egress.kill()
                 await asyncio.to_thread(self.egress.wait)
-                self.report.faults["egress killed"] += 1
-                self.report.fault_times.append((began, "egress killed"))
                 await asyncio.sleep(self.rng.uniform(0.1, 3))
                 await self.start_egress()
-            elif fault < 0.6:
+            elif kind == "egress frozen":
                 # Past the idle timeout: the ingress must find it dead, and
                 # reconnect once it answers again.
                 self.egress.send_signal(signal.SIGSTOP)
-                self.report.faults["egress frozen"] += 1
-                self.report.fault_times.append((began, "egress frozen"))
                 await asyncio.sleep(FREEZE_SECONDS)
                 self.egress.send_signal(signal.SIGCONT)
-            else:
-                assert self.backend is not None
+            elif kind == "backend stopped":
                 self.backend.close()
-                self.report.faults["backend stopped"] += 1
-                self.report.fault_times.append((began, "backend stopped"))
                 await asyncio.sleep(self.rng.uniform(0.1, 3))
                 await self.start_backend()
+            else:
+                await self.hostile_peer(kind)
+
+    async def hostile_peer(self, kind: str) -> None:
+        """One hostile peer against the egress, with its RSS before and after."""
+        assert self.egress is not None
+        before = rss_kib(self.egress)
+        if kind == "peer ignoring credit":
+            outcome = await soak_peers.ignore_credit(self.amqp_port, "echo")
+        else:
+            outcome = await soak_peers.shut_window(
+                self.amqp_port, "echo", SHUT_WINDOW_TUNNELS, SHUT_WINDOW_SECONDS
+            )
+        self.report.hostile.append(
+            {
+                "peer": kind,
+                "outcome": outcome,
+                "egress_rss_before_kib": before,
+                "egress_rss_after_kib": rss_kib(self.egress),
+            }
+        )
 
     async def run(self) -> Report:
         await self.start()
@@ -381,6 +419,13 @@ def verdict(report: Report) -> dict[str, Any]:
         failed.append(f"RSS grew {growth:.1%} from the start (bound {MAX_GROWTH:.0%})")
     if after_5 is not None and after_5 >= MAX_GROWTH_AFTER_5:
         failed.append(f"RSS grew {after_5:.1%} from minute 5 (bound {MAX_GROWTH_AFTER_5:.0%})")
+    expected = {"peer ignoring credit": "amqp:link:transfer-limit-exceeded"}
+    for peer in report.hostile:
+        grown = peer["egress_rss_after_kib"] - peer["egress_rss_before_kib"]
+        if grown > MAX_HOSTILE_GROWTH_KIB:
+            failed.append(f"a {peer['peer']} grew the egress by {grown} KiB")
+        if peer["outcome"] != expected.get(peer["peer"], "held"):
+            failed.append(f"a {peer['peer']}: {peer['outcome']}")
     return {
         "ingress_rss_growth": round(growth, 3),
         "ingress_rss_growth_after_minute_5": None if after_5 is None else round(after_5, 3),
@@ -450,6 +495,7 @@ def main() -> int:
         "failures": dict(report.failures.most_common()),
         "faults_injected": dict(report.faults),
         "fault_times": report.fault_times,
+        "hostile_peers": report.hostile,
         "ingress_rss_start_kib": report.rss_start_kib,
         "ingress_rss_minute_5_kib": report.rss_minute_5_kib,
         "ingress_rss_end_kib": report.rss_end_kib,
