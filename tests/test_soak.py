@@ -79,8 +79,15 @@ def test_plot_draws_the_curve(tmp_path: Path) -> None:
 async def test_the_soaks_hostile_peers_meet_the_egress_bounds(tmp_path: Path) -> None:
     """The two hostile faults, each once against a real egress: refused, held, RSS flat."""
     async with echo_server() as echo:
+        # The soak's idle timeout, and a hold past it: the shut window must outlast it.
         egress = TunnelProcess(
-            ["--listen", f"amqp://{LOOPBACK}:0", f"amqp:echo=>tcp:{LOOPBACK}:{echo.port}"],
+            [
+                "--amqp-idle-timeout",
+                "1",
+                "--listen",
+                f"amqp://{LOOPBACK}:0",
+                f"amqp:echo=>tcp:{LOOPBACK}:{echo.port}",
+            ],
             tmp_path / "egress.log",
         )
         try:
@@ -88,7 +95,7 @@ async def test_the_soaks_hostile_peers_meet_the_egress_bounds(tmp_path: Path) ->
             before = egress.rss_kib()
             refused = await soak_peers.ignore_credit(port, "echo")
             assert refused == "amqp:link:transfer-limit-exceeded", egress.log()
-            held = await soak_peers.shut_window(port, "echo", tunnels=8, seconds=2.0)
+            held = await soak_peers.shut_window(port, "echo", tunnels=8, seconds=3.0)
             assert held == "held", egress.log()
             assert egress.rss_kib() - before < soak.MAX_HOSTILE_GROWTH_KIB
             assert await asyncio.to_thread(egress.stop) == 0, egress.log()

@@ -76,7 +76,10 @@ class Peer:
         return cls(reader, writer, max_frame)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self.transport.closed:
+            # Heartbeats: a hostile peer that fell silent would only meet the idle timeout.
+            self.transport.tick(loop.time())
             self.flush()
             try:
                 data = await asyncio.wait_for(self.reader.read(65536), 0.01)
