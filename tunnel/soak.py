@@ -90,7 +90,8 @@ class Sample:
 
     seconds: float
     ingress_rss_kib: int
-    egress_rss_kib: int
+    #: None while the egress is down (killed, not yet back).
+    egress_rss_kib: int | None
     connections_per_second: float
     failures_per_second: float
     #: The ingress's tunnel_live_objects of SAMPLED_KINDS, and its heap (bytes).
@@ -372,7 +373,9 @@ class Soak:
                 Sample(
                     seconds=round(time.monotonic() - self.started, 1),
                     ingress_rss_kib=rss_kib(self.ingress),
-                    egress_rss_kib=rss_kib(egress) if egress and egress.poll() is None else 0,
+                    egress_rss_kib=(rss_kib(egress) or None)
+                    if egress and egress.poll() is None
+                    else None,
                     connections_per_second=(report.completed - completed) / SAMPLE_PERIOD,
                     failures_per_second=(report.failures.total() - failed) / SAMPLE_PERIOD,
                     ingress_live=live,
@@ -445,7 +448,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     minutes = [sample["seconds"] / 60 for sample in samples]
     figure, (rss, rate, failures) = pyplot.subplots(3, 1, sharex=True, figsize=(9, 8))
     rss.plot(minutes, [s["ingress_rss_kib"] / 1024 for s in samples], label="ingress")
-    rss.plot(minutes, [s["egress_rss_kib"] / 1024 for s in samples], label="egress")
+    down = float("nan")  # a gap in the line while the egress is down
+    egress = [down if s["egress_rss_kib"] is None else s["egress_rss_kib"] / 1024 for s in samples]
+    rss.plot(minutes, egress, label="egress")
     rss.set_ylabel("RSS, MiB")
     rss.legend()
     rate.plot(minutes, [s["connections_per_second"] for s in samples])
