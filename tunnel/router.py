@@ -290,6 +290,8 @@ class RouterConnection(HostedTunnels):
         self.session: Session | None = None
         self.failure: str | None = None
         self.management: ManagementClient | None = None
+        #: Calls the management client's on_overdue, unless the connection goes first.
+        self._overdue: asyncio.TimerHandle | None = None
         self.dialect = Dialect.LINK_ROUTE
         self.dispatcher: StreamDispatcher | None = None
         # Set when this connection is closed only to reconnect with another Open.
@@ -338,6 +340,9 @@ class RouterConnection(HostedTunnels):
         if client.egress and dialect is Dialect.LINK_ROUTE:
             self.management = ManagementClient(self)
             self.management.start(self.session)
+            self._overdue = asyncio.get_running_loop().call_later(
+                MANAGEMENT_PATIENCE, self.management.on_overdue
+            )
 
     def on_connection_closed(self, condition: Condition | None) -> None:
         if condition is not None:
@@ -407,8 +412,8 @@ class RouterConnection(HostedTunnels):
             client.route_problems.clear()
             for bridge in client.messaging:
                 bridge.on_router_down()
-        if self.management is not None:
-            self.management.stop()
+        if self._overdue is not None:
+            self._overdue.cancel()
         self.reset_tunnels()
         if not self.lost.done():
             self.lost.set_result(exc)
@@ -490,9 +495,10 @@ class ManagementClient:
     """Creates the connection-scoped link routes with ``$management`` requests.
 
     A router that gives no credit on ``$management``, or takes the requests
-    and never answers, would leave the egress waiting in silence: after
-    :data:`MANAGEMENT_PATIENCE` each route still not active is warned about,
-    naming its address and what is missing, and the readiness probe says it.
+    and never answers, would leave the egress waiting in silence: the
+    connection calls :meth:`on_overdue` after :data:`MANAGEMENT_PATIENCE`, and
+    each route still not active is warned about, naming its address and what
+    is missing, and the readiness probe says it. No clock or loop here.
     """
 
     def __init__(self, conn: RouterConnection) -> None:
@@ -501,18 +507,10 @@ class ManagementClient:
         self.reply_to: str | None = None
         self.pending: dict[int, str] = {}
         self.sent = False
-        self._timer: asyncio.TimerHandle | None = None
 
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_overdue(self) -> None:
-        self._timer = None
+    def on_overdue(self) -> None:
+        """:data:`MANAGEMENT_PATIENCE` has passed since :meth:`start` on a connection still up."""
         client = self.conn.client
-        if client.connection is not self.conn:
-            return
         if self.sent:
             why = f"the router has not answered its request in {MANAGEMENT_PATIENCE:g}s"
         elif self.reply_to is None:
@@ -522,16 +520,9 @@ class ManagementClient:
         for address in client.egress:
             if address not in client.routes_active and address not in client.route_problems:
                 client.route_problems[address] = why
-                logger.warning(
-                    "router %s: link route for %r not active: %s",
-                    client.endpoint.url,
-                    address,
-                    why,
-                )
+                logger.warning("link route for %r not active: %s", address, why)
 
     def start(self, session: Session) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(MANAGEMENT_PATIENCE, self._on_overdue)
         self.sender = session.sender("tunnel-management")
         self.sender.target.address = "$management"
         set_owner(self.sender, self)

@@ -54,6 +54,7 @@ def test_a_version_that_is_not_a_number_is_still_the_adaptor() -> None:
 class FakeClient:
     egress: dict[str, object]
     routes_active: set[str] = field(default_factory=set)
+    route_problems: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,7 +65,9 @@ class FakeRouterConnection:
     socket: MemoryPort
 
 
-def managed(addresses: list[str]) -> tuple[FarEnd, FakeClient, Link, Link]:
+def managed(
+    addresses: list[str], credit: int = 10
+) -> tuple[FarEnd, FakeClient, Link, Link, ManagementClient]:
     far = FarEnd(properties={"product": "qpid-dispatch-router", "version": "1.19.0"})
     client = FakeClient(dict.fromkeys(addresses, object()))
     conn = FakeRouterConnection(client, far.port)
@@ -76,14 +79,14 @@ def managed(addresses: list[str]) -> tuple[FarEnd, FakeClient, Link, Link]:
         if link.is_receiver:
             assert link.remote_target.address == "$management"
             far.answer_mirror(link)
-            link.flow(10)
+            link.flow(credit)
             requests = link
         else:
             far.answer_dynamic(link, "mgmt-replies")
             replies = link
     assert requests is not None and replies is not None
     far.pump()
-    return far, client, requests, replies
+    return far, client, requests, replies, management
 
 
 def answer(far: FarEnd, requests: Link, replies: Link, status: dict[str, int]) -> None:
@@ -104,20 +107,39 @@ def answer(far: FarEnd, requests: Link, replies: Link, status: dict[str, int]) -
 
 
 def test_a_created_link_route_is_active() -> None:
-    far, client, requests, replies = managed(["svc-a"])
+    far, client, requests, replies, _ = managed(["svc-a"])
     answer(far, requests, replies, {"svc-a": 201})
     assert client.routes_active == {"svc-a"}
 
 
 @pytest.mark.parametrize("status", [400, 403, 500, 199, 300])
 def test_a_refused_link_route_is_not_active(status: int) -> None:
-    far, client, requests, replies = managed(["svc-a", "svc-b"])
+    far, client, requests, replies, _ = managed(["svc-a", "svc-b"])
     answer(far, requests, replies, {"svc-a": status, "svc-b": 201})
     assert client.routes_active == {"svc-b"}
 
 
+@pytest.mark.parametrize(
+    ("credit", "why"),
+    [(0, "no credit from the router on $management"), (10, "the router has not answered")],
+)
+def test_overdue_routes_are_told_why(credit: int, why: str) -> None:
+    _, client, requests, _, management = managed(["svc-a", "svc-b"], credit=credit)
+    read_messages(requests, Delivery.ACCEPTED)
+    management.on_overdue()
+    assert set(client.route_problems) == {"svc-a", "svc-b"}
+    assert all(problem.startswith(why) for problem in client.route_problems.values())
+
+
+def test_an_answer_after_the_warning_clears_the_problem() -> None:
+    far, client, requests, replies, management = managed(["svc-a"])
+    management.on_overdue()
+    answer(far, requests, replies, {"svc-a": 201})
+    assert client.routes_active == {"svc-a"} and client.route_problems == {}
+
+
 def test_a_reply_for_an_unknown_request_changes_nothing() -> None:
-    far, client, requests, replies = managed(["svc-a"])
+    far, client, requests, replies, _ = managed(["svc-a"])
     read_messages(requests, Delivery.ACCEPTED)
     replies.delivery("stray")
     replies.send(Message(properties={"statusCode": 201}, correlation_id=99).encode())
