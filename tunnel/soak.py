@@ -70,6 +70,8 @@ MAX_GROWTH_AFTER_5 = 0.05
 MAX_HOSTILE_GROWTH_KIB = 16 * 1024
 #: How long the peer with a shut session window keeps its tunnels, and how many.
 SHUT_WINDOW_SECONDS = 20.0
+#: What a hostile peer may take beyond its hold to attach and to be refused.
+HOSTILE_SLACK = 60.0
 SHUT_WINDOW_TUNNELS = 8
 #: The ingress's live counts sampled into the curve (kinds of tunnel_live_objects).
 SAMPLED_KINDS = ("tcp_connections", "link_handles", "proton_links", "proton_deliveries")
@@ -279,6 +281,8 @@ class Soak:
         while time.monotonic() < self.deadline - 20:
             await asyncio.sleep(self.rng.uniform(15, 40))
             await self.running.wait()
+            if time.monotonic() > self.deadline - 20:
+                break  # no fault may run past the end
             fault = self.rng.random()
             assert self.egress is not None and self.backend is not None
             began = round(time.monotonic() - self.started, 1)
@@ -318,11 +322,16 @@ class Soak:
         assert self.egress is not None
         before = rss_kib(self.egress)
         if kind == "peer ignoring credit":
-            outcome = await soak_peers.ignore_credit(self.amqp_port, "echo")
+            fault = soak_peers.ignore_credit(self.amqp_port, "echo")
         else:
-            outcome = await soak_peers.shut_window(
+            fault = soak_peers.shut_window(
                 self.amqp_port, "echo", SHUT_WINDOW_TUNNELS, SHUT_WINDOW_SECONDS
             )
+        try:
+            # A peer that never finishes would stop every later fault: it fails the verdict instead.
+            outcome = await asyncio.wait_for(fault, SHUT_WINDOW_SECONDS + HOSTILE_SLACK)
+        except TimeoutError:
+            outcome = "the hostile peer never finished"
         self.report.hostile.append(
             {
                 "peer": kind,
