@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from proton import Collector, Connection, Data, Link, Transport
 
 from tunnel.amqp.engine import AmqpEngine, ConnectionHandler
+from tunnel.soak_peers import transfer_frame
 
 _BEGIN = 0x11
-_TRANSFER = 0x14
 
 
 @dataclass
@@ -74,26 +74,6 @@ def feed(engine: AmqpEngine, handler: ConnectionHandler, frame: bytes) -> None:
         data = data[taken:]
 
 
-def transfer_frame(channel: int, handle: int, delivery_id: int, payload: bytes) -> bytes:
-    """One whole transfer (AMQP 1.0 §2.7.5) on ``channel``, whatever credit says."""
-    performative = Data()
-    performative.put_described()
-    performative.enter()
-    performative.put_ulong(_TRANSFER)
-    performative.put_list()
-    performative.enter()
-    performative.put_uint(handle)
-    performative.put_uint(delivery_id)
-    performative.put_binary(b"t%d" % delivery_id)
-    performative.put_uint(0)
-    performative.put_bool(False)
-    performative.put_bool(False)
-    performative.exit()
-    performative.exit()
-    body = performative.encode() + payload
-    return struct.pack(">IBBH", 8 + len(body), 2, 0, channel) + body
-
-
 def begin_frame(channel: int) -> bytes:
     """A Begin (AMQP 1.0 §2.7.2) on ``channel``, whatever channel-max says."""
     performative = Data()
@@ -116,3 +96,6 @@ def remote_error(endpoint: Connection | Link) -> str | None:
     """The error name the far end closed ``endpoint`` with, if any."""
     condition = endpoint.remote_condition
     return None if condition is None else str(condition.name)
+
+
+__all__ = ["Peer", "begin_frame", "feed", "pump", "remote_error", "transfer_frame"]
