@@ -66,6 +66,14 @@ FREEZE_SECONDS = 1.5 * IDLE_TIMEOUT
 #: The verdict's bounds on the ingress's quiet RSS growth.
 MAX_GROWTH = 0.10
 MAX_GROWTH_AFTER_5 = 0.05
+#: Each fault, drawn when a uniform draw in [0, 1) falls under its bound.
+FAULTS = (
+    ("egress killed", 0.25),
+    ("egress frozen", 0.4),
+    ("peer ignoring credit", 0.55),
+    ("peer with a shut window", 0.7),
+    ("backend stopped", 1.0),
+)
 #: What a hostile peer may add to the egress's RSS (the bound of the hostile tests).
 MAX_HOSTILE_GROWTH_KIB = 16 * 1024
 #: How long the peer with a shut session window keeps its tunnels, and how many.
@@ -286,17 +294,7 @@ class Soak:
             fault = self.rng.random()
             assert self.egress is not None and self.backend is not None
             began = round(time.monotonic() - self.started, 1)
-            kind = (
-                "egress killed"
-                if fault < 0.25
-                else "egress frozen"
-                if fault < 0.4
-                else "peer ignoring credit"
-                if fault < 0.55
-                else "peer with a shut window"
-                if fault < 0.7
-                else "backend stopped"
-            )
+            kind = next(name for name, below in FAULTS if fault < below)
             self.report.faults[kind] += 1
             self.report.fault_times.append((began, kind))
             if kind == "egress killed":
