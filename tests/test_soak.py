@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from pathlib import Path
 
@@ -101,3 +102,33 @@ async def test_the_soaks_hostile_peers_meet_the_egress_bounds(tmp_path: Path) ->
             assert await asyncio.to_thread(egress.stop) == 0, egress.log()
         finally:
             egress.kill()
+
+
+async def test_a_hostile_peer_closes_while_its_far_end_keeps_sending() -> None:
+    """close() returns even when the cancel lands as a read completes (it once hung the soak).
+
+    The far end sends AMQP empty frames without pause, so the peer's reads
+    complete all the time; asyncio.wait_for on 3.11 dropped a cancel that
+    met one, and close() waited for ever on a loop that went on.
+    """
+    heartbeat = b"\x00\x00\x00\x08\x02\x00\x00\x00"
+
+    async def chatter(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"AMQP\x00\x01\x00\x00")
+        with contextlib.suppress(OSError):
+            while not writer.is_closing():
+                writer.write(heartbeat * 4)
+                await writer.drain()
+                await asyncio.sleep(0)
+
+    server = await asyncio.start_server(chatter, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for attempt in range(200):
+            peer = await soak_peers.Peer.connect(port)
+            await asyncio.sleep(0.001 * (attempt % 7))
+            async with asyncio.timeout(5):
+                await peer.close()
+            assert peer.task.done()
+    finally:
+        server.close()

@@ -81,8 +81,11 @@ class Peer:
             # Heartbeats: a hostile peer that fell silent would only meet the idle timeout.
             self.transport.tick(loop.time())
             self.flush()
+            # Not wait_for: on 3.11 it drops a cancel that lands as the read
+            # completes, and close() then waits on this loop for ever.
             try:
-                data = await asyncio.wait_for(self.reader.read(65536), 0.01)
+                async with asyncio.timeout(0.01):
+                    data = await self.reader.read(65536)
             except TimeoutError:
                 continue
             if not data:
