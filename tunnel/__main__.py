@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tunnel",
         description="Carry TCP connections over AMQP 1.0 (skupper-proxy compatible).",
         epilog="SPEC is tcp:[HOST:]PORT=>amqp:ADDRESS or amqp:ADDRESS=>tcp:[HOST:]PORT, "
-        "or the same with http: for HTTP/1.1 bridges; several may be joined with commas. "
+        "or the same with http: for HTTP/1.1 bridges and http2: for HTTP/2 and gRPC; "
+        "several may be joined with commas. "
         "Without SPEC, $ICPROXY_CONFIG is read.",
     )
     parser.add_argument("specs", nargs="*", metavar="SPEC", help="bridge spec(s)")
@@ -205,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP egress: requests in hand at once per consumer link (default %(default)s)",
     )
     parser.add_argument(
+        "--http2-cert",
+        metavar="PEM",
+        help="HTTP/2 ingress: serve TLS with ALPN h2 with this certificate (default: h2c)",
+    )
+    parser.add_argument("--http2-key", metavar="PEM", help="HTTP/2 ingress: its private key")
+    parser.add_argument(
         "--loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
@@ -242,6 +249,8 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         router = ConnectionConfig().endpoint()
     else:
         source = "own direct-mode listener"
+    if bool(args.http2_cert) != bool(args.http2_key):
+        raise ConfigError("--http2-cert and --http2-key go together")
     site_id = args.site_id or env.get("SKUPPER_SITE_ID") or socket.gethostname()
     return Settings(
         specs=tuple(specs),
@@ -273,6 +282,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
             window=args.http_window,
             held_bytes=args.http_max_held,
         ),
+        http2_tls=(args.http2_cert, args.http2_key) if args.http2_cert else None,
     )
 
 

@@ -16,6 +16,8 @@ from .dialects.carrier import Failure
 from .direct import DirectListener
 from .errors import naming
 from .flows import snapshot
+from .http2_egress import Http2EgressBridge
+from .http2_ingress import Http2IngressBridge, server_tls
 from .http_egress import HttpEgressBridge, RoutedEgress
 from .http_ingress import HttpIngressBridge
 from .http_message import HttpSettings
@@ -26,6 +28,8 @@ from .router import Dialect, RouterClient
 from .spec import (
     BridgeSpec,
     EgressSpec,
+    Http2EgressSpec,
+    Http2IngressSpec,
     HttpEgressSpec,
     HttpIngressSpec,
     IngressSpec,
@@ -62,6 +66,8 @@ class Settings:
     limits: Limits = DEFAULT_LIMITS
     dialect: Dialect = Dialect.AUTO
     http: HttpSettings = field(default_factory=HttpSettings)
+    #: The HTTP/2 ingress's certificate and key files: TLS with ALPN h2 (else h2c).
+    http2_tls: tuple[str, str] | None = None
 
 
 class App:
@@ -85,6 +91,24 @@ class App:
             )
             for spec in settings.specs
             if isinstance(spec, HttpIngressSpec)
+        ]
+        tls = None
+        if settings.http2_tls is not None:
+            cert, key = settings.http2_tls
+            with naming(f"--http2-cert {cert} --http2-key {key}"):
+                tls = server_tls(cert, key)
+        self.http2_ingress = [
+            Http2IngressBridge(
+                spec, settings.site_id, settings.http, settings.limits.max_connections, tls
+            )
+            for spec in settings.specs
+            if isinstance(spec, Http2IngressSpec)
+        ]
+        # HTTP/2 egresses consume their addresses at the router, or at our own listener.
+        self.http2_egress = [
+            Http2EgressBridge(spec, settings.site_id, settings.http)
+            for spec in settings.specs
+            if isinstance(spec, Http2EgressSpec)
         ]
         # Through a router, HTTP egress bridges consume their addresses there.
         self.routed_http = [
@@ -130,7 +154,10 @@ class App:
             with naming(f"--listen {settings.listen.url}"):
                 await self.direct.start()
         endpoint = settings.router
-        wants_router = any(isinstance(s, (IngressSpec, HttpIngressSpec)) for s in settings.specs)
+        wants_router = any(
+            isinstance(s, (IngressSpec, HttpIngressSpec, Http2IngressSpec, Http2EgressSpec))
+            for s in settings.specs
+        )
         if endpoint is None and self.direct is not None and settings.listen and wants_router:
             endpoint = settings.listen.self_endpoint(self.direct.bound_port)
         if endpoint is not None:
@@ -143,7 +170,12 @@ class App:
                 session_window=settings.session_window,
                 idle_timeout=settings.amqp_idle_timeout,
                 dialect=settings.dialect,
-                messaging=[*self.http_ingress, *self.routed_http],
+                messaging=[
+                    *self.http_ingress,
+                    *self.routed_http,
+                    *self.http2_ingress,
+                    *self.http2_egress,
+                ],
                 max_links=settings.max_links,
             )
             self.router.start()
@@ -165,6 +197,9 @@ class App:
         for http in self.http_ingress:
             with naming(f"bridge {http.spec}"):
                 await http.start()
+        for http2 in self.http2_ingress:
+            with naming(f"bridge {http2.spec}"):
+                await http2.start()
         verify = "n/a"
         if endpoint is not None and endpoint.ssl is not None:
             verify = "on" if endpoint.ssl.verify_mode != 0 else "OFF"
@@ -193,6 +228,9 @@ class App:
                 missing.append(f"listener for {http.spec} not bound")
             elif http.links is None or http.links.reply_to is None:
                 missing.append(f"reply address for {http.spec} not assigned")
+        http2: list[Http2IngressBridge | Http2EgressBridge] = [*self.http2_ingress]
+        http2 += self.http2_egress
+        missing += [why for bridge in http2 if (why := bridge.not_ready()) is not None]
         for routed in self.routed_http:
             if not routed.active:
                 missing.append(
@@ -201,6 +239,12 @@ class App:
         router = self.router
         if router is not None and router.connection is None:
             missing.append(f"router {router.endpoint.url} not connected")
+        return missing + self._egress_readiness()
+
+    def _egress_readiness(self) -> list[str]:
+        """What keeps the TCP egress bridges from being ready."""
+        missing = []
+        router = self.router
         adaptor = (
             router is not None
             and router.connection is not None
@@ -224,6 +268,8 @@ class App:
             sum(len(stats.live) for stats in self.bridge_stats())
             + sum(http.busy() for http in self.http_ingress)
             + sum(len(http.tasks) for http in self.http_egress.values())
+            + sum(http2.busy() for http2 in self.http2_ingress)
+            + sum(http2.busy for http2 in self.http2_egress)
         )
 
     def on_stop_signal(self) -> None:
@@ -234,10 +280,10 @@ class App:
         self.stopping.set()
 
     def _stop_accepting(self) -> None:
-        for bridge in self.ingress:
-            bridge.stop_accepting()
-        for http in self.http_ingress:
-            http.stop_accepting()
+        listeners: list[IngressBridge | HttpIngressBridge | Http2IngressBridge] = [*self.ingress]
+        listeners += [*self.http_ingress, *self.http2_ingress]
+        for listener in listeners:
+            listener.stop_accepting()
         if self.direct is not None:
             self.direct.stop_accepting()
 
@@ -262,12 +308,16 @@ class App:
         for stats in self.bridge_stats():
             for tunnel in list(stats.live):
                 tunnel.reset("shutting down", Failure.SHUTDOWN)
-        for http in self.http_ingress:
-            http.close_all()
+        servers: list[HttpIngressBridge | Http2IngressBridge] = [*self.http_ingress]
+        servers += self.http2_ingress
+        for server in servers:
+            server.close_all()
         for egress in self.egress.values():
             await egress.stop()
-        for http_egress in self.http_egress.values():
-            await http_egress.stop()
+        clients: list[HttpEgressBridge | Http2EgressBridge] = [*self.http_egress.values()]
+        clients += self.http2_egress
+        for client in clients:
+            await client.stop()
         if self.router is not None:
             await self.router.stop()
         if self.direct is not None:

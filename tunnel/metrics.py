@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from . import census, memory, peer_text
 from .amqp import engine
 from .dialects.carrier import Failure
+from .http2_stats import STATUS_CLASSES
 
 if TYPE_CHECKING:
     from .app import App
@@ -35,6 +36,11 @@ METRICS = {
     "tunnel_router_disconnects_total": "Times an open router connection was lost.",
     "tunnel_router_connected": "1 while the router connection is open, else 0.",
     "tunnel_log_suppressed_total": "Repeats of a peer's failure counted instead of logged.",
+    "tunnel_http2_requests_total": "HTTP/2 streams the bridge carried (requests).",
+    "tunnel_http2_streams_active": "HTTP/2 streams open now.",
+    "tunnel_http2_bytes_total": "HTTP/2 data bytes carried, by direction (request, response).",
+    "tunnel_http2_resets_total": "HTTP/2 streams reset, by either side or by the tunnel.",
+    "tunnel_http2_responses_total": "HTTP/2 responses by status class (2xx, 5xx, ...).",
     "tunnel_live_objects": (
         "Objects alive now, by kind: ours per connection, link or request, and proton's."
     ),
@@ -88,7 +94,28 @@ class TunnelCollector(Collector):
         for why, count in sorted(counts.items()):
             suppressed.add_metric([why], count)
         yield suppressed
+        yield from self._http2()
         yield from _memory()
+
+    def _http2(self) -> Iterator[Metric]:
+        requests = _family(CounterMetricFamily, "tunnel_http2_requests_total", ["bridge"])
+        active = _family(GaugeMetricFamily, "tunnel_http2_streams_active", ["bridge"])
+        carried = _family(CounterMetricFamily, "tunnel_http2_bytes_total", ["bridge", "direction"])
+        resets = _family(CounterMetricFamily, "tunnel_http2_resets_total", ["bridge"])
+        responses = _family(
+            CounterMetricFamily, "tunnel_http2_responses_total", ["bridge", "status_class"]
+        )
+        bridges = [(b.stats, len(b.streams)) for b in self.app.http2_ingress]
+        bridges += [(b.stats, len(b.streams)) for b in self.app.http2_egress]
+        for stats, open_streams in bridges:
+            requests.add_metric([stats.name], stats.requests)
+            active.add_metric([stats.name], open_streams)
+            carried.add_metric([stats.name, "request"], stats.bytes_out)
+            carried.add_metric([stats.name, "response"], stats.bytes_in)
+            resets.add_metric([stats.name], stats.resets)
+            for status_class in STATUS_CLASSES:
+                responses.add_metric([stats.name, status_class], stats.statuses[status_class])
+        yield from (requests, active, carried, resets, responses)
 
 
 def _memory() -> Iterator[Metric]:

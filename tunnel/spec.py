@@ -3,15 +3,17 @@
 Grammar (one spec; several may be joined with ``,`` in one argument)::
 
     spec     := ingress | egress
-    ingress  := ("tcp:" | "http:") [host ":"] port "=>" "amqp:" address
-    egress   := "amqp:" address "=>" ("tcp:" | "http:") [host ":"] port
+    ingress  := ("tcp:" | "http:" | "http2:") [host ":"] port "=>" "amqp:" address
+    egress   := "amqp:" address "=>" ("tcp:" | "http:" | "http2:") [host ":"] port
 
 Examples: ``tcp:2000=>amqp:echo`` listens on every interface, port 2000, and
 carries each connection to whoever serves ``echo``; ``amqp:echo=>tcp:2000``
 serves ``echo`` by connecting to ``$ICPROXY_BRIDGE_HOST`` (else ``localhost``)
 port 2000. IPv6 hosts are written in brackets: ``tcp:[::1]:2000``.
 ``http:8080=>amqp:web`` and ``amqp:web=>http:8080`` carry HTTP/1.1, one
-message per request and one per response (:mod:`tunnel.http_message`).
+message per request and one per response (:mod:`tunnel.http_message`);
+``http2:8080=>amqp:grpc`` and ``amqp:grpc=>http2:50051`` carry HTTP/2 and gRPC,
+each stream as its own messages (:mod:`tunnel.http2_message`).
 
 Unlike ``simple.js``, which silently drops what it cannot parse, every
 malformed spec raises :class:`~tunnel.errors.ConfigError` naming the bad part.
@@ -87,7 +89,33 @@ class HttpEgressSpec(_Serving):
     kind: Literal["http-egress"] = "http-egress"
 
 
-BridgeSpec = IngressSpec | EgressSpec | HttpIngressSpec | HttpEgressSpec
+class Http2IngressSpec(_Listening):
+    """``http2:[HOST:]PORT=>amqp:ADDRESS``: serve HTTP/2, each stream messages to ``address``."""
+
+    scheme = "http2"
+    kind: Literal["http2-ingress"] = "http2-ingress"
+
+
+class Http2EgressSpec(_Serving):
+    """``amqp:ADDRESS=>http2:[HOST:]PORT``: serve streams to ``address`` from an HTTP/2 server."""
+
+    scheme = "http2"
+    kind: Literal["http2-egress"] = "http2-egress"
+
+
+BridgeSpec = (
+    IngressSpec | EgressSpec | HttpIngressSpec | HttpEgressSpec | Http2IngressSpec | Http2EgressSpec
+)
+_LISTENERS: dict[str, type[IngressSpec | HttpIngressSpec | Http2IngressSpec]] = {
+    "tcp": IngressSpec,
+    "http": HttpIngressSpec,
+    "http2": Http2IngressSpec,
+}
+_SERVERS: dict[str, type[EgressSpec | HttpEgressSpec | Http2EgressSpec]] = {
+    "tcp": EgressSpec,
+    "http": HttpEgressSpec,
+    "http2": Http2EgressSpec,
+}
 
 
 def join_host(host: str | None, port: int) -> str:
@@ -127,11 +155,13 @@ def _split_side(side: str, spec: str) -> tuple[str, str]:
     scheme, sep, rest = side.partition(":")
     if not sep:
         raise ConfigError(
-            f"{side!r} in spec {spec!r} has no scheme: expected tcp:..., http:... or amqp:..."
+            f"{side!r} in spec {spec!r} has no scheme: "
+            "expected tcp:..., http:..., http2:... or amqp:..."
         )
-    if scheme not in ("tcp", "http", "amqp"):
+    if scheme not in ("tcp", "http", "http2", "amqp"):
         raise ConfigError(
-            f"unsupported scheme {scheme!r} in spec {spec!r}: expected 'tcp', 'http' or 'amqp'"
+            f"unsupported scheme {scheme!r} in spec {spec!r}: "
+            "expected 'tcp', 'http', 'http2' or 'amqp'"
         )
     if not rest:
         raise ConfigError(f"{side!r} in spec {spec!r} is empty after {scheme!r}:")
@@ -148,17 +178,17 @@ def parse_spec(spec: str, bridge_host: str = DEFAULT_BRIDGE_HOST) -> BridgeSpec:
         raise ConfigError(f"spec {spec!r} is missing its {'source' if not source else 'target'}")
     src_scheme, src = _split_side(source, spec)
     dst_scheme, dst = _split_side(target, spec)
-    if src_scheme in ("tcp", "http") and dst_scheme == "amqp":
+    if src_scheme in _LISTENERS and dst_scheme == "amqp":
         host, port = _parse_endpoint(src, spec, listener=True)
-        listener = IngressSpec if src_scheme == "tcp" else HttpIngressSpec
+        listener = _LISTENERS[src_scheme]
         return listener(host=host, port=port, address=_check_address(dst, spec))
-    if src_scheme == "amqp" and dst_scheme in ("tcp", "http"):
+    if src_scheme == "amqp" and dst_scheme in _SERVERS:
         egress_host, port = _parse_endpoint(dst, spec, listener=False)
-        server = EgressSpec if dst_scheme == "tcp" else HttpEgressSpec
+        server = _SERVERS[dst_scheme]
         return server(address=_check_address(src, spec), host=egress_host or bridge_host, port=port)
     raise ConfigError(
-        f"spec {spec!r} bridges {src_scheme!r} to {dst_scheme!r}: expected tcp:...=>amqp:..., "
-        "amqp:...=>tcp:..., http:...=>amqp:... or amqp:...=>http:..."
+        f"spec {spec!r} bridges {src_scheme!r} to {dst_scheme!r}: expected SCHEME:...=>amqp:... "
+        "or amqp:...=>SCHEME:..., SCHEME one of tcp, http, http2"
     )
 
 

@@ -1,0 +1,469 @@
+"""``amqp:ADDRESS=>http2:[HOST:]PORT``: serve HTTP/2 streams from messages, on an HTTP/2 backend.
+
+Theory of operation
+-------------------
+The bridge consumes ``ADDRESS``: each message there is the first of a stream
+(protocols.md §2.3), keyed by its (``group_id``, ``reply_to``,
+``correlation_id``), never by the number alone, which two ingresses may both
+use. It opens a stream on one of its HTTP/2 connections to the backend (a
+new connection when those open have no room under the backend's
+MAX_CONCURRENT_STREAMS, or after a GOAWAY) and sends the head there; the
+first message is then accepted, and the bridge's first message to the
+ingress, from its own dynamic address, tells the ingress where the rest of
+the stream goes. Everything else of the stream, both ways, is a
+:class:`~tunnel.http2_stream.Stream`.
+
+What can happen to the first message:
+
+- the backend connection cannot be made: MODIFIED with delivery-failed, so
+  the ingress may send it elsewhere; nothing reached a server;
+- more than :data:`MAX_STREAMS` streams open: RELEASED, likewise;
+- not a stream's first message (no subject, no ``reply_to``, a stream that
+  is open already): REJECTED, naming what is wrong.
+
+Later failures reset the stream: a backend's RST_STREAM reaches the client
+with its code; a backend's GOAWAY lets the streams it will still serve
+finish, and those it will not are reset with REFUSED_STREAM (which a gRPC
+client retries); a backend connection lost resets its streams. A message to
+the ingress that is not taken (the ingress is gone) resets the backend's
+stream with CANCEL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from proton import Condition, Session
+
+from . import http2_message as m
+from . import http_message as hm
+from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED
+from .codec import WireError
+from .http2_ingress import (
+    MAX_MESSAGE,
+    REPLY_WINDOW,
+    h2_config,
+    local_settings,
+    text_headers,
+    wire,
+)
+from .http2_stats import Http2Stats
+from .http2_stream import Stream
+from .messaging import AmqpHost, MessageReceiver, MessageSender
+from .peer_text import PEER_LOG, printable
+from .spec import Http2EgressSpec, join_host
+
+logger = logging.getLogger(__name__)
+
+#: Open streams per egress bridge, on all its backend connections.
+MAX_STREAMS = 256
+#: Streams on one backend connection until its SETTINGS say otherwise.
+DEFAULT_CONCURRENT = 100
+
+Key = tuple[str, str, int]
+
+
+class Http2EgressBridge:
+    """``amqp:ADDRESS=>http2:HOST:PORT``."""
+
+    def __init__(self, spec: Http2EgressSpec, site_id: str, settings: hm.HttpSettings) -> None:
+        self.spec = spec
+        self.site_id = site_id
+        self.settings = settings
+        self.links: _Links | None = None
+        self.active = False
+        self.streams: dict[Key, Stream] = {}
+        self.backends: list[BackendConnection] = []
+        self.stats = Http2Stats(str(spec))
+        self.unreachable = False
+
+    def not_ready(self) -> str | None:
+        """Why the bridge cannot take streams yet, if it cannot."""
+        return None if self.active else f"consumer for {self.spec.address!r} not active"
+
+    @property
+    def busy(self) -> int:
+        return len(self.streams) + sum(len(b.waiting) for b in self.backends)
+
+    # -- the router connection ------------------------------------------------------
+    def on_router_up(self, host: AmqpHost, session: Session) -> None:
+        self.links = _Links(self, host, session)
+
+    def on_router_down(self) -> None:
+        self.links = None
+        self.active = False
+        for stream in list(self.streams.values()):
+            stream.reset(h2.errors.ErrorCodes.CANCEL, tell=False)
+        for backend in self.backends:
+            backend.waiting.clear()
+            backend.flush_soon()
+
+    async def stop(self) -> None:
+        for backend in list(self.backends):
+            backend.close()
+
+    # -- first messages ---------------------------------------------------------------
+    def on_request(self, receiver: MessageReceiver, delivery: Any, data: bytearray) -> None:
+        try:
+            message = m.decode(data)
+            if message.subject is None or not message.reply_to:
+                raise WireError("not the first message of a stream: no subject or no reply_to")
+            key = (message.group_id, message.reply_to, message.correlation_id)
+            if key in self.streams:
+                raise WireError(f"stream {message.correlation_id} is open already")
+        except WireError as exc:
+            self.peer_failure(receiver, "bad stream head", str(exc))
+            receiver.settle(delivery, REJECTED, condition=Condition("amqp:invalid-field", str(exc)))
+            return
+        if self.busy >= MAX_STREAMS:
+            receiver.settle(delivery, RELEASED)
+            return
+        self.stats.requests += 1
+        self.backend().wait(key, message, receiver, delivery)
+
+    def backend(self) -> BackendConnection:
+        """A backend connection with room for one more stream: made if none has."""
+        for backend in self.backends:
+            if backend.has_room():
+                return backend
+        backend = BackendConnection(self)
+        self.backends.append(backend)
+        backend.start()
+        return backend
+
+    def on_unreachable(self, backend: BackendConnection, why: str) -> None:
+        if not self.unreachable:
+            logger.warning("%s: the backend is unreachable: %s", self.spec, why)
+        self.unreachable = True
+        for _, _, receiver, delivery in backend.waiting:
+            receiver.settle(delivery, MODIFIED, failed=True, why=why)
+        backend.waiting.clear()
+
+    def on_reachable(self) -> None:
+        if self.unreachable:
+            logger.info("%s: the backend answers again", self.spec)
+        self.unreachable = False
+
+    # -- the rest of each stream ------------------------------------------------------
+    def on_continuation(self, message: m.StreamMessage) -> None:
+        key = (message.group_id, message.reply_to or "", message.correlation_id)
+        stream = self.streams.get(key)
+        if stream is None:
+            return  # a stream over already: late acks and data are dropped
+        if message.reset is not None:
+            self.stats.resets += 1
+        self.stats.bytes_out += len(message.data)
+        stream.on_message(message)
+        cast(BackendConnection, stream.side).flush_soon()
+
+    def send(self, stream: Stream, message: m.StreamMessage) -> None:
+        links = self.links
+        if links is None or links.streams.closed:
+            asyncio.get_running_loop().call_soon(stream.on_outcome, 0, "no router connection")
+            return
+        links.streams.send(m.encode(message), stream.on_outcome)
+
+    def peer_failure(self, receiver: MessageReceiver, reason: str, why: str) -> None:
+        host = receiver.host
+        peer = (
+            "(gone)"
+            if host.closed
+            else printable(host.engine.connection.remote_container or "(unnamed)")
+        )
+        PEER_LOG.log(
+            logging.INFO,
+            peer,
+            reason,
+            "%s: %s from %s refused: %s",
+            self.spec,
+            reason,
+            peer,
+            printable(why),
+        )
+
+
+class _Links:
+    """The consumer of ADDRESS, the dynamic receiver for the rest of each stream, and the
+    anonymous sender for everything the bridge sends."""
+
+    def __init__(self, bridge: Http2EgressBridge, host: AmqpHost, session: Session) -> None:
+        self.bridge = bridge
+        self.reply_to: str | None = None
+        spec = bridge.spec
+        name = f"{bridge.site_id}-http2-egress-{spec.address}"
+        consumer = session.receiver(name)
+        consumer.source.address = spec.address
+        consumer.target.address = name
+        anonymous = session.sender(f"{name}-streams")
+        self.streams = MessageSender(anonymous, host)
+        anonymous.open()
+        continuations = session.receiver(f"{name}-continuations")
+        continuations.source.dynamic = True
+        self.continuations = MessageReceiver(
+            continuations,
+            host,
+            window=REPLY_WINDOW,
+            max_size=MAX_MESSAGE,
+            on_message=self.on_continuation,
+            on_opened=self.on_continuations_opened,
+        )
+        continuations.open()
+        self.consumer: MessageReceiver | None = None
+        self._consumer_link = consumer
+        self.host = host
+        host.flush_soon()
+
+    def on_continuations_opened(self, link: Any) -> None:
+        address = link.remote_source.address
+        if not address:
+            logger.warning("%s: the router gave the stream link no address", self.bridge.spec)
+            return
+        self.reply_to = address
+        # Only now: a first message must be answerable from this address.
+        consumer = self._consumer_link
+        self.consumer = MessageReceiver(
+            consumer,
+            self.host,
+            window=self.bridge.settings.window,
+            max_size=MAX_MESSAGE,
+            on_message=self.on_request,
+            on_opened=self.on_consuming,
+        )
+        consumer.open()
+        self.host.flush_soon()
+
+    def on_consuming(self, link: Any) -> None:
+        self.bridge.active = True
+        logger.info("%s: consuming %r", self.bridge.spec, self.bridge.spec.address)
+
+    def on_request(self, delivery: Any, data: bytearray) -> None:
+        assert self.consumer is not None
+        try:
+            self.bridge.on_request(self.consumer, delivery, data)
+        except Exception as exc:  # a bug of ours: contained to this stream
+            logger.error("%s: a stream's first message failed", self.bridge.spec, exc_info=exc)
+            if not self.consumer.closed:
+                self.consumer.settle(
+                    delivery,
+                    REJECTED,
+                    condition=Condition("amqp:internal-error", f"{type(exc).__name__}"),
+                )
+
+    def on_continuation(self, delivery: Any, data: bytearray) -> None:
+        try:
+            self.bridge.on_continuation(m.decode(data))
+        except WireError as exc:
+            self.bridge.peer_failure(self.continuations, "bad stream message", str(exc))
+            self.continuations.settle(
+                delivery, REJECTED, condition=Condition("amqp:decode-error", printable(exc))
+            )
+            return
+        self.continuations.settle(delivery, ACCEPTED)
+
+
+Waiting = tuple[Key, m.StreamMessage, MessageReceiver, Any]
+
+
+class BackendConnection(asyncio.Protocol):
+    """One HTTP/2 connection to the backend, carrying many streams."""
+
+    def __init__(self, bridge: Http2EgressBridge) -> None:
+        self.bridge = bridge
+        self.h2 = h2.connection.H2Connection(h2_config(client=True))
+        self.transport: asyncio.Transport | None = None
+        #: First messages waiting for the connection: at most the room it has.
+        self.waiting: list[Waiting] = []
+        self.streams: dict[int, Stream] = {}
+        self.draining = False
+        self.closed = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def has_room(self) -> bool:
+        if self.draining or self.closed:
+            return False
+        limit = self.h2.remote_settings.max_concurrent_streams
+        if self.transport is None:
+            limit = DEFAULT_CONCURRENT
+        return len(self.streams) + len(self.waiting) < min(limit, DEFAULT_CONCURRENT * 10)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        spec = self.bridge.spec
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.create_connection(lambda: self, spec.host, spec.port)
+        except OSError as exc:
+            self._gone()
+            self.bridge.on_unreachable(
+                self, f"cannot connect to {join_host(spec.host, spec.port)}: {exc.strerror or exc}"
+            )
+
+    def wait(
+        self, key: Key, message: m.StreamMessage, receiver: MessageReceiver, delivery: Any
+    ) -> None:
+        self.waiting.append((key, message, receiver, delivery))
+        if self.transport is not None:
+            self._open_waiting()
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        local_settings(self.h2)
+        self.bridge.on_reachable()
+        self._open_waiting()
+
+    def _open_waiting(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for key, message, receiver, delivery in waiting:
+            if receiver.closed or receiver.host.closed:
+                continue  # gone with its link: the ingress hears of it from the router
+            self._open(key, message, receiver, delivery)
+        self.flush()
+
+    def _open(
+        self, key: Key, message: m.StreamMessage, receiver: MessageReceiver, delivery: Any
+    ) -> None:
+        bridge = self.bridge
+        links = bridge.links
+        if links is None or links.reply_to is None:
+            receiver.settle(delivery, RELEASED)
+            return
+        stream_id = self.h2.get_next_available_stream_id()
+        stream = Stream(
+            self,
+            stream_id=stream_id,
+            correlation_id=message.correlation_id,
+            group_id=bridge.site_id,
+            reply_to=links.reply_to,
+            far=message.reply_to,
+        )
+        stream.key = key
+        headers = [(k, v) for k, v in message.headers if k != ":protocol"]
+        try:
+            stream.on_head(wire(headers), message)
+        except h2.exceptions.H2Error as exc:
+            why = f"the request head cannot be sent as HTTP/2: {exc}"
+            bridge.peer_failure(receiver, "bad stream head", why)
+            receiver.settle(delivery, REJECTED, condition=Condition("amqp:invalid-field", why))
+            return
+        bridge.streams[key] = stream
+        self.streams[stream_id] = stream
+        stream.announce = True
+        bridge.stats.bytes_out += len(message.data)
+        message.subject = None
+        stream.on_message(message)
+        receiver.settle(delivery, ACCEPTED)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            logger.warning("%s: the backend broke HTTP/2: %s", self.bridge.spec, exc)
+            self._write()
+            self.close()
+            return
+        for event in events:
+            self._on_event(event)
+        self.flush()
+
+    def _on_event(self, event: h2.events.Event) -> None:
+        stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
+        stats = self.bridge.stats
+        if isinstance(event, h2.events.ResponseReceived) and stream is not None:
+            headers = text_headers(event.headers or [])
+            status = next((v for k, v in headers if k == ":status"), "")
+            stats.count_status(int(status) if status.isdigit() else 0)
+            stream.head_out = m.StreamMessage(
+                stream.correlation_id, stream.group_id, None, subject=m.RESPONSE, headers=headers
+            )
+        elif isinstance(event, h2.events.DataReceived):
+            if stream is None:
+                self.h2.acknowledge_received_data(
+                    event.flow_controlled_length or 0, event.stream_id or 0
+                )
+                return
+            stats.bytes_in += len(event.data or b"")
+            stream.on_h2_data(event.data or b"", event.flow_controlled_length or 0)
+        elif isinstance(event, h2.events.TrailersReceived) and stream is not None:
+            stream.on_h2_end(text_headers(event.headers or []))
+        elif isinstance(event, h2.events.StreamEnded) and stream is not None:
+            stream.on_h2_end([])
+        elif isinstance(event, h2.events.StreamReset) and stream is not None:
+            stats.resets += 1
+            stream.on_h2_reset(int(event.error_code or 0))
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._on_goaway(event.last_stream_id or 0)
+
+    def _on_goaway(self, last_stream_id: int) -> None:
+        """The backend serves the streams up to ``last_stream_id`` and no more."""
+        logger.info("%s: the backend sent GOAWAY: its open streams finish", self.bridge.spec)
+        self.draining = True
+        for stream_id, stream in list(self.streams.items()):
+            if stream_id > last_stream_id:
+                stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+        waiting, self.waiting = self.waiting, []
+        for key, message, receiver, delivery in waiting:
+            self.bridge.backend().wait(key, message, receiver, delivery)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+        for stream in list(self.streams.values()):
+            stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        if self.waiting:
+            self.bridge.on_unreachable(self, "the backend closed the connection")
+
+    def _gone(self) -> None:
+        self.closed = True
+        if self in self.bridge.backends:
+            self.bridge.backends.remove(self)
+
+    # -- Side ----------------------------------------------------------------------------
+    def send(self, stream: Stream, message: m.StreamMessage) -> None:
+        self.bridge.send(stream, message)
+
+    def on_stream_over(self, stream: Stream) -> None:
+        if stream.stream_id is not None and self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        if stream.key is not None and self.bridge.streams.get(stream.key) is stream:
+            del self.bridge.streams[stream.key]
+        if self.draining and not self.streams:
+            self.close()
+        self.flush_soon()
+
+    def flush_soon(self) -> None:
+        if self._flush_handle is None and not self.closed:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_handle = None
+        for stream in list(self.streams.values()):
+            stream.flush()
+        self._write()
+
+    def _write(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self._gone()
+        if self.transport is not None:
+            try:
+                self.h2.close_connection()
+                self._write()
+            except h2.exceptions.H2Error:
+                pass
+            self.transport.close()
+        elif self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,199 @@
+"""HTTP/2 streams as AMQP messages: protocols.md §2.3, with the node proxy's defects fixed.
+
+A stream is a run of messages, each carrying ``correlation_id`` (the stream's
+number, unique per ingress bridge), ``group_id`` (the sender's site id) and
+``reply_to`` (the sender's own dynamic address, where the other side's
+messages for this stream go). One kind of message, read by what it carries:
+
+- **head**: ``subject`` set (the method for a request, ``"response"`` for a
+  response). Pseudo-headers and headers are application properties
+  (``:path``, ``:authority``, ``:scheme`` or ``:status`` among them), except
+  ``content-type``, which is ``content_type``; a request also has ``to`` =
+  ``:path``. It may carry the first data as its body.
+- **data**: no ``subject``; the body (amqp-value binary) is the next bytes
+  of the stream.
+- ``application_properties.ended`` = true marks the last message of that
+  direction; its footer (0x78) holds the trailers, if any (``grpc-status``).
+
+Two extensions, in application properties, that the node proxy lacked:
+
+- ``tunnel:ack`` (ulong): the sender of this message has handed that many
+  more bytes of the other direction to its HTTP/2 peer. It is the stream's
+  flow control across the network (see :mod:`tunnel.http2_stream`); the
+  egress's first ack (0 bytes if need be) also tells the ingress the
+  egress's ``reply_to``, so a client may stream before any response exists.
+- ``tunnel:reset`` (uint): the stream was reset with that HTTP/2 error code;
+  it ends both directions.
+
+Repeated header fields are joined as for HTTP/1 (:func:`tunnel.http_message.fold`).
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proton import Data, Described, Message, ulong
+
+from . import http_message as hm
+from .codec import WireError
+
+ENDED = "ended"
+ACK = "tunnel:ack"
+RESET = "tunnel:reset"
+RESPONSE = "response"
+_FOOTER = 0x78
+_OURS = frozenset({ENDED, ACK, RESET})
+#: The pseudo-headers of RFC 9113 §8.3.
+PSEUDO = frozenset({":method", ":scheme", ":authority", ":path", ":status", ":protocol"})
+Headers = list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class StreamMessage:
+    """One message of a stream, decoded."""
+
+    correlation_id: int
+    group_id: str
+    reply_to: str | None
+    #: A head's subject (the method, or ``"response"``); None for data and acks.
+    subject: str | None = None
+    #: A head's pseudo-headers and headers, in order.
+    headers: Headers = field(default_factory=list)
+    data: bytes = b""
+    ended: bool = False
+    trailers: Headers = field(default_factory=list)
+    ack: int = 0
+    reset: int | None = None
+    #: Where an anonymous sender sends it.
+    to: str | None = None
+
+
+def encode(message: StreamMessage) -> bytes:
+    """The message's bytes, its footer appended when there are trailers."""
+    props: dict[str, object] = {}
+    content_type = None
+    if message.subject is not None:
+        content_type, folded = hm.fold(message.headers)
+        props.update(folded)
+    props[ENDED] = message.ended
+    if message.ack:
+        props[ACK] = ulong(message.ack)
+    if message.reset is not None:
+        props[RESET] = message.reset
+    amqp = Message(
+        correlation_id=ulong(message.correlation_id),
+        group_id=message.group_id,
+        properties=props,
+        body=message.data,
+    )
+    if message.subject is not None:
+        amqp.subject = message.subject
+    if message.reply_to is not None:
+        amqp.reply_to = message.reply_to
+    if message.to is not None:
+        amqp.address = message.to
+    if content_type is not None:  # None would be sent as the symbol 'None'
+        amqp.content_type = content_type
+    data: bytes = amqp.encode()
+    if message.trailers:
+        _, trailers = hm.fold(message.trailers)
+        footer = Data()
+        footer.put_object(Described(ulong(_FOOTER), dict(trailers)))  # type: ignore[arg-type]
+    return data + footer.encode() if message.trailers else data
+
+
+def decode(data: bytes | bytearray) -> StreamMessage:
+    """The stream message in ``data``; :class:`WireError` names what is wrong with it."""
+    amqp = hm.decode(data)
+    correlation_id = amqp.correlation_id
+    if not isinstance(correlation_id, int) or isinstance(correlation_id, bool):
+        raise WireError(f"correlation id {correlation_id!r} is not a stream number (ulong)")
+    group_id = amqp.group_id
+    if not isinstance(group_id, str):
+        raise WireError("no group_id (the sender's site id)")
+    reply_to = amqp.reply_to if isinstance(amqp.reply_to, str) and amqp.reply_to else None
+    props: object = amqp.properties or {}
+    if not isinstance(props, Mapping):
+        raise WireError("application properties are not a map")
+    ours = {key: props.get(key) for key in _OURS}
+    ended = ours[ENDED]
+    if ended is not None and not isinstance(ended, bool):
+        raise WireError(f"'ended' is {ended!r}, not a boolean")
+    ack = ours[ACK] or 0
+    reset = ours[RESET]
+    if not isinstance(ack, int) or ack < 0:
+        raise WireError(f"{ACK!r} is {ack!r}, not a byte count")
+    if reset is not None and (not isinstance(reset, int) or not 0 <= reset < 1 << 32):
+        raise WireError(f"{RESET!r} is {reset!r}, not an HTTP/2 error code")
+    subject = amqp.subject if isinstance(amqp.subject, str) and amqp.subject else None
+    headers: Headers = []
+    if subject is not None:
+        headers = _head_fields(props, hm.content_type_of(amqp))
+    return StreamMessage(
+        correlation_id=int(correlation_id),
+        group_id=group_id,
+        reply_to=reply_to,
+        subject=subject,
+        headers=headers,
+        data=hm.body_of(amqp),
+        ended=bool(ended),
+        trailers=_trailers(bytes(data)),
+        ack=int(ack),
+        reset=None if reset is None else int(reset),
+    )
+
+
+def _head_fields(props: Mapping[Any, Any], content_type: str | None) -> Headers:
+    """A head's fields: pseudo-headers first, as HTTP/2 requires, then the rest.
+
+    ``te`` is hop-by-hop in HTTP/1 but HTTP/2 allows its one value ``trailers``,
+    which gRPC servers require; it is carried when it says just that.
+    """
+    pseudo: Headers = []
+    rest: dict[str, Any] = {}
+    for key, value in props.items():
+        if not isinstance(key, str):
+            raise WireError(f"application property key {key!r} is not a string")
+        if key in _OURS:
+            continue
+        if key.startswith(":"):
+            if key not in PSEUDO or not isinstance(value, str):
+                raise WireError(f"pseudo-header {key[:40]!r} is not one HTTP/2 has, as a string")
+            pseudo.append((key, value))
+        elif key.lower() == "te":
+            if value != "trailers":
+                raise WireError(f"'te' is {str(value)[:40]!r}; HTTP/2 allows only 'trailers'")
+            pseudo_te = ("te", "trailers")
+            rest.pop("te", None)
+            pseudo.append(pseudo_te)
+        else:
+            rest[key] = value
+    fields = [pair for pair in pseudo if pair[0].startswith(":")]
+    fields += [pair for pair in pseudo if not pair[0].startswith(":")]
+    return fields + hm.unfold(rest, content_type)
+
+
+def _trailers(data: bytes) -> Headers:
+    """The header fields in the message's footer, if it has one (proton's Message drops it)."""
+    section = Data()
+    offset = 0
+    footer: object = None
+    while offset < len(data):
+        section.clear()
+        try:
+            offset += section.decode(data[offset:])
+            section.rewind()
+            section.next()
+            value = section.get_object()
+        except Exception as exc:  # proton's own decoding errors
+            raise WireError(f"undecodable message section at byte {offset}: {exc}") from None
+        if isinstance(value, Described) and value.descriptor == _FOOTER:
+            footer = value.value
+    if footer is None:
+        return []
+    if not isinstance(footer, Mapping):
+        raise WireError("the footer is not a map")
+    return hm.unfold({str(key): value for key, value in footer.items()}, None)
