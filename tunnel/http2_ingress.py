@@ -280,7 +280,6 @@ class Http2IngressBridge:
             head.trailers = stream.out_end or []
             stream.out_done = True
         stream.out_unacked += len(chunk)
-        self.stats.bytes_out += len(chunk)
         grpc = _pseudo(head.headers, "content-type").startswith("application/grpc")
         opening = Opening(stream, conn, b"", grpc)
         self.openings[stream.correlation_id] = opening

@@ -1,0 +1,251 @@
+"""HTTP/2 and gRPC bridges through real processes: a real gRPC server and client (grpcio).
+
+The egress serves ``grpc`` in direct mode (its own listener is the router),
+the ingress is a second process connected to it; both are real tunnel
+processes on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import queue
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_backend import Backend, channel, method
+from helpers import LOOPBACK, TunnelProcess, admin_base, eventually, scrape, write_connect_json
+
+TIMEOUT = 30.0
+
+
+@dataclass
+class Pair:
+    port: int
+    amqp_port: int
+    ingress: TunnelProcess
+    egress: TunnelProcess
+
+
+def egress_process(tmp: Path, backend_port: int, log: str = "egress.log") -> TunnelProcess:
+    return TunnelProcess(
+        [
+            "--listen",
+            f"amqp://{LOOPBACK}:0",
+            f"amqp:grpc=>http2:{LOOPBACK}:{backend_port}",
+        ],
+        tmp / log,
+    )
+
+
+def ingress_process(tmp: Path, amqp_port: int, *args: str) -> TunnelProcess:
+    config = write_connect_json(
+        tmp / "connect.json", {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port}
+    )
+    return TunnelProcess(
+        ["--config", str(config), *args, f"http2:{LOOPBACK}:0=>amqp:grpc"], tmp / "ingress.log"
+    )
+
+
+@contextlib.asynccontextmanager
+async def http2_pair(tmp: Path, backend_port: int, *ingress_args: str) -> AsyncIterator[Pair]:
+    egress = egress_process(tmp, backend_port)
+    ingress = None
+    try:
+        amqp_port = await egress.amqp_port()
+        await egress.wait_for(r"consuming 'grpc'")
+        ingress = ingress_process(tmp, amqp_port, *ingress_args)
+        port = await ingress.listen_port()
+        await ingress.wait_for(r"router amqp://\S+ connected")
+        yield Pair(port, amqp_port, ingress, egress)
+        assert await asyncio.to_thread(ingress.stop) == 0, ingress.log()
+        assert await asyncio.to_thread(egress.stop) == 0, egress.log()
+    finally:
+        if ingress is not None:
+            ingress.kill()
+        egress.kill()
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    with Backend("a") as server:
+        yield server
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, backend: Backend) -> AsyncIterator[Pair]:
+    async with http2_pair(tmp_path, backend.port) as running:
+        yield running
+
+
+async def test_unary(pair: Pair) -> None:
+    with channel(pair.port) as chan:
+        answer = await asyncio.to_thread(method(chan, "Unary"), b"hello", timeout=TIMEOUT)
+    assert answer == b"hello"
+
+
+async def test_server_streams_1000_messages(pair: Pair) -> None:
+    def call() -> list[bytes]:
+        with channel(pair.port) as chan:
+            return list(method(chan, "ServerStream", "unary_stream")(b"1000", timeout=TIMEOUT))
+
+    assert await asyncio.to_thread(call) == [b"%d" % i for i in range(1000)]
+
+
+async def test_client_streaming(pair: Pair) -> None:
+    parts = [bytes([i % 256]) * (1000 + i) for i in range(200)]
+
+    def call() -> bytes:
+        with channel(pair.port) as chan:
+            answer: bytes = method(chan, "ClientStream", "stream_unary")(
+                iter(parts), timeout=TIMEOUT
+            )
+            return answer
+
+    whole = b"".join(parts)
+    expected = b"%d %d " % (len(parts), len(whole)) + hashlib.sha256(whole).hexdigest().encode()
+    assert await asyncio.to_thread(call) == expected
+
+
+async def test_bidirectional_streaming_interleaves(pair: Pair) -> None:
+    """Each request is sent only once the answer to the one before it came back:
+    a bridge that gathered either direction would stall this call."""
+
+    def call() -> list[bytes]:
+        answers: queue.Queue[bytes] = queue.Queue()
+        received: list[bytes] = []
+
+        def feed() -> Iterator[bytes]:
+            for index in range(100):
+                yield b"message %d" % index
+                received.append(answers.get(timeout=10))
+
+        with channel(pair.port) as chan:
+            for answer in method(chan, "Bidi", "stream_stream")(feed(), timeout=TIMEOUT):
+                answers.put(answer)
+        return received
+
+    assert await asyncio.to_thread(call) == [b"message %d" % i for i in range(100)]
+
+
+async def test_16_mib_request_and_response_exact(pair: Pair) -> None:
+    payload = hashlib.sha256(b"seed").digest() * (16 * 1024 * 1024 // 32)
+
+    def call() -> bytes:
+        with channel(pair.port) as chan:
+            answer: bytes = method(chan, "Unary")(payload, timeout=TIMEOUT)
+            return answer
+
+    answer = await asyncio.to_thread(call)
+    assert len(answer) == len(payload) and answer == payload
+
+
+async def test_a_cancel_reaches_the_backend(pair: Pair, backend: Backend) -> None:
+    with channel(pair.port) as chan:
+        call = method(chan, "Hang").future(b"", timeout=TIMEOUT)
+        assert await asyncio.to_thread(backend.hanging.wait, 10)
+        call.cancel()
+        assert await asyncio.to_thread(backend.cancelled.wait, 10), pair.egress.log()
+        assert call.cancelled()
+
+
+async def test_a_deadline_ends_the_call_at_both_ends(pair: Pair, backend: Backend) -> None:
+    with channel(pair.port) as chan:
+        with pytest.raises(grpc.RpcError) as failed:
+            await asyncio.to_thread(method(chan, "Hang"), b"", timeout=1.0)
+        assert failed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await asyncio.to_thread(backend.cancelled.wait, 10), pair.egress.log()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_backend_down_is_unavailable_naming_why(tmp_path: Path) -> None:
+    async with http2_pair(tmp_path, _closed_port()) as running:
+        with channel(running.port) as chan, pytest.raises(grpc.RpcError) as failed:
+            await asyncio.to_thread(method(chan, "Unary"), b"x", timeout=TIMEOUT)
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "cannot connect to 127.0.0.1" in str(failed.value.details())
+
+
+async def test_no_consumer_is_unavailable_within_the_timeout(tmp_path: Path) -> None:
+    """Nobody serves the address: the router (here the listener) grants no credit."""
+    listener = TunnelProcess(
+        ["--listen", f"amqp://{LOOPBACK}:0", "amqp:other=>tcp:1"], tmp_path / "l.log"
+    )
+    ingress = None
+    try:
+        amqp_port = await listener.amqp_port()
+        ingress = ingress_process(tmp_path, amqp_port, "--http-timeout", "1")
+        port = await ingress.listen_port()
+        await ingress.wait_for(r"router amqp://\S+ connected")
+        with channel(port) as chan, pytest.raises(grpc.RpcError) as failed:
+            await asyncio.to_thread(method(chan, "Unary"), b"x", timeout=TIMEOUT)
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "no consumer of amqp:grpc" in str(failed.value.details())
+    finally:
+        if ingress is not None:
+            ingress.kill()
+        listener.kill()
+
+
+async def test_two_egresses_both_serve_one_channel(tmp_path: Path) -> None:
+    """Per-request balancing: 20 unary calls on one connection reach both sites."""
+    with Backend("site-a") as first, Backend("site-b") as second:
+        near = egress_process(tmp_path, first.port, "near.log")
+        far = ingress = None
+        try:
+            amqp_port = await near.amqp_port()
+            await near.wait_for(r"consuming 'grpc'")
+            config = write_connect_json(
+                tmp_path / "far.json", {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port}
+            )
+            far = TunnelProcess(
+                ["--config", str(config), f"amqp:grpc=>http2:{LOOPBACK}:{second.port}"],
+                tmp_path / "far.log",
+            )
+            await far.wait_for(r"consuming 'grpc'")
+            ingress = ingress_process(tmp_path, amqp_port)
+            port = await ingress.listen_port()
+            await ingress.wait_for(r"router amqp://\S+ connected")
+
+            def calls() -> list[bytes]:
+                with channel(port) as chan:
+                    whoami = method(chan, "Whoami")
+                    return [whoami(b"", timeout=TIMEOUT) for _ in range(20)]
+
+            served = await asyncio.to_thread(calls)
+            assert set(served) == {b"site-a", b"site-b"}, served
+        finally:
+            for process in (ingress, far, near):
+                if process is not None:
+                    process.kill()
+
+
+async def test_metrics_count_requests_statuses_and_bytes(tmp_path: Path, backend: Backend) -> None:
+    async with http2_pair(tmp_path, backend.port, "--admin", f"{LOOPBACK}:0") as running:
+        with channel(running.port) as chan:
+            for _ in range(3):
+                await asyncio.to_thread(method(chan, "Unary"), b"12345", timeout=TIMEOUT)
+        base = await admin_base(running.ingress)
+        bridge = f"http2:{LOOPBACK}:0=>amqp:grpc"
+
+        def value(name: str, **labels: str) -> float:
+            key = (name, tuple(sorted({"bridge": bridge, **labels}.items())))
+            return scrape(base).get(key, -1.0)
+
+        await eventually(lambda: value("tunnel_http2_streams_active") == 0, "streams closed")
+        assert value("tunnel_http2_requests_total") == 3
+        assert value("tunnel_http2_responses_total", status_class="2xx") == 3
+        # Each gRPC message is framed in 5 bytes before its 5 bytes of payload.
+        assert value("tunnel_http2_bytes_total", direction="request") == 30
+        assert value("tunnel_http2_bytes_total", direction="response") == 30
