@@ -40,6 +40,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import Frame, GoAwayFrame
 from proton import Condition, Session
 
 from . import http2_message as m
@@ -66,6 +67,7 @@ logger = logging.getLogger(__name__)
 MAX_STREAMS = 256
 #: Streams on one backend connection until its SETTINGS say otherwise.
 DEFAULT_CONCURRENT = 100
+FRAME_HEADER = 9
 
 Key = tuple[str, str, int]
 
@@ -271,6 +273,55 @@ class _Links:
 Waiting = tuple[Key, m.StreamMessage, MessageReceiver, Any]
 
 
+class GoawayFilter:
+    """Takes the backend's GOAWAY frames out of its byte stream before h2 sees them.
+
+    h2 closes its connection state on a GOAWAY, after which it refuses every
+    frame, including the DATA of the streams the GOAWAY says will still be
+    served. So frames are split at their 9-byte headers (parsed by
+    hyperframe, h2's own framing) and GOAWAYs are handled here; everything
+    else passes on whole. Holds at most one incomplete frame: a frame longer
+    than h2 takes passes on unfiltered, for h2 to refuse.
+    """
+
+    __slots__ = ("buffer", "max_frame")
+
+    def __init__(self, max_frame: int) -> None:
+        self.buffer = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> tuple[bytes, list[GoAwayFrame]]:
+        """The bytes for h2, and the GOAWAY frames taken out of them."""
+        self.buffer += data
+        buffer, passed, goaways, start = self.buffer, bytearray(), [], 0
+        while len(buffer) - start >= FRAME_HEADER:
+            frame, length = Frame.parse_frame_header(
+                memoryview(buffer)[start : start + FRAME_HEADER]
+            )
+            if length > self.max_frame:
+                start = len(buffer)  # h2 refuses it; nothing more is ours to filter
+                passed = buffer
+                break
+            end = start + FRAME_HEADER + length
+            if end > len(buffer):
+                break
+            if isinstance(frame, GoAwayFrame):
+                passed += buffer[:start]
+                frame.parse_body(memoryview(buffer)[start + FRAME_HEADER : end])
+                goaways.append(frame)
+                del buffer[:end]
+                start = 0
+            else:
+                start = end
+        if passed is buffer:
+            out = bytes(buffer)
+            self.buffer = bytearray()
+            return out, goaways
+        passed += buffer[:start]
+        del buffer[:start]
+        return bytes(passed), goaways
+
+
 class BackendConnection(asyncio.Protocol):
     """One HTTP/2 connection to the backend, carrying many streams."""
 
@@ -281,6 +332,7 @@ class BackendConnection(asyncio.Protocol):
         #: First messages waiting for the connection: at most the room it has.
         self.waiting: list[Waiting] = []
         self.streams: dict[int, Stream] = {}
+        self.goaways = GoawayFilter(self.h2.max_inbound_frame_size)
         self.draining = False
         self.closed = False
         self._flush_handle: asyncio.Handle | None = None
@@ -366,6 +418,7 @@ class BackendConnection(asyncio.Protocol):
         receiver.settle(delivery, ACCEPTED)
 
     def data_received(self, data: bytes) -> None:
+        data, goaways = self.goaways.feed(data)
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -375,6 +428,8 @@ class BackendConnection(asyncio.Protocol):
             return
         for event in events:
             self._on_event(event)
+        for goaway in goaways:
+            self._on_goaway(goaway.last_stream_id, goaway.error_code)
         self.flush()
 
     def _on_event(self, event: h2.events.Event) -> None:
@@ -402,12 +457,16 @@ class BackendConnection(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset) and stream is not None:
             stats.resets += 1
             stream.on_h2_reset(int(event.error_code or 0))
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._on_goaway(event.last_stream_id or 0)
 
-    def _on_goaway(self, last_stream_id: int) -> None:
+    def _on_goaway(self, last_stream_id: int, error_code: int) -> None:
         """The backend serves the streams up to ``last_stream_id`` and no more."""
-        logger.info("%s: the backend sent GOAWAY: its open streams finish", self.bridge.spec)
+        logger.info(
+            "%s: the backend sent GOAWAY (code %d): streams up to %d finish, later ones "
+            "are refused, new ones go on a new connection",
+            self.bridge.spec,
+            error_code,
+            last_stream_id,
+        )
         self.draining = True
         for stream_id, stream in list(self.streams.items()):
             if stream_id > last_stream_id:
@@ -415,6 +474,8 @@ class BackendConnection(asyncio.Protocol):
         waiting, self.waiting = self.waiting, []
         for key, message, receiver, delivery in waiting:
             self.bridge.backend().wait(key, message, receiver, delivery)
+        if not self.streams:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone()

@@ -1,0 +1,116 @@
+"""The HTTP/2 cases gRPC hides, with raw h2 peers at both ends of a real tunnel pair:
+trailers, resets each way, a backend's GOAWAY, and windows held shut each way."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import h2.errors
+import pytest
+from h2_peers import BIG, H2Backend, H2Client, pattern
+from helpers import eventually
+from test_http2 import Pair, http2_pair
+
+from tunnel.http2_stream import STREAM_WINDOW
+
+
+@pytest.fixture
+async def raw_backend() -> AsyncIterator[H2Backend]:
+    backend = H2Backend()
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+async def raw_pair(tmp_path: Path, raw_backend: H2Backend) -> AsyncIterator[Pair]:
+    async with http2_pair(tmp_path, raw_backend.port) as running:
+        yield running
+
+
+async def test_trailers_arrive_after_the_body(raw_pair: Pair) -> None:
+    client = await H2Client.connect(raw_pair.port)
+    sid = client.request("/trailers")
+    answer = client.answers[sid]
+    await eventually(lambda: answer.ended, "the answer ends", detail=lambda: answer)
+    assert (answer.status, bytes(answer.body)) == (200, b"ok")
+    assert answer.trailers == [(b"x-trailer", b"yes")]
+    client.close()
+
+
+async def test_a_backend_reset_reaches_the_client_with_its_code(raw_pair: Pair) -> None:
+    client = await H2Client.connect(raw_pair.port)
+    sid = client.request("/reset")
+    answer = client.answers[sid]
+    await eventually(lambda: answer.reset is not None, "a reset", detail=lambda: answer)
+    assert answer.reset == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    client.close()
+
+
+async def test_a_client_reset_reaches_the_backend(raw_pair: Pair, raw_backend: H2Backend) -> None:
+    client = await H2Client.connect(raw_pair.port)
+    sid = client.request("/hang")
+    await eventually(lambda: raw_backend.connections, "the backend is asked")
+    client.reset(sid)
+    await eventually(lambda: raw_backend.resets, "the backend hears the reset")
+    assert raw_backend.resets == [h2.errors.ErrorCodes.CANCEL]
+    client.close()
+
+
+async def test_a_backend_goaway_drains_and_new_streams_go_on(
+    raw_pair: Pair, raw_backend: H2Backend
+) -> None:
+    client = await H2Client.connect(raw_pair.port)
+    draining = client.answers[client.request("/goaway")]
+    await eventually(lambda: draining.ended, "the last stream is served", detail=lambda: draining)
+    assert (draining.status, bytes(draining.body)) == (200, b"drained")
+    after = client.answers[client.request("/trailers")]
+    await eventually(lambda: after.ended, "a stream after the GOAWAY", detail=lambda: after)
+    assert after.status == 200
+    assert len(raw_backend.connections) == 2
+    assert not client.goaway  # the client's own connection was never told to go
+    client.close()
+
+
+async def test_a_window_held_at_zero_holds_the_backend(
+    raw_pair: Pair, raw_backend: H2Backend
+) -> None:
+    """A client that reads nothing: the backend is stopped by its window, nothing piles up."""
+    client = await H2Client.connect(raw_pair.port, window=0)
+    answer = client.answers[client.request("/big")]
+    await eventually(raw_backend.blocked, "the backend waits for its window")
+    # What the egress lets the backend send: its own stream window, not a byte more.
+    assert raw_backend.sent == STREAM_WINDOW
+    assert not answer.body
+    client.open_window(BIG)
+    await eventually(lambda: answer.ended, "the whole answer", timeout=30)
+    assert bytes(answer.body) == pattern(BIG)
+    client.close()
+
+
+async def test_an_upload_faster_than_the_backend_reads_is_held_by_its_window(
+    raw_pair: Pair, raw_backend: H2Backend
+) -> None:
+    client = await H2Client.connect(raw_pair.port)
+    body = pattern(BIG)
+    sid = client.request("/upload", body)
+    # The backend takes its window's worth (h2's default, 65,535 bytes) and gives none back.
+    await eventually(
+        lambda: client.blocked(sid) and raw_backend.received == 65535,
+        "the client waits for its window",
+    )
+    # A round trip on the same connection behind any window the tunnel still had to give.
+    behind = client.answers[client.request("/trailers")]
+    await eventually(lambda: behind.ended, "a stream beside the upload")
+    # The client sent the ingress's window and what the backend took: nothing more is held.
+    assert client.blocked(sid)
+    assert client.sent(sid, len(body)) == STREAM_WINDOW + 65535
+    raw_backend.release_uploads()
+    answer = client.answers[sid]
+    await eventually(lambda: answer.ended, "the upload's answer", timeout=30)
+    assert bytes(answer.body) == b"%d %s" % (BIG, hashlib.sha256(body).hexdigest().encode())
+    client.close()
