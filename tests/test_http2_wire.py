@@ -106,9 +106,10 @@ async def test_an_upload_faster_than_the_backend_reads_is_held_by_its_window(
     # A round trip on the same connection behind any window the tunnel still had to give.
     behind = client.answers[client.request("/trailers")]
     await eventually(lambda: behind.ended, "a stream beside the upload")
-    # The client sent the ingress's window and what the backend took: nothing more is held.
+    # The client sent at most the ingress's window and what the backend took (h2 gives
+    # windows back in batches, so perhaps a little less): nothing more is held anywhere.
     assert client.blocked(sid)
-    assert client.sent(sid, len(body)) == STREAM_WINDOW + 65535
+    assert STREAM_WINDOW <= client.sent(sid, len(body)) <= STREAM_WINDOW + 65535
     raw_backend.release_uploads()
     answer = client.answers[sid]
     await eventually(lambda: answer.ended, "the upload's answer", timeout=30)
