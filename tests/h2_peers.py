@@ -87,6 +87,7 @@ class _ServerConnection(asyncio.Protocol):
             self.backend.resets.append(event.error_code or 0)
 
     def on_request(self, sid: int, path: str) -> None:
+        self.backend.requests.append(path)
         conn = self.h2
         if path == "/trailers":
             conn.send_headers(sid, [(":status", "200")])
@@ -158,6 +159,8 @@ class _ServerConnection(asyncio.Protocol):
 class H2Backend:
     connections: list[_ServerConnection] = field(default_factory=list)
     resets: list[int] = field(default_factory=list)
+    #: The paths asked, in order.
+    requests: list[str] = field(default_factory=list)
     sent: int = 0
     received: int = 0
     uploads_released: bool = False

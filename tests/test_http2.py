@@ -20,6 +20,7 @@ import grpc
 import pytest
 from grpc_backend import Backend, channel, method
 from helpers import LOOPBACK, TunnelProcess, admin_base, eventually, scrape, write_connect_json
+from message_router import MessageRouter
 
 TIMEOUT = 30.0
 
@@ -32,36 +33,42 @@ class Pair:
     egress: TunnelProcess
 
 
-def egress_process(tmp: Path, backend_port: int, log: str = "egress.log") -> TunnelProcess:
-    return TunnelProcess(
-        [
-            "--listen",
-            f"amqp://{LOOPBACK}:0",
-            f"amqp:grpc=>http2:{LOOPBACK}:{backend_port}",
-        ],
-        tmp / log,
-    )
+def egress_process(
+    tmp: Path, backend_port: int, log: str = "egress.log", router: int | None = None
+) -> TunnelProcess:
+    """An HTTP/2 egress: in direct mode, or connected to the router on port ``router``."""
+    if router is None:
+        where = ["--listen", f"amqp://{LOOPBACK}:0"]
+    else:
+        where = ["--config", str(connect_json(tmp, router, f"{log}.json"))]
+    return TunnelProcess([*where, f"amqp:grpc=>http2:{LOOPBACK}:{backend_port}"], tmp / log)
+
+
+def connect_json(tmp: Path, port: int, name: str = "connect.json") -> Path:
+    return write_connect_json(tmp / name, {"scheme": "amqp", "host": LOOPBACK, "port": port})
 
 
 def ingress_process(tmp: Path, amqp_port: int, *args: str) -> TunnelProcess:
-    config = write_connect_json(
-        tmp / "connect.json", {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port}
-    )
     return TunnelProcess(
-        ["--config", str(config), *args, f"http2:{LOOPBACK}:0=>amqp:grpc"], tmp / "ingress.log"
+        ["--config", str(connect_json(tmp, amqp_port)), *args, f"http2:{LOOPBACK}:0=>amqp:grpc"],
+        tmp / "ingress.log",
     )
 
 
 @contextlib.asynccontextmanager
-async def http2_pair(tmp: Path, backend_port: int, *ingress_args: str) -> AsyncIterator[Pair]:
-    egress = egress_process(tmp, backend_port)
+async def http2_pair(
+    tmp: Path, backend_port: int, *ingress_args: str, router: int | None = None
+) -> AsyncIterator[Pair]:
+    """An ingress and an egress: the egress in direct mode, or both at ``router``."""
+    egress = egress_process(tmp, backend_port, router=router)
     ingress = None
     try:
-        amqp_port = await egress.amqp_port()
+        amqp_port = router if router is not None else await egress.amqp_port()
         await egress.wait_for(r"consuming 'grpc'")
         ingress = ingress_process(tmp, amqp_port, *ingress_args)
         port = await ingress.listen_port()
         await ingress.wait_for(r"router amqp://\S+ connected")
+        await ingress.wait_for(r"reply address|router amqp://\S+ connected")
         yield Pair(port, amqp_port, ingress, egress)
         assert await asyncio.to_thread(ingress.stop) == 0, ingress.log()
         assert await asyncio.to_thread(egress.stop) == 0, egress.log()
@@ -77,9 +84,22 @@ def backend() -> Iterator[Backend]:
         yield server
 
 
+@pytest.fixture(params=["direct", "router"])
+def router(request: pytest.FixtureRequest) -> Iterator[int | None]:
+    """None: the egress's own listener routes; else the stand-in router's port."""
+    if request.param == "direct":
+        yield None
+        return
+    stand_in = MessageRouter()
+    try:
+        yield stand_in.start()
+    finally:
+        stand_in.stop()
+
+
 @pytest.fixture
-async def pair(tmp_path: Path, backend: Backend) -> AsyncIterator[Pair]:
-    async with http2_pair(tmp_path, backend.port) as running:
+async def pair(tmp_path: Path, backend: Backend, router: int | None) -> AsyncIterator[Pair]:
+    async with http2_pair(tmp_path, backend.port, router=router) as running:
         yield running
 
 
@@ -169,48 +189,55 @@ def _closed_port() -> int:
         return port
 
 
-async def test_backend_down_is_unavailable_naming_why(tmp_path: Path) -> None:
-    async with http2_pair(tmp_path, _closed_port()) as running:
+async def test_backend_down_is_unavailable(tmp_path: Path, router: int | None) -> None:
+    async with http2_pair(tmp_path, _closed_port(), router=router) as running:
         with channel(running.port) as chan, pytest.raises(grpc.RpcError) as failed:
             await asyncio.to_thread(method(chan, "Unary"), b"x", timeout=TIMEOUT)
         assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert "cannot connect to 127.0.0.1" in str(failed.value.details())
+        details = str(failed.value.details())
+        assert "did not take the request (11 attempts)" in details
+        if router is None:  # the egress's reason, in its modified outcome, reached the ingress
+            assert "cannot connect to 127.0.0.1" in details
 
 
-async def test_no_consumer_is_unavailable_within_the_timeout(tmp_path: Path) -> None:
-    """Nobody serves the address: the router (here the listener) grants no credit."""
-    listener = TunnelProcess(
-        ["--listen", f"amqp://{LOOPBACK}:0", "amqp:other=>tcp:1"], tmp_path / "l.log"
-    )
-    ingress = None
+async def test_no_consumer_is_unavailable_within_the_timeout(
+    tmp_path: Path, router: int | None
+) -> None:
+    """Nobody serves the address: the router grants no credit."""
+    listener = None
+    if router is None:  # a direct-mode listener that serves another address
+        listener = TunnelProcess(
+            ["--listen", f"amqp://{LOOPBACK}:0", "amqp:other=>tcp:1"], tmp_path / "l.log"
+        )
+        router = await listener.amqp_port()
+    ingress = ingress_process(tmp_path, router, "--http-timeout", "1")
     try:
-        amqp_port = await listener.amqp_port()
-        ingress = ingress_process(tmp_path, amqp_port, "--http-timeout", "1")
         port = await ingress.listen_port()
         await ingress.wait_for(r"router amqp://\S+ connected")
         with channel(port) as chan, pytest.raises(grpc.RpcError) as failed:
             await asyncio.to_thread(method(chan, "Unary"), b"x", timeout=TIMEOUT)
         assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert "no consumer of amqp:grpc" in str(failed.value.details())
+        assert "no consumer of amqp:grpc took the request within 1 s" in str(failed.value.details())
     finally:
-        if ingress is not None:
-            ingress.kill()
-        listener.kill()
+        ingress.kill()
+        if listener is not None:
+            listener.kill()
 
 
-async def test_two_egresses_both_serve_one_channel(tmp_path: Path) -> None:
+async def test_two_egresses_both_serve_one_channel(tmp_path: Path, router: int | None) -> None:
     """Per-request balancing: 20 unary calls on one connection reach both sites."""
     with Backend("site-a") as first, Backend("site-b") as second:
-        near = egress_process(tmp_path, first.port, "near.log")
+        near = egress_process(tmp_path, first.port, "near.log", router=router)
         far = ingress = None
         try:
-            amqp_port = await near.amqp_port()
+            amqp_port = router if router is not None else await near.amqp_port()
             await near.wait_for(r"consuming 'grpc'")
-            config = write_connect_json(
-                tmp_path / "far.json", {"scheme": "amqp", "host": LOOPBACK, "port": amqp_port}
-            )
             far = TunnelProcess(
-                ["--config", str(config), f"amqp:grpc=>http2:{LOOPBACK}:{second.port}"],
+                [
+                    "--config",
+                    str(connect_json(tmp_path, amqp_port, "far.json")),
+                    f"amqp:grpc=>http2:{LOOPBACK}:{second.port}",
+                ],
                 tmp_path / "far.log",
             )
             await far.wait_for(r"consuming 'grpc'")

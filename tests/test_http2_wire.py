@@ -3,6 +3,7 @@ trailers, resets each way, a backend's GOAWAY, and windows held shut each way.""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import h2.errors
 import pytest
 from h2_peers import BIG, H2Backend, H2Client, pattern
 from helpers import eventually
+from message_router import MessageRouter
 from test_http2 import Pair, http2_pair
 
 from tunnel.http2_stream import STREAM_WINDOW
@@ -115,3 +117,29 @@ async def test_an_upload_faster_than_the_backend_reads_is_held_by_its_window(
     await eventually(lambda: answer.ended, "the upload's answer", timeout=30)
     assert bytes(answer.body) == b"%d %s" % (BIG, hashlib.sha256(body).hexdigest().encode())
     client.close()
+
+
+async def test_a_reset_before_the_egress_answered_still_reaches_the_backend(
+    tmp_path: Path, raw_backend: H2Backend
+) -> None:
+    """The client resets while the egress's first message, which names where the rest of
+    the stream goes, is still on its way back: the egress is told once it arrives."""
+    router = MessageRouter()
+    try:
+        async with http2_pair(tmp_path, raw_backend.port, router=router.start()) as pair:
+            await asyncio.to_thread(router.pause, True)
+            client = await H2Client.connect(pair.port)
+            first = client.request("/hang")
+            await eventually(lambda: raw_backend.requests == ["/hang"], "the backend is asked")
+            client.reset(first)
+            # Frames of one connection are read in order: once the next request is at the
+            # backend, the ingress has taken the reset.
+            client.request("/hang")
+            await eventually(lambda: len(raw_backend.requests) == 2, "a second request")
+            assert not raw_backend.resets
+            await asyncio.to_thread(router.pause, False)
+            await eventually(lambda: raw_backend.resets, "the backend hears the reset")
+            assert raw_backend.resets == [h2.errors.ErrorCodes.CANCEL]
+            client.close()
+    finally:
+        router.stop()

@@ -385,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level, handlers=[handler])
+    # h2 and hpack log every frame and header at DEBUG: per chunk, never ours to show.
+    for chatty in ("h2", "hpack"):
+        logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLevelName(level)))
     try:
         settings = resolve(args, os.environ)
     except ConfigError as exc:

@@ -493,6 +493,9 @@ class BackendConnection(asyncio.Protocol):
     def send(self, stream: Stream, message: m.StreamMessage) -> None:
         self.bridge.send(stream, message)
 
+    def on_reset_before_far(self, stream: Stream, code: int) -> None:
+        raise AssertionError("an egress stream knows its ingress from the start")
+
     def on_stream_over(self, stream: Stream) -> None:
         if stream.stream_id is not None and self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]

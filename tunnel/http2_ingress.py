@@ -129,6 +129,9 @@ class Opening:
     sender: MessageSender | None = None
     timer: asyncio.TimerHandle | None = None
     retry: asyncio.TimerHandle | None = None
+    #: The client reset the stream before the egress answered: the egress that
+    #: answers is told this code, instead of serving it.
+    reset_code: int | None = None
 
     def cancel(self) -> None:
         if self.timer is not None:
@@ -145,6 +148,9 @@ class Opening:
         self.sender = None
         if outcome == ACCEPTED:
             return  # the egress's first message follows
+        if self.reset_code is not None:
+            bridge.forget_opening(self)  # reset, and no egress took it: nobody to tell
+            return
         if outcome in (RELEASED, MODIFIED, 0) and self.attempts < MAX_ATTEMPTS:
             delay = retry_delay(self.attempts)
             self.retry = asyncio.get_running_loop().call_later(delay, bridge.send_first, self)
@@ -313,8 +319,31 @@ class Http2IngressBridge:
         opening.sender = links.sender
         links.sender.send(opening.message, opening.on_outcome)
 
+    def forget_opening(self, opening: Opening) -> None:
+        opening.cancel()
+        if self.openings.get(opening.stream.correlation_id) is opening:
+            del self.openings[opening.stream.correlation_id]
+
+    def on_reset_before_far(self, stream: Stream, code: int) -> None:
+        opening = self.openings.get(stream.correlation_id)
+        if opening is None:
+            return
+        if opening.sender is not None and opening.sender.withdraw(opening.on_outcome):
+            opening.sender = None  # it never went out
+        if opening.sender is None and opening.retry is None and opening.attempts == 0:
+            self.forget_opening(opening)
+            return
+        # Out (or between attempts): whichever egress answers is told, until the timeout.
+        if opening.retry is not None:
+            opening.retry.cancel()
+            opening.retry = None
+        opening.reset_code = code
+
     def on_open_timeout(self, opening: Opening) -> None:
         opening.timer = None
+        if opening.reset_code is not None:
+            self.forget_opening(opening)
+            return
         within = f"within {self.settings.timeout:g} s"
         if opening.sender is None or opening.sender.withdraw(opening.on_outcome):
             why = f"no consumer of amqp:{self.spec.address} took the request {within}"
@@ -357,6 +386,19 @@ class Http2IngressBridge:
         """A message from an egress; what is wrong with it, if anything."""
         stream = self.streams.get(message.correlation_id)
         if stream is None:
+            opening = self.openings.get(message.correlation_id)
+            if opening is not None and opening.reset_code is not None and message.reply_to:
+                # The egress opened a stream the client had already reset: it hears so now.
+                self.forget_opening(opening)
+                if self.links is not None:
+                    reset = m.StreamMessage(
+                        message.correlation_id,
+                        self.site_id,
+                        opening.stream.reply_to,
+                        reset=opening.reset_code,
+                        to=message.reply_to,
+                    )
+                    self.links.send(reset, _ignore_outcome)
             return None  # a stream over already: its late acks and data are dropped
         opening = self.openings.pop(message.correlation_id, None)
         if opening is not None:
@@ -387,9 +429,9 @@ class Http2IngressBridge:
 
     def on_stream_over(self, stream: Stream) -> None:
         self.streams.pop(stream.correlation_id, None)
-        opening = self.openings.pop(stream.correlation_id, None)
-        if opening is not None:
-            opening.cancel()
+        opening = self.openings.get(stream.correlation_id)
+        if opening is not None and opening.reset_code is None:
+            self.forget_opening(opening)
 
     def peer_failure(self, reason: str, why: str) -> None:
         PEER_LOG.log(
@@ -402,6 +444,10 @@ class Http2IngressBridge:
             self.spec.address,
             printable(why),
         )
+
+
+def _ignore_outcome(outcome: int, why: str) -> None:
+    pass
 
 
 def _pseudo(headers: m.Headers, name: str) -> str:
@@ -568,6 +614,9 @@ class ClientConnection(asyncio.Protocol):
             return
         links.send(message, stream.on_outcome)
         self.flush_soon()
+
+    def on_reset_before_far(self, stream: Stream, code: int) -> None:
+        self.bridge.on_reset_before_far(stream, code)
 
     def on_stream_over(self, stream: Stream) -> None:
         if stream.over is Over.RESET:

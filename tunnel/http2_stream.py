@@ -93,6 +93,11 @@ class Side(Protocol):
         """The stream is over at this end: forget it."""
         ...
 
+    def on_reset_before_far(self, stream: Stream, code: int) -> None:
+        """``stream`` was reset before the far end's address was known: the side tells
+        the far end once it is (an egress may be serving the stream already)."""
+        ...
+
     def flush_soon(self) -> None:
         """Flush the streams and write what ``h2`` has to send, once this turn is over."""
         ...
@@ -264,6 +269,8 @@ class Stream:
     def _tell_reset(self, code: int) -> None:
         if self.far is not None:
             self.side.send(self, self._message(reset=code))
+        else:
+            self.side.on_reset_before_far(self, code)
 
     def _due(self) -> bool:
         return bool(
