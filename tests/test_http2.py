@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import queue
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,15 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_backend import Backend, channel, method
-from helpers import LOOPBACK, TunnelProcess, admin_base, eventually, scrape, write_connect_json
+from helpers import (
+    LOOPBACK,
+    TunnelProcess,
+    admin_base,
+    eventually,
+    make_certs,
+    scrape,
+    write_connect_json,
+)
 from message_router import MessageRouter
 
 TIMEOUT = 30.0
@@ -276,3 +285,38 @@ async def test_metrics_count_requests_statuses_and_bytes(tmp_path: Path, backend
         # Each gRPC message is framed in 5 bytes before its 5 bytes of payload.
         assert value("tunnel_http2_bytes_total", direction="request") == 30
         assert value("tunnel_http2_bytes_total", direction="response") == 30
+
+
+async def test_tls_with_alpn_h2(tmp_path: Path, backend: Backend) -> None:
+    """--http2-cert/--http2-key: a gRPC client over TLS, verifying the ingress against its CA."""
+    certs = make_certs(tmp_path / "certs")
+    tls = ["--http2-cert", str(certs.server_cert), "--http2-key", str(certs.server_key)]
+    async with http2_pair(tmp_path, backend.port, *tls) as running:
+        credentials = grpc.ssl_channel_credentials(root_certificates=certs.ca.read_bytes())
+        with grpc.secure_channel(f"{LOOPBACK}:{running.port}", credentials) as chan:
+            answer = await asyncio.to_thread(method(chan, "Unary"), b"sealed", timeout=TIMEOUT)
+        assert answer == b"sealed"
+
+        def alpn() -> str | None:
+            context = ssl.create_default_context(cafile=str(certs.ca))
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            with (
+                socket.create_connection((LOOPBACK, running.port)) as raw,
+                context.wrap_socket(raw, server_hostname=LOOPBACK) as sealed,
+            ):
+                return sealed.selected_alpn_protocol()
+
+        assert await asyncio.to_thread(alpn) == "h2"
+
+
+async def test_bad_tls_files_are_named(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    process = TunnelProcess(
+        ["--http2-cert", str(missing), "--http2-key", str(missing), "http2:0=>amqp:grpc"],
+        tmp_path / "bad.log",
+    )
+    try:
+        assert await asyncio.to_thread(process.proc.wait, 30) != 0
+        assert f"--http2-cert {missing}" in process.log()
+    finally:
+        process.kill()
