@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proton import Data, Described, Message, ulong
+from proton import Data, Described, Message, uint, ulong
 
 from . import http_message as hm
 from .codec import WireError
@@ -82,7 +82,7 @@ def encode(message: StreamMessage) -> bytes:
     if message.ack:
         props[ACK] = ulong(message.ack)
     if message.reset is not None:
-        props[RESET] = message.reset
+        props[RESET] = uint(int(message.reset))  # an IntEnum from h2 is no AMQP type
     amqp = Message(
         correlation_id=ulong(message.correlation_id),
         group_id=message.group_id,
