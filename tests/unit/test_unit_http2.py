@@ -97,42 +97,49 @@ class World:
 
     def pump(self) -> None:
         for _ in range(10_000):
-            moved = False
-            for source, sink, on_event, events in (
-                (self.client, self.ingress.h2, self._ingress_event, None),
-                (self.ingress.h2, self.client, None, self.client_events),
-                (self.egress.h2, self.backend, None, self.backend_events),
-                (self.backend, self.egress.h2, self._egress_event, None),
-            ):
-                data = source.data_to_send()
-                if not data:
-                    continue
-                moved = True
-                for event in sink.receive_data(data):
-                    if on_event is not None:
-                        on_event(event)
-                    else:
-                        assert events is not None
-                        events.append(event)
-                        if isinstance(event, DataReceived) and not self.held:
-                            sink.acknowledge_received_data(
-                                event.flow_controlled_length or 0, event.stream_id or 0
-                            )
-            for here, there in ((self.ingress, self.egress), (self.egress, self.ingress)):
-                outbox, here.outbox = here.outbox, []
-                for message in outbox:
-                    moved = True
-                    assert there.stream is not None
-                    if message.subject is not None:
-                        head = [(k.encode(), v.encode()) for k, v in message.headers]
-                        there.stream.on_head(head, message)
-                    there.stream.on_message(message)
+            moved = self._move_bytes()
+            moved = self._move_messages() or moved
             for side in (self.ingress, self.egress):
                 if side.stream is not None:
                     side.stream.flush()
             if not moved:
                 return
         raise AssertionError("the pump never settled")
+
+    def _move_bytes(self) -> bool:
+        moved = False
+        for source, sink, on_event in (
+            (self.client, self.ingress.h2, self._ingress_event),
+            (self.ingress.h2, self.client, self._client_event),
+            (self.egress.h2, self.backend, self.backend_events.append),
+            (self.backend, self.egress.h2, self._egress_event),
+        ):
+            data = source.data_to_send()
+            if data:
+                moved = True
+                for event in sink.receive_data(data):
+                    on_event(event)
+        return moved
+
+    def _client_event(self, event: Event) -> None:
+        self.client_events.append(event)
+        if isinstance(event, DataReceived) and not self.held:
+            self.client.acknowledge_received_data(
+                event.flow_controlled_length or 0, event.stream_id or 0
+            )
+
+    def _move_messages(self) -> bool:
+        moved = False
+        for here, there in ((self.ingress, self.egress), (self.egress, self.ingress)):
+            outbox, here.outbox = here.outbox, []
+            for message in outbox:
+                moved = True
+                assert there.stream is not None
+                if message.subject is not None:
+                    head = [(k.encode(), v.encode()) for k, v in message.headers]
+                    there.stream.on_head(head, message)
+                there.stream.on_message(message)
+        return moved
 
     def _egress_event(self, event: Event) -> None:
         stream = self.egress.stream
