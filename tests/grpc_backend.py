@@ -32,7 +32,7 @@ def _raw(data: bytes) -> bytes:
 class Backend:
     """A gRPC server on 127.0.0.1, port chosen by the OS."""
 
-    def __init__(self, name: str = "backend") -> None:
+    def __init__(self, name: str = "backend", tls: grpc.ServerCredentials | None = None) -> None:
         self.name = name
         self.cancelled = threading.Event()
         self.hanging = threading.Event()
@@ -66,7 +66,10 @@ class Backend:
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self.server.add_secure_port("127.0.0.1:0", tls)
 
     def __enter__(self) -> Backend:
         self.server.start()

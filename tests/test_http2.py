@@ -320,3 +320,33 @@ async def test_bad_tls_files_are_named(tmp_path: Path) -> None:
         assert f"--http2-cert {missing}" in process.log()
     finally:
         process.kill()
+
+
+async def test_egress_to_a_tls_backend(tmp_path: Path) -> None:
+    """--http2-backend-ca: the egress reaches a gRPC server over TLS, verifying it."""
+    certs = make_certs(tmp_path / "certs")
+    key_and_cert = (certs.server_key.read_bytes(), certs.server_cert.read_bytes())
+    with Backend("sealed", tls=grpc.ssl_server_credentials([key_and_cert])) as sealed:
+        egress = TunnelProcess(
+            [
+                "--listen",
+                f"amqp://{LOOPBACK}:0",
+                "--http2-backend-ca",
+                str(certs.ca),
+                f"amqp:grpc=>http2:{LOOPBACK}:{sealed.port}",
+            ],
+            tmp_path / "egress.log",
+        )
+        ingress = None
+        try:
+            amqp_port = await egress.amqp_port()
+            ingress = ingress_process(tmp_path, amqp_port)
+            port = await ingress.listen_port()
+            await ingress.wait_for(r"router amqp://\S+ connected")
+            with channel(port) as chan:
+                answer = await asyncio.to_thread(method(chan, "Whoami"), b"", timeout=TIMEOUT)
+            assert answer == b"sealed"
+        finally:
+            if ingress is not None:
+                ingress.kill()
+            egress.kill()

@@ -212,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--http2-key", metavar="PEM", help="HTTP/2 ingress: its private key")
     parser.add_argument(
+        "--http2-backend-ca",
+        metavar="PEM",
+        help="HTTP/2 egress: reach backends over TLS with ALPN h2, verified against this CA "
+        "(default: h2c)",
+    )
+    parser.add_argument(
         "--loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
@@ -283,6 +289,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
             held_bytes=args.http_max_held,
         ),
         http2_tls=(args.http2_cert, args.http2_key) if args.http2_cert else None,
+        http2_backend_ca=args.http2_backend_ca,
     )
 
 

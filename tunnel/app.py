@@ -16,7 +16,7 @@ from .dialects.carrier import Failure
 from .direct import DirectListener
 from .errors import naming
 from .flows import snapshot
-from .http2_egress import Http2EgressBridge
+from .http2_egress import Http2EgressBridge, client_tls
 from .http2_ingress import Http2IngressBridge, server_tls
 from .http_egress import HttpEgressBridge, RoutedEgress
 from .http_ingress import HttpIngressBridge
@@ -68,6 +68,8 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     #: The HTTP/2 ingress's certificate and key files: TLS with ALPN h2 (else h2c).
     http2_tls: tuple[str, str] | None = None
+    #: The CA the HTTP/2 egress verifies its backends against: TLS with ALPN h2 (else h2c).
+    http2_backend_ca: str | None = None
 
 
 class App:
@@ -105,8 +107,12 @@ class App:
             if isinstance(spec, Http2IngressSpec)
         ]
         # HTTP/2 egresses consume their addresses at the router, or at our own listener.
+        backend_tls = None
+        if settings.http2_backend_ca is not None:
+            with naming(f"--http2-backend-ca {settings.http2_backend_ca}"):
+                backend_tls = client_tls(settings.http2_backend_ca)
         self.http2_egress = [
-            Http2EgressBridge(spec, settings.site_id, settings.http)
+            Http2EgressBridge(spec, settings.site_id, settings.http, backend_tls)
             for spec in settings.specs
             if isinstance(spec, Http2EgressSpec)
         ]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any, cast
 
 import h2.connection
@@ -72,11 +73,26 @@ FRAME_HEADER = 9
 Key = tuple[str, str, int]
 
 
+def client_tls(ca: str) -> ssl.SSLContext:
+    """TLS to the backends: verified against ``ca``, ALPN ``h2`` only (RFC 9113 §3.2)."""
+    context = ssl.create_default_context(cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
 class Http2EgressBridge:
     """``amqp:ADDRESS=>http2:HOST:PORT``."""
 
-    def __init__(self, spec: Http2EgressSpec, site_id: str, settings: hm.HttpSettings) -> None:
+    def __init__(
+        self,
+        spec: Http2EgressSpec,
+        site_id: str,
+        settings: hm.HttpSettings,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.spec = spec
+        self.tls = tls
         self.site_id = site_id
         self.settings = settings
         self.links: _Links | None = None
@@ -353,7 +369,7 @@ class BackendConnection(asyncio.Protocol):
         spec = self.bridge.spec
         try:
             loop = asyncio.get_running_loop()
-            await loop.create_connection(lambda: self, spec.host, spec.port)
+            await loop.create_connection(lambda: self, spec.host, spec.port, ssl=self.bridge.tls)
         except OSError as exc:
             self._gone()
             self.bridge.on_unreachable(
@@ -369,6 +385,12 @@ class BackendConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sealed = transport.get_extra_info("ssl_object")
+        if sealed is not None and sealed.selected_alpn_protocol() != "h2":
+            cast(asyncio.Transport, transport).abort()
+            self._gone()
+            self.bridge.on_unreachable(self, "the backend did not choose h2 in the TLS handshake")
+            return
         self.transport = cast(asyncio.Transport, transport)
         self.h2.initiate_connection()
         local_settings(self.h2)
