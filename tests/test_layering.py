@@ -13,7 +13,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tunnel"
 #: The engine facade: the only modules that may touch proton's C binding.
 FACADE = {PACKAGE / "amqp" / "engine.py", PACKAGE / "amqp" / "handles.py"}
 #: The sans-IO core: no asyncio, no clock, no untyped values.
-CORE = ["tunnel.connection", "tunnel.dialects.link_route", "tunnel.dialects.tcp_adaptor"]
+CORE = [
+    "tunnel.connection",
+    "tunnel.dialects.link_route",
+    "tunnel.dialects.tcp_adaptor",
+    "tunnel.http2_stream",
+    "tunnel.http2_message",
+]
 
 
 def _sources() -> list[Path]:

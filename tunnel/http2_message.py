@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from proton import Data, Described, Message, uint, ulong
 
@@ -98,11 +97,12 @@ def encode(message: StreamMessage) -> bytes:
     if content_type is not None:  # None would be sent as the symbol 'None'
         amqp.content_type = content_type
     data: bytes = amqp.encode()
-    if message.trailers:
-        _, trailers = hm.fold(message.trailers)
-        footer = Data()
-        footer.put_object(Described(ulong(_FOOTER), dict(trailers)))  # type: ignore[arg-type]
-    return data + footer.encode() if message.trailers else data
+    if not message.trailers:
+        return data
+    _, trailers = hm.fold(message.trailers)
+    footer = Data()
+    footer.put_object(Described(ulong(_FOOTER), dict(trailers)))  # type: ignore[arg-type]
+    return data + footer.encode()
 
 
 def decode(data: bytes | bytearray) -> StreamMessage:
@@ -146,14 +146,15 @@ def decode(data: bytes | bytearray) -> StreamMessage:
     )
 
 
-def _head_fields(props: Mapping[Any, Any], content_type: str | None) -> Headers:
+def _head_fields(props: Mapping[object, object], content_type: str | None) -> Headers:
     """A head's fields: pseudo-headers first, as HTTP/2 requires, then the rest.
 
     ``te`` is hop-by-hop in HTTP/1 but HTTP/2 allows its one value ``trailers``,
     which gRPC servers require; it is carried when it says just that.
     """
     pseudo: Headers = []
-    rest: dict[str, Any] = {}
+    carried: Headers = []
+    rest: dict[str, object] = {}
     for key, value in props.items():
         if not isinstance(key, str):
             raise WireError(f"application property key {key!r} is not a string")
@@ -166,14 +167,10 @@ def _head_fields(props: Mapping[Any, Any], content_type: str | None) -> Headers:
         elif key.lower() == "te":
             if value != "trailers":
                 raise WireError(f"'te' is {str(value)[:40]!r}; HTTP/2 allows only 'trailers'")
-            pseudo_te = ("te", "trailers")
-            rest.pop("te", None)
-            pseudo.append(pseudo_te)
+            carried.append(("te", "trailers"))
         else:
             rest[key] = value
-    fields = [pair for pair in pseudo if pair[0].startswith(":")]
-    fields += [pair for pair in pseudo if not pair[0].startswith(":")]
-    return fields + hm.unfold(rest, content_type)
+    return pseudo + carried + hm.unfold(rest, content_type)
 
 
 def _trailers(data: bytes) -> Headers:
