@@ -55,6 +55,12 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     ):
         assert rows[key]["direct"] is None
         assert rows[key]["relay"] > 0 and rows[key]["tunnel"] > 0, key
+    # gRPC unary calls: direct, through the TCP relays, through the HTTP/2 bridge.
+    for key in ("grpc_rate", "grpc_p50"):
+        for path in ("direct", "relay", "tunnel"):
+            assert rows[key][path] > 0, (key, path)
+        assert rows[key]["ratio"] == rows[key]["tunnel"] / rows[key]["direct"], key
+    assert "x direct" in result.stdout
     # Correctness, not speed: every held connection through every path echoed.
     count = int(rows["concurrent_ok"]["metric"].split()[0])
     assert [rows["concurrent_ok"][p] for p in ("direct", "relay", "tunnel")] == [count] * 3

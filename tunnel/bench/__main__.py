@@ -10,6 +10,11 @@ own process):
   mode as two ``python -m tunnel`` processes (or both connected to the
   router given by ``--amqp``), with ``--window N`` if given.
 
+The gRPC rows make unary calls to a gRPC server (``tunnel.bench.grpc_calls``,
+own process) directly, through the two relays, and through an HTTP/2 tunnel
+pair (``http2:`` and ``amqp:...=>http2:``); their ratio is to the direct call.
+They need ``grpcio`` (the ``test`` extra) and are left out with ``--amqp``.
+
 The rows "over N ms RTT" put a ``tunnel.bench.delay`` hop (``--delay-ms`` each
 way, default 1) where each path crosses from near to far: between client and
 servers, between the two relays, and on the tunnel pair's AMQP connection
@@ -50,7 +55,7 @@ import uvloop
 
 from .. import __version__
 from ..limits import DEFAULT_MAX_CONNECTIONS
-from . import rss_kib
+from . import grpc_calls, rss_kib
 
 _COUNT = struct.Struct(">Q")
 MB = 1_000_000
@@ -67,6 +72,7 @@ class Sizes:
     slow_seconds: float
     churn_conns: int
     delayed_rtt_rounds: int
+    grpc_calls: int
 
 
 FULL = Sizes(
@@ -78,6 +84,7 @@ FULL = Sizes(
     slow_seconds=5.0,
     churn_conns=10_000,
     delayed_rtt_rounds=500,
+    grpc_calls=5000,
 )
 QUICK = Sizes(
     bulk_bytes=64 << 20,
@@ -88,6 +95,7 @@ QUICK = Sizes(
     slow_seconds=1.5,
     churn_conns=300,
     delayed_rtt_rounds=50,
+    grpc_calls=300,
 )
 
 
@@ -512,12 +520,14 @@ class Row:
     better: str  # "higher" or "lower"
     target: str = ""
     values: dict[str, float | None] = field(default_factory=dict)
+    #: The path the ratio is to: the relay's, or for some rows the direct one.
+    versus: str = "relay"
 
     def ratio(self) -> float | None:
-        tunnel, relay = self.values.get("tunnel"), self.values.get("relay")
-        if tunnel is None or relay is None or relay == 0:
+        tunnel, base = self.values.get("tunnel"), self.values.get(self.versus)
+        if tunnel is None or base is None or base == 0:
             return None
-        return tunnel / relay
+        return tunnel / base
 
     def missed(self, one_conn: float | None) -> bool | None:
         """Whether the tunnel's figure misses the target; None when there is nothing to judge.
@@ -650,6 +660,13 @@ def make_rows(sizes: Sizes, delay_ms: float) -> dict[str, Row]:
         "slow_peak_far": Row(
             f"{sizes.slow_conns} slow readers, peak RSS far hop", "MiB", "lower", "< 150"
         ),
+        "grpc_rate": Row(
+            f"gRPC unary calls, {grpc_calls.IN_FLIGHT} in flight",
+            "call/s",
+            "higher",
+            versus="direct",
+        ),
+        "grpc_p50": Row("gRPC unary call p50, one at a time", "us", "lower", versus="direct"),
     }
 
 
@@ -666,6 +683,7 @@ def render(rows: dict[str, Row]) -> str:
     one_conn = rows["bulk_fwd"].values.get("tunnel") if "bulk_fwd" in rows else None
     for row in rows.values():
         ratio = row.ratio()
+        versus = "" if row.versus == "relay" else f" {row.versus}"
         target = f"{row.target} MISSED" if row.missed(one_conn) else row.target
         lines.append(
             [
@@ -674,7 +692,7 @@ def render(rows: dict[str, Row]) -> str:
                 fmt(row.values.get("direct")),
                 fmt(row.values.get("relay")),
                 fmt(row.values.get("tunnel")),
-                "-" if ratio is None else f"{ratio:.2f}x",
+                "-" if ratio is None else f"{ratio:.2f}x{versus}",
                 target,
             ]
         )
@@ -725,7 +743,28 @@ async def run(
                 for opened in paths():
                     with opened as path:
                         await measure_memory(path, sizes, rows, log, workload)
+            if amqp is None:
+                await measure_grpc(sizes, rows, log, Path(folder))
     return rows
+
+
+async def measure_grpc(
+    sizes: Sizes, rows: dict[str, Row], log: Callable[[str], None], folder: Path
+) -> None:
+    """Unary gRPC calls: direct, through the TCP relay pair, and through the HTTP/2 bridge."""
+    with grpc_calls.server() as backend:
+        routes: list[tuple[str, contextlib.AbstractContextManager[object]]] = [
+            ("direct", contextlib.nullcontext(backend)),
+            ("relay", relay_path({"grpc": backend})),
+            ("tunnel", grpc_calls.bridge(backend, folder)),
+        ]
+        for name, opened in routes:
+            with opened as reached:
+                port = reached if isinstance(reached, int) else cast(Route, reached).ports["grpc"]
+                log(f"{name}: gRPC unary calls")
+                rate, p50 = await asyncio.to_thread(grpc_calls.unary, port, sizes.grpc_calls)
+                rows["grpc_rate"].values[name] = rate
+                rows["grpc_p50"].values[name] = p50
 
 
 def _raise_fd_limit() -> None:
