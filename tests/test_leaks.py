@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+from grpc_backend import Backend, channel, method
 from helpers import (
     LOOPBACK,
     TunnelProcess,
@@ -65,7 +66,7 @@ async def check_no_leak(
             value
             for page in pages.values()
             for (name, _), value in page.items()
-            if name == "tunnel_connections_active"
+            if name in ("tunnel_connections_active", "tunnel_http2_streams_active")
         )
         return None if busy else {role: live_objects(base) for role, base in bases.items()}
 
@@ -176,3 +177,21 @@ async def test_http_pair_in_direct_mode(tmp_path: Path) -> None:
                 assert (status, answer) == (200, body)
 
             await check_no_leak(processes, one)
+
+
+async def test_http2_pair_in_direct_mode(tmp_path: Path) -> None:
+    """gRPC calls on one channel: each a stream, all through one client connection."""
+    with Backend("leaks") as server:
+        egress = f"amqp:grpc=>http2:{LOOPBACK}:{server.port}"
+        async with direct_pair(tmp_path, egress, f"http2:{LOOPBACK}:0=>amqp:grpc") as (
+            processes,
+            port,
+        ):
+            with channel(port) as chan:
+                call = method(chan, "Unary")
+
+                async def one(index: int) -> None:
+                    body = b"call %d" % index
+                    assert await asyncio.to_thread(call, body, timeout=30) == body
+
+                await check_no_leak(processes, one)
