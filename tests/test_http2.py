@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import hashlib
 import queue
+import signal
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,3 +352,31 @@ async def test_egress_to_a_tls_backend(tmp_path: Path) -> None:
             if ingress is not None:
                 ingress.kill()
             egress.kill()
+
+
+async def test_sigterm_lets_a_call_in_flight_finish(pair: Pair) -> None:
+    """On SIGTERM the ingress sends GOAWAY, lets the open call finish, and exits 0."""
+    answered = threading.Event()
+    go_on = threading.Event()
+
+    def feed() -> Iterator[bytes]:
+        yield b"before"
+        answered.wait(10)
+        go_on.wait(10)
+        yield b"after"
+
+    def call() -> list[bytes]:
+        with channel(pair.port) as chan:
+            answers = []
+            for answer in method(chan, "Bidi", "stream_stream")(feed(), timeout=TIMEOUT):
+                answers.append(answer)
+                answered.set()
+            return answers
+
+    in_flight = asyncio.ensure_future(asyncio.to_thread(call))
+    assert await asyncio.to_thread(answered.wait, 10)
+    pair.ingress.proc.send_signal(signal.SIGTERM)
+    await pair.ingress.wait_for("shutting down: waiting")
+    go_on.set()
+    assert await asyncio.wait_for(in_flight, 10) == [b"before", b"after"]
+    assert await asyncio.to_thread(pair.ingress.proc.wait, 10) == 0

@@ -54,6 +54,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 from proton import Condition, Session
 
 from . import http2_message as m
@@ -522,6 +523,8 @@ class ClientConnection(asyncio.Protocol):
         #: Streams begun in the batch being read: their first message leaves after it.
         self.new: list[Stream] = []
         self.peer = "?"
+        #: We sent GOAWAY: no new streams, and closed once the last is over.
+        self.going_away = False
         self._flush_handle: asyncio.Handle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -575,6 +578,9 @@ class ClientConnection(asyncio.Protocol):
     def _on_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
             assert event.stream_id is not None
+            if self.going_away:  # past our GOAWAY's last stream: never served, may be retried
+                self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             headers = text_headers(event.headers or [])
             self.bridge.open_stream(self, event.stream_id, headers)
             return
@@ -596,7 +602,7 @@ class ClientConnection(asyncio.Protocol):
             self.bridge.stats.resets += 1
             stream.on_h2_reset(int(event.error_code or 0))
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.go_away()
+            self._on_client_goaway()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.bridge.connections.discard(self)
@@ -625,6 +631,9 @@ class ClientConnection(asyncio.Protocol):
             del self.streams[stream.stream_id]
         self.bridge.on_stream_over(stream)
         self.flush_soon()
+        if self.going_away and not self.streams and self.transport is not None:
+            self._write()
+            self.transport.close()
 
     # -- writing -------------------------------------------------------------------------
     def flush_soon(self) -> None:
@@ -643,11 +652,28 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def go_away(self) -> None:
-        if self.transport is None or self.transport.is_closing():
+        """Shutting down: tell the client to open no more streams, and close once the
+        streams it has are over.
+
+        The GOAWAY is written past h2, which would close its state on sending
+        one and refuse every later frame, the answers of the open streams too.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.going_away:
             return
-        self.h2.close_connection()
+        self.going_away = True
         self._write()
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = self.h2.highest_inbound_stream_id
+        transport.write(goaway.serialize())
         if not self.streams:
+            transport.close()
+
+    def _on_client_goaway(self) -> None:
+        """The client is leaving: h2 will take nothing more on this connection."""
+        for stream in list(self.streams.values()):
+            stream.reset(h2.errors.ErrorCodes.CANCEL)
+        if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
