@@ -20,8 +20,11 @@ that it has handed those bytes to its own HTTP/2 peer. So what our peer may
 send and nobody has yet consumed is the window we advertised
 (:data:`STREAM_WINDOW` per stream, :data:`CONNECTION_WINDOW` per connection),
 however slow the far peer is: a client uploading faster than the backend
-reads is held back by its window, not buffered. Acks are sent once per
-batch in which bytes were handed over.
+reads is held back by its window, not buffered. Acks ride on whatever
+message goes next; one goes alone once per batch in which bytes were handed
+over, unless the far end has ended its direction: it gives its peer's
+window back when its stream is over, so a unary call costs no ack of its
+response.
 
 State: which directions are open, and whether the stream is over.
 
@@ -273,10 +276,12 @@ class Stream:
             self.side.on_reset_before_far(self, code)
 
     def _due(self) -> bool:
+        # An ack alone is news only while the far end's direction is open: once it
+        # has ended, the far end gives its peer's window back when its stream is over.
         return bool(
             self.head_out is not None
             or self.announce
-            or self.ack_due
+            or (self.ack_due and self.in_end is None)
             or self.out_pending
             or (self.out_end is not None and not self.out_done)
         )
