@@ -8,7 +8,7 @@
 - ``/goaway``: a GOAWAY naming this stream as the last served, then, after
   ``GOAWAY_DELAY``, 200 ``drained`` on it;
 - ``/big``: :data:`BIG` bytes of a known pattern, each frame as the
-  client's window allows; ``sent`` counts them;
+  client's window allows; ``sent`` counts them; ``/huge``: :data:`HUGE` bytes;
 - ``/upload``: reads the body but never gives its window back until
   ``release_uploads()``; ``received`` counts the bytes; answers 200 with the
   body's length and SHA-256 at its end.
@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -32,7 +33,13 @@ import h2.settings
 from hyperframe.frame import GoAwayFrame
 
 BIG = 4 * 1024 * 1024
+HUGE = 64 * 1024 * 1024
 GOAWAY_DELAY = 0.3
+
+
+def huge() -> bytes:
+    """What ``/huge`` sends."""
+    return pattern(BIG) * (HUGE // BIG)
 
 
 def pattern(size: int) -> bytes:
@@ -45,7 +52,8 @@ class _ServerConnection(asyncio.Protocol):
         self.backend = backend
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         self.transport: asyncio.Transport | None = None
-        self.big: dict[int, int] = {}
+        #: Each answer being sent: bytes sent, bytes in all.
+        self.big: dict[int, tuple[int, int]] = {}
         self.uploads: dict[int, hashlib._Hash] = {}
         self.held: dict[int, int] = defaultdict(int)
 
@@ -104,9 +112,9 @@ class _ServerConnection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.write(goaway.serialize())
             asyncio.get_running_loop().call_later(GOAWAY_DELAY, self.answer_drained, sid)
-        elif path == "/big":
+        elif path in ("/big", "/huge"):
             conn.send_headers(sid, [(":status", "200")])
-            self.big[sid] = 0
+            self.big[sid] = (0, BIG if path == "/big" else HUGE)
         elif path == "/upload":
             self.uploads[sid] = hashlib.sha256()
         elif path != "/hang":
@@ -126,22 +134,24 @@ class _ServerConnection(asyncio.Protocol):
         self.flush()
 
     def pump(self) -> None:
-        data = pattern(BIG)
-        for sid, started in list(self.big.items()):
+        block = pattern(BIG)
+        for sid, (started, total) in list(self.big.items()):
             sent = started
-            while sent < BIG:
+            while sent < total:
                 room = min(
                     self.h2.local_flow_control_window(sid),
                     self.h2.max_outbound_frame_size,
-                    BIG - sent,
+                    total - sent,
                 )
                 if room <= 0:
                     break
-                self.h2.send_data(sid, data[sent : sent + room], end_stream=sent + room == BIG)
-                sent += room
-                self.backend.sent += room
-            self.big[sid] = sent
-            if sent == BIG:
+                offset = sent % BIG
+                chunk = block[offset : offset + room]
+                self.h2.send_data(sid, chunk, end_stream=sent + len(chunk) == total)
+                sent += len(chunk)
+                self.backend.sent += len(chunk)
+            self.big[sid] = (sent, total)
+            if sent == total:
                 del self.big[sid]
 
     def blocked(self) -> bool:
@@ -198,6 +208,9 @@ class Answer:
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
     reset: int | None = None
     ended: bool = False
+    #: With ``count_only``: the body's SHA-256, once it has ended.
+    digest: str = ""
+    hasher: Any = field(default_factory=hashlib.sha256)
 
 
 class H2Client(asyncio.Protocol):
@@ -212,6 +225,9 @@ class H2Client(asyncio.Protocol):
         self.hold = window == 0
         self.unacked: dict[int, int] = defaultdict(int)
         self.to_send: dict[int, bytes] = {}
+        #: Bodies are hashed and counted, not kept.
+        self.count_only = False
+        self.received = 0
 
     @classmethod
     async def connect(cls, port: int, window: int = 65535) -> H2Client:
@@ -235,7 +251,11 @@ class H2Client(asyncio.Protocol):
             if isinstance(event, h2.events.ResponseReceived):
                 answer.status = int(dict(event.headers or [])[b":status"])
             elif isinstance(event, h2.events.DataReceived):
-                answer.body += event.data or b""
+                if self.count_only:
+                    answer.hasher.update(event.data or b"")
+                    self.received += len(event.data or b"")
+                else:
+                    answer.body += event.data or b""
                 if self.hold:
                     self.unacked[sid] += event.flow_controlled_length or 0
                 else:
@@ -243,6 +263,7 @@ class H2Client(asyncio.Protocol):
             elif isinstance(event, h2.events.TrailersReceived):
                 answer.trailers = list(event.headers or [])
             elif isinstance(event, h2.events.StreamEnded):
+                answer.digest = answer.hasher.hexdigest()
                 answer.ended = True
             elif isinstance(event, h2.events.StreamReset):
                 answer.reset = int(event.error_code or 0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import h2.errors
 import pytest
-from h2_peers import BIG, H2Backend, H2Client, pattern
+from h2_peers import BIG, HUGE, H2Backend, H2Client, huge, pattern
 from helpers import eventually
 from message_router import MessageRouter
 from test_http2 import Pair, http2_pair
@@ -143,3 +143,25 @@ async def test_a_reset_before_the_egress_answered_still_reaches_the_backend(
             client.close()
     finally:
         router.stop()
+
+
+async def test_a_64_mib_response_passes_in_constant_memory(
+    raw_pair: Pair, raw_backend: H2Backend
+) -> None:
+    """Neither tunnel process grows by more than a few windows while 64 MiB go through."""
+    client = await H2Client.connect(raw_pair.port)
+    client.count_only = True
+    before = {p: p.rss_kib() for p in (raw_pair.ingress, raw_pair.egress)}
+    peak = dict(before)
+    answer = client.answers[client.request("/huge")]
+
+    def done() -> bool:
+        for process, highest in peak.items():
+            peak[process] = max(highest, process.rss_kib())
+        return answer.ended
+
+    await eventually(done, "64 MiB through", timeout=120)
+    assert client.received == HUGE and answer.digest == hashlib.sha256(huge()).hexdigest()
+    for process, start in before.items():
+        assert peak[process] - start < 8 * 1024, (process.args[-1], start, peak[process])
+    client.close()
