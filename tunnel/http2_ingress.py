@@ -124,7 +124,8 @@ class Opening:
 
     stream: Stream
     connection: ClientConnection
-    message: bytes
+    #: The request's head with its first data: kept whole until an egress takes it.
+    head: m.StreamMessage
     grpc: bool
     attempts: int = 0
     sender: MessageSender | None = None
@@ -266,7 +267,7 @@ class Http2IngressBridge:
             far=None,
         )
         stream.head_out = m.StreamMessage(
-            correlation_id, self.site_id, None, subject=_pseudo(headers, ":method"), headers=headers
+            correlation_id, self.site_id, None, subject=_field(headers, ":method"), headers=headers
         )
         self.streams[correlation_id] = stream
         conn.streams[stream_id] = stream
@@ -282,24 +283,18 @@ class Http2IngressBridge:
         del stream.out_pending[:CHUNK]
         ended = stream.out_end is not None and not stream.out_pending
         head.data, head.ended = chunk, ended
-        head.to = _pseudo(head.headers, ":path")
+        head.to = _field(head.headers, ":path")
         if ended:
             head.trailers = stream.out_end or []
             stream.out_done = True
         stream.out_unacked += len(chunk)
-        grpc = _pseudo(head.headers, "content-type").startswith("application/grpc")
-        opening = Opening(stream, conn, b"", grpc)
+        grpc = _field(head.headers, "content-type").startswith("application/grpc")
+        opening = Opening(stream, conn, head, grpc)
         self.openings[stream.correlation_id] = opening
         opening.timer = asyncio.get_running_loop().call_later(
             self.settings.timeout, self.on_open_timeout, opening
         )
-        opening.message = self._encode_first(head)
         self.send_first(opening)
-
-    def _encode_first(self, head: m.StreamMessage) -> bytes:
-        links = self.links
-        head.reply_to = links.reply_to if links is not None else None
-        return m.encode(head)
 
     def send_first(self, opening: Opening) -> None:
         opening.retry = None
@@ -308,17 +303,11 @@ class Http2IngressBridge:
         links = self.links
         if links is None or links.reply_to is None or links.sender.closed:
             return  # sent when the links are ready, within the timeout
-        stream = opening.stream
-        if stream.reply_to != links.reply_to:
-            # Made before this router connection: its address is this connection's now.
-            stream.reply_to = links.reply_to
-            head = m.decode(opening.message)
-            head.reply_to = links.reply_to
-            head.to = _pseudo(head.headers, ":path")
-            opening.message = m.encode(head)
+        # This router connection's reply address, whichever the stream began under.
+        opening.stream.reply_to = opening.head.reply_to = links.reply_to
         opening.attempts += 1
         opening.sender = links.sender
-        links.sender.send(opening.message, opening.on_outcome)
+        links.sender.send(m.encode(opening.head), opening.on_outcome)
 
     def forget_opening(self, opening: Opening) -> None:
         opening.cancel()
@@ -413,7 +402,7 @@ class Http2IngressBridge:
                 stream.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
                 conn.flush_soon()
                 return f"a response head's subject is {message.subject!r}, not 'response'"
-            status = _pseudo(message.headers, ":status")
+            status = _field(message.headers, ":status")
             self.stats.count_status(int(status) if status.isdigit() else 0)
             try:
                 stream.on_head(wire(message.headers), message)
@@ -451,7 +440,8 @@ def _ignore_outcome(outcome: int, why: str) -> None:
     pass
 
 
-def _pseudo(headers: m.Headers, name: str) -> str:
+def _field(headers: m.Headers, name: str) -> str:
+    """The value of the (pseudo-)header ``name``, or ``""``."""
     return next((value for key, value in headers if key == name), "")
 
 
