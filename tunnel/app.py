@@ -127,6 +127,7 @@ class App:
                 settings.listen,
                 self.egress,
                 http_egress=self.http_egress,
+                http2_egress=self.http2_egress if settings.router is None else (),
                 handshake_timeout=settings.handshake_timeout,
                 max_frame_size=settings.max_frame_size,
                 session_window=settings.session_window,
@@ -161,8 +162,7 @@ class App:
                 await self.direct.start()
         endpoint = settings.router
         wants_router = any(
-            isinstance(s, (IngressSpec, HttpIngressSpec, Http2IngressSpec, Http2EgressSpec))
-            for s in settings.specs
+            isinstance(s, (IngressSpec, HttpIngressSpec, Http2IngressSpec)) for s in settings.specs
         )
         if endpoint is None and self.direct is not None and settings.listen and wants_router:
             endpoint = settings.listen.self_endpoint(self.direct.bound_port)
@@ -180,7 +180,7 @@ class App:
                     *self.http_ingress,
                     *self.routed_http,
                     *self.http2_ingress,
-                    *self.http2_egress,
+                    *(self.http2_egress if settings.router else ()),
                 ],
                 max_links=settings.max_links,
             )

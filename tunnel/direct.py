@@ -44,7 +44,7 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from proton import Condition, Link
 
@@ -64,6 +64,7 @@ from .amqp_link import AmqpSocket
 from .bridge import LISTEN_BACKLOG, EgressBridge, HostedTunnels
 from .config import ListenConfig
 from .forwarding import DYNAMIC_PREFIX, MANAGEMENT, Forwarder
+from .http2_egress import Http2EgressBridge
 from .http_egress import HttpEgressBridge
 from .http_message import HttpSettings
 from .messaging import (
@@ -101,6 +102,7 @@ class DirectListener:
         egress: dict[str, EgressBridge],
         *,
         http_egress: dict[str, HttpEgressBridge] | None = None,
+        http2_egress: Sequence[Http2EgressBridge] = (),
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         session_window: int = 0,
@@ -117,6 +119,7 @@ class DirectListener:
         self.idle_timeout = idle_timeout
         self.egress = egress
         self.http_egress = http_egress or {}
+        local = {*self.egress, *self.http_egress, *(b.spec.address for b in http2_egress)}
         self.handshake_timeout = handshake_timeout
         #: What each peer may leave with us unfinished (see tunnel.messaging.PeerBudget).
         self.max_partial = PARTIAL_MESSAGES * max_message
@@ -126,8 +129,10 @@ class DirectListener:
         self.peers: set[DirectPeer] = set()
         self.forwarder = Forwarder(
             max_message=max_message,
-            is_local=lambda address: address in self.egress or address in self.http_egress,
+            is_local=lambda address: address in local,
         )
+        for bridge in http2_egress:
+            bridge.serve_locally(self.forwarder)
 
     async def start(self) -> None:
         tls = self.config.reloading_context()

@@ -48,6 +48,7 @@ engine's helpers and :mod:`tunnel.messaging`.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -66,7 +67,7 @@ from .amqp.handles import Link as LinkHandle
 from .amqp_link import AmqpSocket
 from .codec import WireError
 from .http_message import decode, encode
-from .messaging import MessageReceiver, MessageSender
+from .messaging import MessageReceiver, MessageSender, OutcomeCallback
 from .peer_text import PEER_LOG, printable
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,16 @@ MAX_CONSUMERS = 256
 PEER_BUDGET = 64 * 1024 * 1024
 #: The largest management request taken.
 MAX_REQUEST = 64 * 1024
+
+
+class Destination(Protocol):
+    """Where messages for an address go: a peer's link (a MessageSender), or a bridge of
+    this process that takes them itself."""
+
+    @property
+    def credit(self) -> int: ...
+    def send(self, data: bytes | bytearray, on_outcome: OutcomeCallback | None = None) -> None: ...
+    def finish(self) -> None: ...
 
 
 class Peer(Protocol):
@@ -126,8 +137,10 @@ class Forwarder:
         self.max_message = max_message
         self.is_local = is_local
         self.routes: dict[str, list[Peer]] = {}
-        self.consumers: dict[str, list[MessageSender]] = {}
+        self.consumers: dict[str, list[Destination]] = {}
         self.dynamic: dict[str, Peer] = {}
+        #: Dynamic addresses of this process's own bridges, and what takes their messages.
+        self.local: dict[str, Destination] = {}
         self._peers: dict[Peer, _PeerState] = {}
 
     def _state(self, peer: Peer) -> _PeerState:
@@ -190,6 +203,14 @@ class Forwarder:
         link.open()
         logger.debug("direct mode: %s consumes %s", peer.container, printable(repr(address)))
 
+    def serve_locally(self, address: str, consumer: Destination, reply_to: Destination) -> str:
+        """A bridge of this process consumes ``address``, among the peers that do; what
+        is sent to the dynamic address returned goes to ``reply_to``."""
+        self.consumers.setdefault(address, []).append(consumer)
+        dynamic = f"{DYNAMIC_PREFIX}{secrets.token_hex(8)}"
+        self.local[dynamic] = reply_to
+        return dynamic
+
     def _drop_consumer(self, peer: Peer, address: str, sender: MessageSender) -> None:
         senders = self.consumers.get(address, [])
         if sender in senders:
@@ -207,11 +228,11 @@ class Forwarder:
         link.open()
 
     def has_destination(self, address: str) -> bool:
-        return address in self.consumers or address in self.dynamic
+        return address in self.consumers or self.is_dynamic(address)
 
     def is_dynamic(self, address: str | None) -> bool:
         """Whether ``address`` is a dynamic address given out here and still in use."""
-        return address in self.dynamic
+        return address in self.dynamic or address in self.local
 
     # -- dynamic addresses ------------------------------------------------------
     def add_dynamic(self, address: str, peer: Peer) -> None:
@@ -220,11 +241,13 @@ class Forwarder:
     def remove_dynamic(self, address: str) -> None:
         self.dynamic.pop(address, None)
 
-    def destination(self, address: str | None) -> MessageSender | None:
+    def destination(self, address: str | None) -> Destination | None:
         """Where a message for ``address`` goes now, or None."""
         if not address:
             return None
         if address.startswith(DYNAMIC_PREFIX):
+            if (local := self.local.get(address)) is not None:
+                return local
             peer = self.dynamic.get(address)
             return peer.reply_sender(address) if peer is not None else None
         senders = self.consumers.get(address)
@@ -241,7 +264,7 @@ class Forwarder:
         receiver: MessageReceiver,
         delivery: Any,
         data: bytearray,
-        destination: MessageSender,
+        destination: Destination,
     ) -> None:
         """Send one of ``peer``'s deliveries on; its outcome comes back to ``receiver``."""
         size = len(data)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import h2.connection
 import h2.errors
@@ -48,6 +48,7 @@ from . import http2_message as m
 from . import http_message as hm
 from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .codec import WireError
+from .forwarding import Forwarder
 from .http2_ingress import (
     MAX_MESSAGE,
     REPLY_WINDOW,
@@ -58,7 +59,7 @@ from .http2_ingress import (
 )
 from .http2_stats import Http2Stats
 from .http2_stream import Stream
-from .messaging import AmqpHost, MessageReceiver, MessageSender
+from .messaging import AmqpHost, MessageReceiver, MessageSender, OutcomeCallback
 from .peer_text import PEER_LOG, printable
 from .spec import Http2EgressSpec, join_host
 
@@ -81,6 +82,69 @@ def client_tls(ca: str) -> ssl.SSLContext:
     return context
 
 
+class Taken(Protocol):
+    """A stream's first message as the bridge took it, until it is settled."""
+
+    @property
+    def gone(self) -> bool:
+        """The message went with its link or connection: there is nothing to settle."""
+        ...
+
+    @property
+    def peer(self) -> str:
+        """Who sent it, printable, for the log."""
+        ...
+
+    def settle(self, outcome: int, why: str = "") -> None:
+        """ACCEPTED, RELEASED, MODIFIED (``why``: delivery failed) or REJECTED (``why``)."""
+        ...
+
+
+class _Delivered:
+    """Through a router: a delivery on the consumer link."""
+
+    __slots__ = ("delivery", "receiver")
+
+    def __init__(self, receiver: MessageReceiver, delivery: Any) -> None:
+        self.receiver, self.delivery = receiver, delivery
+
+    @property
+    def gone(self) -> bool:
+        return self.receiver.closed or self.receiver.host.closed
+
+    @property
+    def peer(self) -> str:
+        host = self.receiver.host
+        if host.closed:
+            return "(gone)"
+        return printable(host.engine.connection.remote_container or "(unnamed)")
+
+    def settle(self, outcome: int, why: str = "") -> None:
+        if outcome == MODIFIED:
+            self.receiver.settle(self.delivery, MODIFIED, failed=True, why=why)
+        elif outcome == REJECTED:
+            condition = Condition("amqp:invalid-field", printable(why))
+            self.receiver.settle(self.delivery, REJECTED, condition=condition)
+        else:
+            self.receiver.settle(self.delivery, outcome)
+
+
+class _Forwarded:
+    """In direct mode: a message the forwarder handed over, its outcome a callback."""
+
+    __slots__ = ("on_outcome",)
+
+    def __init__(self, on_outcome: OutcomeCallback | None) -> None:
+        self.on_outcome = on_outcome
+
+    gone = False
+    peer = "a direct-mode peer"
+
+    def settle(self, outcome: int, why: str = "") -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(outcome, f"amqp:invalid-field: {why}" if outcome == REJECTED else why)
+
+
 class Http2EgressBridge:
     """``amqp:ADDRESS=>http2:HOST:PORT``."""
 
@@ -95,7 +159,7 @@ class Http2EgressBridge:
         self.tls = tls
         self.site_id = site_id
         self.settings = settings
-        self.links: _Links | None = None
+        self.links: _Links | _LocalLinks | None = None
         self.active = False
         self.streams: dict[Key, Stream] = {}
         self.backends: list[BackendConnection] = []
@@ -128,7 +192,7 @@ class Http2EgressBridge:
             backend.close()
 
     # -- first messages ---------------------------------------------------------------
-    def on_request(self, receiver: MessageReceiver, delivery: Any, data: bytearray) -> None:
+    def on_request(self, taken: Taken, data: bytes | bytearray) -> None:
         try:
             message = m.decode(data)
             if message.subject is None or not message.reply_to:
@@ -137,14 +201,14 @@ class Http2EgressBridge:
             if key in self.streams:
                 raise WireError(f"stream {message.correlation_id} is open already")
         except WireError as exc:
-            self.peer_failure(receiver, "bad stream head", str(exc))
-            receiver.settle(delivery, REJECTED, condition=Condition("amqp:invalid-field", str(exc)))
+            self.peer_failure(taken.peer, "bad stream head", str(exc))
+            taken.settle(REJECTED, str(exc))
             return
         if self.busy >= MAX_STREAMS:
-            receiver.settle(delivery, RELEASED)
+            taken.settle(RELEASED)
             return
         self.stats.requests += 1
-        self.backend().wait(key, message, receiver, delivery)
+        self.backend().wait(key, message, taken)
 
     def backend(self) -> BackendConnection:
         """A backend connection with room for one more stream: made if none has."""
@@ -160,8 +224,8 @@ class Http2EgressBridge:
         if not self.unreachable:
             logger.warning("%s: the backend is unreachable: %s", self.spec, why)
         self.unreachable = True
-        for _, _, receiver, delivery in backend.waiting:
-            receiver.settle(delivery, MODIFIED, failed=True, why=why)
+        for _, _, taken in backend.waiting:
+            taken.settle(MODIFIED, why)
         backend.waiting.clear()
 
     def on_reachable(self) -> None:
@@ -183,18 +247,18 @@ class Http2EgressBridge:
 
     def send(self, stream: Stream, message: m.StreamMessage) -> None:
         links = self.links
-        if links is None or links.streams.closed:
+        if links is None or links.closed:
             asyncio.get_running_loop().call_soon(stream.on_outcome, 0, "no router connection")
             return
-        links.streams.send(m.encode(message), stream.on_outcome)
+        links.send(message, stream.on_outcome)
 
-    def peer_failure(self, receiver: MessageReceiver, reason: str, why: str) -> None:
-        host = receiver.host
-        peer = (
-            "(gone)"
-            if host.closed
-            else printable(host.engine.connection.remote_container or "(unnamed)")
-        )
+    def serve_locally(self, forwarder: Forwarder) -> None:
+        """Direct mode: be one of the consumers of ADDRESS at this process's own listener."""
+        self.links = _LocalLinks(self, forwarder)
+        self.active = True
+        logger.info("%s: consuming %r", self.spec, self.spec.address)
+
+    def peer_failure(self, peer: str, reason: str, why: str) -> None:
         PEER_LOG.log(
             logging.INFO,
             peer,
@@ -238,6 +302,13 @@ class _Links:
         self.host = host
         host.flush_soon()
 
+    @property
+    def closed(self) -> bool:
+        return self.streams.closed
+
+    def send(self, message: m.StreamMessage, on_outcome: OutcomeCallback) -> None:
+        self.streams.send(m.encode(message), on_outcome)
+
     def on_continuations_opened(self, link: Any) -> None:
         address = link.remote_source.address
         if not address:
@@ -264,7 +335,7 @@ class _Links:
     def on_request(self, delivery: Any, data: bytearray) -> None:
         assert self.consumer is not None
         try:
-            self.bridge.on_request(self.consumer, delivery, data)
+            self.bridge.on_request(_Delivered(self.consumer, delivery), data)
         except Exception as exc:  # a bug of ours: contained to this stream
             logger.error("%s: a stream's first message failed", self.bridge.spec, exc_info=exc)
             if not self.consumer.closed:
@@ -278,7 +349,9 @@ class _Links:
         try:
             self.bridge.on_continuation(m.decode(data))
         except WireError as exc:
-            self.bridge.peer_failure(self.continuations, "bad stream message", str(exc))
+            self.bridge.peer_failure(
+                _Delivered(self.continuations, delivery).peer, "bad stream message", str(exc)
+            )
             self.continuations.settle(
                 delivery, REJECTED, condition=Condition("amqp:decode-error", printable(exc))
             )
@@ -286,7 +359,76 @@ class _Links:
         self.continuations.settle(delivery, ACCEPTED)
 
 
-Waiting = tuple[Key, m.StreamMessage, MessageReceiver, Any]
+class _LocalLinks:
+    """Direct mode: the bridge is one of the consumers of ADDRESS at this process's own
+    forwarder (:mod:`tunnel.forwarding`), and what is sent to its dynamic address comes
+    to it there, with no AMQP connection to itself."""
+
+    closed = False
+
+    def __init__(self, bridge: Http2EgressBridge, forwarder: Forwarder) -> None:
+        self.bridge = bridge
+        self.forwarder = forwarder
+        self.reply_to: str | None = forwarder.serve_locally(
+            bridge.spec.address, _FirstMessages(bridge), _Continuations(bridge)
+        )
+
+    def send(self, message: m.StreamMessage, on_outcome: OutcomeCallback) -> None:
+        destination = self.forwarder.destination(message.to)
+        if destination is None:
+            why = f"nobody takes messages for {printable(message.to or '')}"
+            asyncio.get_running_loop().call_soon(on_outcome, RELEASED, why)
+            return
+        destination.send(m.encode(message), on_outcome)
+
+
+class _FirstMessages:
+    """The bridge as a consumer of ADDRESS at the forwarder (a ``Destination``)."""
+
+    def __init__(self, bridge: Http2EgressBridge) -> None:
+        self.bridge = bridge
+
+    @property
+    def credit(self) -> int:
+        return max(0, MAX_STREAMS - self.bridge.busy)
+
+    def send(self, data: bytes | bytearray, on_outcome: OutcomeCallback | None = None) -> None:
+        taken = _Forwarded(on_outcome)
+        try:
+            self.bridge.on_request(taken, data)
+        except Exception as exc:  # a bug of ours: contained to this stream
+            logger.error("%s: a stream's first message failed", self.bridge.spec, exc_info=exc)
+            taken.settle(REJECTED, f"the tunnel failed taking it: {type(exc).__name__}")
+
+    def finish(self) -> None:
+        pass
+
+
+class _Continuations:
+    """The bridge's dynamic address at the forwarder (a ``Destination``)."""
+
+    #: Each stream bounds what it takes (its window); the messages themselves pass at once.
+    credit = 1 << 16
+
+    def __init__(self, bridge: Http2EgressBridge) -> None:
+        self.bridge = bridge
+
+    def send(self, data: bytes | bytearray, on_outcome: OutcomeCallback | None = None) -> None:
+        try:
+            self.bridge.on_continuation(m.decode(data))
+        except WireError as exc:
+            self.bridge.peer_failure("a direct-mode peer", "bad stream message", str(exc))
+            if on_outcome is not None:
+                on_outcome(REJECTED, f"amqp:decode-error: {exc}")
+            return
+        if on_outcome is not None:
+            on_outcome(ACCEPTED, "")
+
+    def finish(self) -> None:
+        pass
+
+
+Waiting = tuple[Key, m.StreamMessage, Taken]
 
 
 class GoawayFilter:
@@ -376,10 +518,8 @@ class BackendConnection(asyncio.Protocol):
                 self, f"cannot connect to {join_host(spec.host, spec.port)}: {exc.strerror or exc}"
             )
 
-    def wait(
-        self, key: Key, message: m.StreamMessage, receiver: MessageReceiver, delivery: Any
-    ) -> None:
-        self.waiting.append((key, message, receiver, delivery))
+    def wait(self, key: Key, message: m.StreamMessage, taken: Taken) -> None:
+        self.waiting.append((key, message, taken))
         if self.transport is not None:
             self._open_waiting()
 
@@ -399,19 +539,16 @@ class BackendConnection(asyncio.Protocol):
 
     def _open_waiting(self) -> None:
         waiting, self.waiting = self.waiting, []
-        for key, message, receiver, delivery in waiting:
-            if receiver.closed or receiver.host.closed:
-                continue  # gone with its link: the ingress hears of it from the router
-            self._open(key, message, receiver, delivery)
+        for key, message, taken in waiting:
+            if not taken.gone:  # else gone with its link: the ingress hears of it from the router
+                self._open(key, message, taken)
         self.flush()
 
-    def _open(
-        self, key: Key, message: m.StreamMessage, receiver: MessageReceiver, delivery: Any
-    ) -> None:
+    def _open(self, key: Key, message: m.StreamMessage, taken: Taken) -> None:
         bridge = self.bridge
         links = bridge.links
         if links is None or links.reply_to is None:
-            receiver.settle(delivery, RELEASED)
+            taken.settle(RELEASED)
             return
         stream_id = self.h2.get_next_available_stream_id()
         stream = Stream(
@@ -428,8 +565,8 @@ class BackendConnection(asyncio.Protocol):
             stream.on_head(wire(headers), message)
         except h2.exceptions.H2Error as exc:
             why = f"the request head cannot be sent as HTTP/2: {exc}"
-            bridge.peer_failure(receiver, "bad stream head", why)
-            receiver.settle(delivery, REJECTED, condition=Condition("amqp:invalid-field", why))
+            bridge.peer_failure(taken.peer, "bad stream head", why)
+            taken.settle(REJECTED, why)
             return
         bridge.streams[key] = stream
         self.streams[stream_id] = stream
@@ -437,7 +574,7 @@ class BackendConnection(asyncio.Protocol):
         bridge.stats.bytes_out += len(message.data)
         message.subject = None
         stream.on_message(message)
-        receiver.settle(delivery, ACCEPTED)
+        taken.settle(ACCEPTED)
 
     def data_received(self, data: bytes) -> None:
         data, goaways = self.goaways.feed(data)
@@ -494,8 +631,8 @@ class BackendConnection(asyncio.Protocol):
             if stream_id > last_stream_id:
                 stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
         waiting, self.waiting = self.waiting, []
-        for key, message, receiver, delivery in waiting:
-            self.bridge.backend().wait(key, message, receiver, delivery)
+        for key, message, taken in waiting:
+            self.bridge.backend().wait(key, message, taken)
         if not self.streams:
             self.close()
 
