@@ -10,7 +10,11 @@ with a link route for each local egress address would:
   must share a connection, as every ingress's do);
 - a sender attach whose target is an HTTP egress address carries request
   messages to that bridge; each response goes to the dynamic receiver named
-  by the request's ``reply_to``.
+  by the request's ``reply_to``;
+- an HTTP/2 egress bridge of this process is one of the consumers of its
+  address at the forwarder, beside any peer's, and has a dynamic address
+  there for the rest of each stream: its messages are handed over in
+  memory, with no AMQP connection to itself.
 
 Towards everything else it is a small router between the peers connected to
 it (:mod:`tunnel.forwarding`): a node egress asks ``$management`` for a link

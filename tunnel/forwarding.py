@@ -21,7 +21,9 @@ uses the listener as its router. It forwards the two ways Qpid Dispatch does
   the address it was given. A delivery on a sender attached to such an
   address, or on an anonymous sender by the message's ``to``, goes to one
   consumer of the address (the first with credit, in turn), and that
-  consumer's outcome goes back to the sender. A delivery for an address that
+  consumer's outcome goes back to the sender. A bridge of this process may
+  consume an address too (:meth:`Forwarder.serve_locally`), and take the
+  messages for a dynamic address of its own, in memory. A delivery for an address that
   nobody consumes is released. A sender to a dynamic address that detaches
   cleanly ends that address's link too, once all it sent is settled: a node
   egress's only end-of-stream (a router would drop that signal).
