@@ -140,7 +140,8 @@ def decode(data: bytes | bytearray) -> StreamMessage:
         headers=headers,
         data=hm.body_of(amqp),
         ended=bool(ended),
-        trailers=_trailers(bytes(data)),
+        # Only the last message of a direction has trailers: the others are not walked.
+        trailers=_trailers(bytes(data)) if ended else [],
         ack=int(ack),
         reset=None if reset is None else int(reset),
     )
@@ -174,21 +175,36 @@ def _head_fields(props: Mapping[object, object], content_type: str | None) -> He
 
 
 def _trailers(data: bytes) -> Headers:
-    """The header fields in the message's footer, if it has one (proton's Message drops it)."""
+    """The header fields in the message's footer, if it has one (proton's Message drops it).
+
+    Each section is parsed by proton and only its descriptor read, so that
+    only the footer becomes Python values.
+    """
     section = Data()
     offset = 0
     footer: object = None
+    view = memoryview(data)
     while offset < len(data):
         section.clear()
         try:
-            offset += section.decode(data[offset:])
+            offset += section.decode(bytes(view[offset:]))
             section.rewind()
             section.next()
-            value = section.get_object()
+            if section.type() != Data.DESCRIBED:
+                raise WireError(f"a section at byte {offset} is not a described type")
+            section.enter()
+            section.next()
+            descriptor = section.get_object()
+            if descriptor == _FOOTER:
+                section.exit()
+                section.rewind()
+                section.next()
+                value = section.get_object()
+                footer = value.value if isinstance(value, Described) else None
+        except WireError:
+            raise
         except Exception as exc:  # proton's own decoding errors
             raise WireError(f"undecodable message section at byte {offset}: {exc}") from None
-        if isinstance(value, Described) and value.descriptor == _FOOTER:
-            footer = value.value
     if footer is None:
         return []
     if not isinstance(footer, Mapping):
