@@ -65,6 +65,20 @@ def skip(buf: memoryview, pos: int) -> int:
     raise WireError(f"unknown AMQP format code 0x{code:02x} at offset {pos - 1}")
 
 
+def binary_at(buf: memoryview, pos: int) -> memoryview:
+    """The bytes of the AMQP binary (vbin8 or vbin32) at ``pos``, in place."""
+    code = buf[pos]
+    if code == 0xA0:
+        start, size = pos + 2, buf[pos + 1]
+    elif code == 0xB0:
+        start, size = pos + 5, U32.unpack_from(buf, pos + 1)[0]
+    else:
+        raise WireError(f"expected binary, found format code 0x{code:02x}")
+    if start + size > len(buf):
+        raise WireError(f"binary of {size} bytes overruns the message")
+    return buf[start : start + size]
+
+
 def section_code(buf: memoryview, pos: int) -> tuple[int, int]:
     """Read a section descriptor at ``pos``; returns (descriptor code, value offset)."""
     if buf[pos] != 0x00:

@@ -31,19 +31,29 @@ This module does no I/O.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proton import Data, Described, Message, uint, ulong
 
 from . import http_message as hm
-from .codec import WireError
+from .codec import (
+    AMQP_SEQUENCE,
+    AMQP_VALUE,
+    DATA,
+    WireError,
+    binary_at,
+    section_code,
+    skip,
+)
+from .wire import body_header
 
 ENDED = "ended"
 ACK = "tunnel:ack"
 RESET = "tunnel:reset"
 RESPONSE = "response"
-_FOOTER = 0x78
+FOOTER = 0x78
 _OURS = frozenset({ENDED, ACK, RESET})
 #: The pseudo-headers of RFC 9113 §8.3.
 PSEUDO = frozenset({":method", ":scheme", ":authority", ":path", ":status", ":protocol"})
@@ -71,7 +81,8 @@ class StreamMessage:
 
 
 def encode(message: StreamMessage) -> bytes:
-    """The message's bytes, its footer appended when there are trailers."""
+    """The message's bytes: proton encodes its properties; the body and the footer are
+    written here, so that the data is copied once, not once per buffer proton tries."""
     props: dict[str, object] = {}
     content_type = None
     if message.subject is not None:
@@ -83,10 +94,7 @@ def encode(message: StreamMessage) -> bytes:
     if message.reset is not None:
         props[RESET] = uint(int(message.reset))  # an IntEnum from h2 is no AMQP type
     amqp = Message(
-        correlation_id=ulong(message.correlation_id),
-        group_id=message.group_id,
-        properties=props,
-        body=message.data,
+        correlation_id=ulong(message.correlation_id), group_id=message.group_id, properties=props
     )
     if message.subject is not None:
         amqp.subject = message.subject
@@ -96,18 +104,19 @@ def encode(message: StreamMessage) -> bytes:
         amqp.address = message.to
     if content_type is not None:  # None would be sent as the symbol 'None'
         amqp.content_type = content_type
-    data: bytes = amqp.encode()
-    if not message.trailers:
-        return data
-    _, trailers = hm.fold(message.trailers)
-    footer = Data()
-    footer.put_object(Described(ulong(_FOOTER), dict(trailers)))  # type: ignore[arg-type]
-    return data + footer.encode()
+    parts = [amqp.encode(), body_header(len(message.data)), message.data]
+    if message.trailers:
+        _, trailers = hm.fold(message.trailers)
+        footer = Data()
+        footer.put_object(Described(ulong(FOOTER), dict(trailers)))  # type: ignore[arg-type]
+        parts.append(footer.encode())
+    return b"".join(parts)
 
 
 def decode(data: bytes | bytearray) -> StreamMessage:
     """The stream message in ``data``; :class:`WireError` names what is wrong with it."""
-    amqp = hm.decode(data)
+    head, body, footer = _split(memoryview(data))
+    amqp = hm.decode(head)
     correlation_id = amqp.correlation_id
     if not isinstance(correlation_id, int) or isinstance(correlation_id, bool):
         raise WireError(f"correlation id {correlation_id!r} is not a stream number (ulong)")
@@ -138,13 +147,44 @@ def decode(data: bytes | bytearray) -> StreamMessage:
         reply_to=reply_to,
         subject=subject,
         headers=headers,
-        data=hm.body_of(amqp),
+        data=bytes(body),
         ended=bool(ended),
-        # Only the last message of a direction has trailers: the others are not walked.
-        trailers=_trailers(bytes(data)) if ended else [],
+        trailers=_trailers(footer) if footer else [],
         ack=int(ack),
         reset=None if reset is None else int(reset),
     )
+
+
+def _split(buf: memoryview) -> tuple[bytes, memoryview, bytes]:
+    """The sections before the body (for proton), the body's bytes, and the footer.
+
+    The body is an amqp-value binary (or null, or data sections): found by
+    stepping over the sections' encodings, and never handed to proton, which
+    would copy it into a Python object.
+    """
+    try:
+        pos, end, head_end = 0, len(buf), None
+        chunks: list[memoryview] = []
+        footer = b""
+        while pos < end:
+            code, value_at = section_code(buf, pos)
+            after = skip(buf, value_at)
+            if code in (AMQP_VALUE, DATA, AMQP_SEQUENCE, FOOTER) and head_end is None:
+                head_end = pos
+            if (code == AMQP_VALUE and buf[value_at] != 0x40) or code == DATA:
+                chunks.append(binary_at(buf, value_at))
+            elif code == AMQP_SEQUENCE:
+                raise WireError("an amqp-sequence body cannot carry a stream's bytes")
+            elif code == FOOTER:
+                footer = bytes(buf[pos:after])
+            pos = after
+    except (IndexError, struct.error) as exc:
+        raise WireError(f"truncated or malformed message ({end} bytes)") from exc
+    if pos != end:
+        raise WireError("the last section overruns the message")
+    head = bytes(buf[: end if head_end is None else head_end])
+    body = chunks[0] if len(chunks) == 1 else memoryview(b"".join(chunks))
+    return head, body, footer
 
 
 def _head_fields(props: Mapping[object, object], content_type: str | None) -> Headers:
@@ -174,39 +214,17 @@ def _head_fields(props: Mapping[object, object], content_type: str | None) -> He
     return pseudo + carried + hm.unfold(rest, content_type)
 
 
-def _trailers(data: bytes) -> Headers:
-    """The header fields in the message's footer, if it has one (proton's Message drops it).
-
-    Each section is parsed by proton and only its descriptor read, so that
-    only the footer becomes Python values.
-    """
+def _trailers(footer: bytes) -> Headers:
+    """The header fields in a footer section (proton's Message has no footer)."""
     section = Data()
-    offset = 0
-    footer: object = None
-    view = memoryview(data)
-    while offset < len(data):
-        section.clear()
-        try:
-            offset += section.decode(bytes(view[offset:]))
-            section.rewind()
-            section.next()
-            if section.type() != Data.DESCRIBED:
-                raise WireError(f"a section at byte {offset} is not a described type")
-            section.enter()
-            section.next()
-            descriptor = section.get_object()
-            if descriptor == _FOOTER:
-                section.exit()
-                section.rewind()
-                section.next()
-                value = section.get_object()
-                footer = value.value if isinstance(value, Described) else None
-        except WireError:
-            raise
-        except Exception as exc:  # proton's own decoding errors
-            raise WireError(f"undecodable message section at byte {offset}: {exc}") from None
-    if footer is None:
-        return []
-    if not isinstance(footer, Mapping):
+    try:
+        section.decode(footer)
+        section.rewind()
+        section.next()
+        value = section.get_object()
+    except Exception as exc:  # proton's own decoding errors
+        raise WireError(f"undecodable footer: {exc}") from None
+    fields = value.value if isinstance(value, Described) else None
+    if not isinstance(fields, Mapping):
         raise WireError("the footer is not a map")
-    return hm.unfold({str(key): value for key, value in footer.items()}, None)
+    return hm.unfold({str(key): item for key, item in fields.items()}, None)

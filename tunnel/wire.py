@@ -42,6 +42,7 @@ from .codec import (
     SECTION,
     U32,
     WireError,
+    binary_at,
     list32,
     section_code,
     skip,
@@ -90,19 +91,6 @@ def eos_message(prefix: bytes) -> bytes:
     return prefix + _EOS_APP_PROPERTIES + body_header(0)
 
 
-def _binary(buf: memoryview, pos: int) -> memoryview:
-    code = buf[pos]
-    if code == 0xA0:
-        start, size = pos + 2, buf[pos + 1]
-    elif code == 0xB0:
-        start, size = pos + 5, U32.unpack_from(buf, pos + 1)[0]
-    else:
-        raise WireError(f"expected binary, found format code 0x{code:02x}")
-    if start + size > len(buf):
-        raise WireError(f"binary of {size} bytes overruns the message")
-    return buf[start : start + size]
-
-
 def _map_has_true(buf: memoryview, pos: int, key: bytes) -> bool:
     """Whether the map at ``pos`` maps string/symbol ``key`` to boolean true."""
     code = buf[pos]
@@ -148,9 +136,9 @@ def _decode(buf: memoryview) -> tuple[memoryview, bool]:
         code, value_at = section_code(buf, pos)
         if code == AMQP_VALUE:
             if buf[value_at] != 0x40:
-                chunks.append(_binary(buf, value_at))
+                chunks.append(binary_at(buf, value_at))
         elif code == DATA:
-            chunks.append(_binary(buf, value_at))
+            chunks.append(binary_at(buf, value_at))
         elif code == APP_PROPERTIES:
             eos = _map_has_true(buf, value_at, _EOS_KEY)
         elif code == AMQP_SEQUENCE:
