@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import h2.connection
@@ -41,6 +42,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import Frame, GoAwayFrame
 from proton import Condition, Session
 
@@ -438,43 +440,51 @@ class GoawayFilter:
     frame, including the DATA of the streams the GOAWAY says will still be
     served. So frames are split at their 9-byte headers (parsed by
     hyperframe, h2's own framing) and GOAWAYs are handled here; everything
-    else passes on whole. Holds at most one incomplete frame: a frame longer
-    than h2 takes passes on unfiltered, for h2 to refuse.
+    else passes on whole. Holds at most one incomplete frame of at most the
+    size h2 takes (``max_frame()``); a longer frame, or bytes that are no
+    frame, pass on unfiltered from then on, for h2 to refuse.
     """
 
-    __slots__ = ("buffer", "max_frame")
+    __slots__ = ("buffer", "max_frame", "passing")
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(self, max_frame: Callable[[], int]) -> None:
         self.buffer = bytearray()
         self.max_frame = max_frame
+        self.passing = False
 
     def feed(self, data: bytes) -> tuple[bytes, list[GoAwayFrame]]:
         """The bytes for h2, and the GOAWAY frames taken out of them."""
+        if self.passing:
+            return data, []
         self.buffer += data
         buffer, passed, goaways, start = self.buffer, bytearray(), [], 0
         while len(buffer) - start >= FRAME_HEADER:
-            frame, length = Frame.parse_frame_header(
-                memoryview(buffer)[start : start + FRAME_HEADER]
-            )
-            if length > self.max_frame:
-                start = len(buffer)  # h2 refuses it; nothing more is ours to filter
-                passed = buffer
+            try:
+                frame, length = Frame.parse_frame_header(
+                    memoryview(buffer)[start : start + FRAME_HEADER]
+                )
+            except HyperframeError:
+                length = -1
+            if length < 0 or length > self.max_frame():
+                self.passing = True  # h2 refuses what follows; nothing more is ours to filter
+                start = len(buffer)
                 break
             end = start + FRAME_HEADER + length
             if end > len(buffer):
                 break
             if isinstance(frame, GoAwayFrame):
                 passed += buffer[:start]
-                frame.parse_body(memoryview(buffer)[start + FRAME_HEADER : end])
+                try:
+                    frame.parse_body(memoryview(buffer)[start + FRAME_HEADER : end])
+                except HyperframeError:
+                    self.passing = True
+                    start = len(buffer)
+                    break
                 goaways.append(frame)
                 del buffer[:end]
                 start = 0
             else:
                 start = end
-        if passed is buffer:
-            out = bytes(buffer)
-            self.buffer = bytearray()
-            return out, goaways
         passed += buffer[:start]
         del buffer[:start]
         return bytes(passed), goaways
@@ -490,7 +500,7 @@ class BackendConnection(asyncio.Protocol):
         #: First messages waiting for the connection: at most the room it has.
         self.waiting: list[Waiting] = []
         self.streams: dict[int, Stream] = {}
-        self.goaways = GoawayFilter(self.h2.max_inbound_frame_size)
+        self.goaways = GoawayFilter(lambda: self.h2.max_inbound_frame_size)
         self.draining = False
         self.closed = False
         self._flush_handle: asyncio.Handle | None = None

@@ -22,10 +22,12 @@ from h2.events import (
     StreamReset,
     TrailersReceived,
 )
+from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame
 from proton import Message, ulong
 
 from tunnel import http2_message as m
 from tunnel.codec import WireError
+from tunnel.http2_egress import GoawayFilter
 from tunnel.http2_ingress import h2_config, local_settings
 from tunnel.http2_stream import MAX_IN, STREAM_WINDOW, Over, Stream
 
@@ -280,3 +282,35 @@ def test_a_bad_message_is_refused_naming_the_property(props: dict[str, object], 
 def test_a_message_without_a_stream_number_is_refused() -> None:
     with pytest.raises(WireError, match="not a stream number"):
         m.decode(Message(correlation_id="one", group_id="s").encode())
+
+
+def _frames() -> tuple[bytes, bytes, bytes]:
+    data = DataFrame(1)
+    data.data = b"x" * 100
+    goaway = GoAwayFrame(0)
+    goaway.last_stream_id = 1
+    ping = PingFrame(0)
+    ping.opaque_data = b"12345678"
+    return data.serialize(), goaway.serialize(), ping.serialize()
+
+
+def test_the_goaway_filter_takes_goaways_out_whatever_the_reads() -> None:
+    data, goaway, ping = _frames()
+    stream = data + goaway + ping
+    for cut in range(1, len(stream)):
+        kept = GoawayFilter(lambda: 16384)
+        first, taken = kept.feed(stream[:cut])
+        rest, more = kept.feed(stream[cut:])
+        assert first + rest == data + ping, cut
+        assert [g.last_stream_id for g in taken + more] == [1], cut
+
+
+def test_the_goaway_filter_passes_on_what_is_no_frame_it_may_hold() -> None:
+    data, goaway, _ = _frames()
+    kept = GoawayFilter(lambda: 64)  # the DATA frame is longer than h2 takes
+    out, taken = kept.feed(data[:20])
+    rest, more = kept.feed(data[20:] + goaway)
+    assert out + rest == data + goaway and not taken + more  # all h2's to refuse
+    garbage = GoawayFilter(lambda: 16384)
+    out, taken = garbage.feed(b"\x00\x00\x00\x04\x01\x00\x00\x00\x01" + bytes(20))
+    assert len(out) == 29 and not taken  # a SETTINGS frame on a stream: h2's to refuse
