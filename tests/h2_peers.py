@@ -5,6 +5,7 @@
 - ``/trailers``: 200, ``ok``, then trailers ``x-trailer: yes``;
 - ``/reset``: 200's head, then RST_STREAM with ENHANCE_YOUR_CALM (11);
 - ``/hang``: nothing; a reset from the client is recorded in ``resets``;
+- ``/garbage``: a frame no HTTP/2 peer may send (GOAWAY on a stream);
 - ``/goaway``: a GOAWAY naming this stream as the last served, then, after
   ``GOAWAY_DELAY``, 200 ``drained`` on it;
 - ``/big``: :data:`BIG` bytes of a known pattern, each frame as the
@@ -117,6 +118,11 @@ class _ServerConnection(asyncio.Protocol):
             self.big[sid] = (0, BIG if path == "/big" else HUGE)
         elif path == "/upload":
             self.uploads[sid] = hashlib.sha256()
+        elif path == "/garbage":
+            # A GOAWAY on a stream: no valid frame, and the connection's end.
+            self.flush()
+            assert self.transport is not None
+            self.transport.write(b"\x00\x00\x08\x07\x00\x00\x00\x00\x01" + bytes(8))
         elif path != "/hang":
             conn.send_headers(sid, [(":status", "404")], end_stream=True)
 

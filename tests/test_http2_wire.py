@@ -165,3 +165,17 @@ async def test_a_64_mib_response_passes_in_constant_memory(
     for process, start in before.items():
         assert peak[process] - start < 8 * 1024, (process.args[-1], start, peak[process])
     client.close()
+
+
+async def test_a_backend_that_breaks_http2_resets_its_streams_and_the_next_is_served(
+    raw_pair: Pair, raw_backend: H2Backend
+) -> None:
+    client = await H2Client.connect(raw_pair.port)
+    broken = client.answers[client.request("/garbage")]
+    await eventually(lambda: broken.reset is not None, "the stream is reset", detail=lambda: broken)
+    assert broken.reset == h2.errors.ErrorCodes.INTERNAL_ERROR
+    after = client.answers[client.request("/trailers")]
+    await eventually(lambda: after.ended, "the next stream, on a new backend connection")
+    assert after.status == 200 and len(raw_backend.connections) == 2
+    assert "the backend broke HTTP/2" in raw_pair.egress.log()
+    client.close()

@@ -32,6 +32,7 @@ stream with CANCEL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -587,19 +588,28 @@ class BackendConnection(asyncio.Protocol):
         taken.settle(ACCEPTED)
 
     def data_received(self, data: bytes) -> None:
-        data, goaways = self.goaways.feed(data)
+        # Whatever the backend sends, or a bug of ours it provokes, ends this
+        # connection and its streams (reset), never the process or other connections.
         try:
+            data, goaways = self.goaways.feed(data)
             events = self.h2.receive_data(data)
+            for event in events:
+                self._on_event(event)
+            for goaway in goaways:
+                self._on_goaway(goaway.last_stream_id, goaway.error_code)
+            self.flush()
         except h2.exceptions.ProtocolError as exc:
             logger.warning("%s: the backend broke HTTP/2: %s", self.bridge.spec, exc)
+            self._abandon()
+        except Exception as exc:
+            logger.error("%s: the backend connection failed", self.bridge.spec, exc_info=exc)
+            self._abandon()
+
+    def _abandon(self) -> None:
+        with contextlib.suppress(h2.exceptions.H2Error):
             self._write()
-            self.close()
-            return
-        for event in events:
-            self._on_event(event)
-        for goaway in goaways:
-            self._on_goaway(goaway.last_stream_id, goaway.error_code)
-        self.flush()
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost resets the streams
 
     def _on_event(self, event: h2.events.Event) -> None:
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
@@ -681,7 +691,11 @@ class BackendConnection(asyncio.Protocol):
     def flush(self) -> None:
         self._flush_handle = None
         for stream in list(self.streams.values()):
-            stream.flush()
+            try:
+                stream.flush()
+            except h2.exceptions.ProtocolError as exc:  # h2 refuses: this stream ends
+                logger.debug("stream %d: %s", stream.correlation_id, exc)
+                stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         self._write()
 
     def _write(self) -> None:

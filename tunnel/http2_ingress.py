@@ -633,7 +633,11 @@ class ClientConnection(asyncio.Protocol):
     def flush(self) -> None:
         self._flush_handle = None
         for stream in list(self.streams.values()):
-            stream.flush()
+            try:
+                stream.flush()
+            except h2.exceptions.ProtocolError as exc:  # h2 refuses: this stream ends
+                logger.debug("stream %d: %s", stream.correlation_id, exc)
+                stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         self._write()
 
     def _write(self) -> None:

@@ -263,7 +263,8 @@ class Stream:
         if self.over is not None:
             return
         if self.stream_id is not None:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            # Closed already, or the whole connection is (h2 then refuses everything).
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.side.h2.reset_stream(self.stream_id, code)
         if tell:
             self._tell_reset(code)
@@ -341,8 +342,10 @@ class Stream:
 
     def _give_window(self, size: int) -> None:
         if self.stream_id is not None:
-            # On a stream h2 has closed, only the connection's window grows: what we want.
-            self.side.h2.acknowledge_received_data(size, self.stream_id)
+            # On a stream h2 has closed, only the connection's window grows: what we want;
+            # on a connection it has closed, nothing does, and nothing needs to.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.side.h2.acknowledge_received_data(size, self.stream_id)
 
     def _finish(self, how: Over) -> None:
         self.over = how
