@@ -179,3 +179,19 @@ async def test_a_backend_that_breaks_http2_resets_its_streams_and_the_next_is_se
     assert after.status == 200 and len(raw_backend.connections) == 2
     assert "the backend broke HTTP/2" in raw_pair.egress.log()
     client.close()
+
+
+async def test_a_client_that_breaks_http2_loses_its_connection_only(raw_pair: Pair) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", raw_pair.port)
+    writer.write(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x08\x07\x00\x00\x00\x00\x01" + bytes(8)
+    )
+    # The ingress answers with its own GOAWAY and closes: the read ends.
+    async with asyncio.timeout(10):
+        while await reader.read(65536):
+            pass
+    writer.close()
+    client = await H2Client.connect(raw_pair.port)
+    answer = client.answers[client.request("/trailers")]
+    await eventually(lambda: answer.ended, "another client is served")
+    client.close()
