@@ -52,14 +52,8 @@ from . import http_message as hm
 from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .codec import WireError
 from .forwarding import Forwarder
-from .http2_ingress import (
-    MAX_MESSAGE,
-    REPLY_WINDOW,
-    h2_config,
-    local_settings,
-    text_headers,
-    wire,
-)
+from .http2_glue import H2Glue, local_settings, text_headers, wire
+from .http2_ingress import MAX_MESSAGE, REPLY_WINDOW
 from .http2_stats import Http2Stats
 from .http2_stream import Stream
 from .messaging import AmqpHost, MessageReceiver, MessageSender, OutcomeCallback
@@ -491,20 +485,16 @@ class GoawayFilter:
         return bytes(passed), goaways
 
 
-class BackendConnection(asyncio.Protocol):
+class BackendConnection(H2Glue):
     """One HTTP/2 connection to the backend, carrying many streams."""
 
     def __init__(self, bridge: Http2EgressBridge) -> None:
+        super().__init__(client=True)
         self.bridge = bridge
-        self.h2 = h2.connection.H2Connection(h2_config(client=True))
-        self.transport: asyncio.Transport | None = None
         #: First messages waiting for the connection: at most the room it has.
         self.waiting: list[Waiting] = []
-        self.streams: dict[int, Stream] = {}
         self.goaways = GoawayFilter(lambda: self.h2.max_inbound_frame_size)
         self.draining = False
-        self.closed = False
-        self._flush_handle: asyncio.Handle | None = None
         self._task: asyncio.Task[None] | None = None
 
     def has_room(self) -> bool:
@@ -683,25 +673,6 @@ class BackendConnection(asyncio.Protocol):
         if self.draining and not self.streams:
             self.close()
         self.flush_soon()
-
-    def flush_soon(self) -> None:
-        if self._flush_handle is None and not self.closed:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._flush_handle = None
-        for stream in list(self.streams.values()):
-            try:
-                stream.flush()
-            except h2.exceptions.ProtocolError as exc:  # h2 refuses: this stream ends
-                logger.debug("stream %d: %s", stream.correlation_id, exc)
-                stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
-        self._write()
-
-    def _write(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
 
     def close(self) -> None:
         self._gone()

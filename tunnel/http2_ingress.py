@@ -62,8 +62,9 @@ from . import http_message as hm
 from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED
 from .bridge import LISTEN_BACKLOG, listening_addresses
 from .codec import WireError
+from .http2_glue import MAX_HEADER_LIST, H2Glue, local_settings, text_headers, wire
 from .http2_stats import Http2Stats
-from .http2_stream import CHUNK, CONNECTION_WINDOW, STREAM_WINDOW, Over, Stream
+from .http2_stream import CHUNK, Over, Stream
 from .http_ingress import MAX_ATTEMPTS, retry_delay
 from .messaging import AmqpHost, MessageReceiver, MessageSender
 from .peer_text import PEER_LOG, printable
@@ -73,32 +74,10 @@ logger = logging.getLogger(__name__)
 
 #: Open streams per ingress bridge, all its clients together.
 MAX_STREAMS = 256
-#: Streams one client connection may open at once (its SETTINGS).
-MAX_CONCURRENT = 100
-#: The most bytes of one header list, as HPACK decodes it.
-MAX_HEADER_LIST = 64 * 1024
 #: Messages from egresses in flight towards us at once.
 REPLY_WINDOW = 256
 #: The largest message taken: a chunk and a head.
 MAX_MESSAGE = CHUNK + MAX_HEADER_LIST + 4096
-READ_SIZE = 256 * 1024
-
-
-def h2_config(*, client: bool) -> h2.config.H2Configuration:
-    # Headers stay bytes: a value need not be UTF-8, and latin-1 maps each byte back.
-    return h2.config.H2Configuration(client_side=client, header_encoding=None)
-
-
-def local_settings(conn: h2.connection.H2Connection) -> None:
-    """Our windows and limits, sent in the preface."""
-    conn.update_settings(
-        {
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-        }
-    )
-    conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
 
 
 def server_tls(cert: str, key: str) -> ssl.SSLContext:
@@ -108,14 +87,6 @@ def server_tls(cert: str, key: str) -> ssl.SSLContext:
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["h2"])
     return context
-
-
-def text_headers(headers: Any) -> m.Headers:
-    return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in headers]
-
-
-def wire(headers: m.Headers) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 @dataclass(eq=False, slots=True)
@@ -502,20 +473,17 @@ class _Links:
         self.streams.send(m.encode(message), on_outcome)
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(H2Glue):
     """One client's HTTP/2 connection to an ingress bridge."""
 
     def __init__(self, bridge: Http2IngressBridge) -> None:
+        super().__init__(client=False)
         self.bridge = bridge
-        self.h2 = h2.connection.H2Connection(h2_config(client=False))
-        self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, Stream] = {}
         #: Streams begun in the batch being read: their first message leaves after it.
         self.new: list[Stream] = []
         self.peer = "?"
         #: We sent GOAWAY: no new streams, and closed once the last is over.
         self.going_away = False
-        self._flush_handle: asyncio.Handle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -595,6 +563,7 @@ class ClientConnection(asyncio.Protocol):
             self._on_client_goaway()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         self.bridge.connections.discard(self)
         for stream in list(self.streams.values()):
             stream.reset(h2.errors.ErrorCodes.CANCEL)
@@ -626,25 +595,6 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     # -- writing -------------------------------------------------------------------------
-    def flush_soon(self) -> None:
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._flush_handle = None
-        for stream in list(self.streams.values()):
-            try:
-                stream.flush()
-            except h2.exceptions.ProtocolError as exc:  # h2 refuses: this stream ends
-                logger.debug("stream %d: %s", stream.correlation_id, exc)
-                stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
-        self._write()
-
-    def _write(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
     def go_away(self) -> None:
         """Shutting down: tell the client to open no more streams, and close once the
         streams it has are over.

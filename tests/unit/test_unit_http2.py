@@ -28,7 +28,7 @@ from proton import Message, ulong
 from tunnel import http2_message as m
 from tunnel.codec import WireError
 from tunnel.http2_egress import GoawayFilter
-from tunnel.http2_ingress import h2_config, local_settings
+from tunnel.http2_glue import h2_config, local_settings
 from tunnel.http2_stream import MAX_IN, STREAM_WINDOW, Over, Stream
 
 REQUEST = [(":method", "POST"), (":path", "/svc/Call"), (":scheme", "http"), (":authority", "b")]

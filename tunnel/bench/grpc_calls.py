@@ -63,6 +63,8 @@ def unary(port: int, calls: int) -> tuple[float, float]:
 @contextlib.contextmanager
 def server() -> Iterator[int]:
     """The gRPC server in a process of its own; its port."""
+    from .__main__ import _stop  # noqa: PLC0415 - the harness imports this module
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunnel.bench.grpc_calls"],
         stdout=subprocess.PIPE,
@@ -75,12 +77,7 @@ def server() -> Iterator[int]:
             raise SystemExit("tunnel.bench.grpc_calls did not start (is grpcio installed?)")
         yield int(json.loads(line)["grpc"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 @contextlib.contextmanager
