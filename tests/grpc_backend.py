@@ -8,6 +8,8 @@ Methods of service ``test.Echo`` (requests and responses are bytes):
 - ``ClientStream``: every request concatenated, answered with their number and
   total length (``b"<n> <bytes>"``) and the SHA-256 of the whole;
 - ``Bidi``: each request echoed as it comes;
+- ``FirstOnly``: answers with the first request and reads no more: the server
+  ends the call while the client is still sending (RST_STREAM NO_ERROR);
 - ``Hang``: never answers; records that the call was cancelled.
 """
 
@@ -59,6 +61,9 @@ class Backend:
             "Bidi": grpc.stream_stream_rpc_method_handler(
                 self.bidi, request_deserializer=_raw, response_serializer=_raw
             ),
+            "FirstOnly": grpc.stream_unary_rpc_method_handler(
+                self.first_only, request_deserializer=_raw, response_serializer=_raw
+            ),
             "Hang": grpc.unary_unary_rpc_method_handler(
                 self.hang, request_deserializer=_raw, response_serializer=_raw
             ),
@@ -95,6 +100,9 @@ class Backend:
             count += 1
             size += len(request)
         return b"%d %d " % (count, size) + digest.hexdigest().encode()
+
+    def first_only(self, requests: Iterator[bytes], context: Any) -> bytes:
+        return next(requests)
 
     def bidi(self, requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
         yield from requests

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,3 +381,20 @@ async def test_sigterm_lets_a_call_in_flight_finish(pair: Pair) -> None:
     go_on.set()
     assert await asyncio.wait_for(in_flight, 10) == [b"before", b"after"]
     assert await asyncio.to_thread(pair.ingress.proc.wait, 10) == 0
+
+
+async def test_a_server_that_ends_before_the_client_is_answered(pair: Pair) -> None:
+    """The server answers after the first of many requests: the client gets the answer
+    and its status, not a reset, though the server stops reading its stream."""
+
+    def call() -> bytes:
+        def feed() -> Iterator[bytes]:
+            for index in range(10_000):
+                yield b"request %d" % index
+                time.sleep(0.001)
+
+        with channel(pair.port) as chan:
+            answer: bytes = method(chan, "FirstOnly", "stream_unary")(feed(), timeout=TIMEOUT)
+            return answer
+
+    assert await asyncio.to_thread(call) == b"request 0"

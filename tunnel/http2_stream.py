@@ -37,8 +37,12 @@ message data         in open, within window        kept; handed to h2 as it allo
 message data         in closed or over the window  reset (PROTOCOL_ERROR both ways)
 message ended        in open                       in closed once its data is handed
 message ack          any                           h2 window given back to our peer
-message reset        any                           h2 stream reset with its code; over
-h2 reset             any                           reset message to the far end; over
+message reset        NO_ERROR, far side whole      its bytes handed on, then our peer
+                                                   gets RST_STREAM NO_ERROR; over
+message reset        otherwise                     h2 stream reset with its code; over
+h2 reset             NO_ERROR, our side whole      its last message, then NO_ERROR to
+                                                   the far end; over (RFC 9113 §8.1)
+h2 reset             otherwise                     reset message to the far end; over
 a message lost       any                           h2 stream reset; over
 both directions      closed                        over
 ===================  ============================  =================================
@@ -106,6 +110,15 @@ class Side(Protocol):
         ...
 
 
+class Stop(enum.Enum):
+    """A side ended whole and its peer reads no more of the other (RFC 9113 §8.1)."""
+
+    #: Our peer did: the far end hears NO_ERROR after our last message.
+    TELL_FAR = "tell far"
+    #: The far end's peer did: ours gets NO_ERROR after the far end's last byte.
+    STOP_PEER = "stop peer"
+
+
 class Over(enum.Enum):
     """How a stream ended, for the metrics."""
 
@@ -137,6 +150,7 @@ class Stream:
         "over",
         "reply_to",
         "side",
+        "stop",
         "stream_id",
     )
 
@@ -180,6 +194,7 @@ class Stream:
         #: Bytes handed to our peer since the last ack.
         self.ack_due = 0
         self.over: Over | None = None
+        self.stop: Stop | None = None
         #: What the egress knows the stream by: the ingress's (site, address, number).
         self.key: tuple[str, str, int] | None = None
 
@@ -198,10 +213,21 @@ class Stream:
             self.out_end = trailers
 
     def on_h2_reset(self, code: int) -> None:
-        """Our peer reset the stream: the far end hears of it, and it is over."""
-        if self.over is None:
-            self._tell_reset(code)
-            self._finish(Over.RESET)
+        """Our peer reset the stream: the far end hears of it, and it is over.
+
+        NO_ERROR after our peer's whole side (RFC 9113 §8.1: a server that has
+        answered and reads no more of the request) is no failure: the far end
+        gets the rest of that side first, then the same NO_ERROR.
+        """
+        if self.over is not None:
+            return
+        if code == h2.errors.ErrorCodes.NO_ERROR and self.out_end is not None:
+            self.stop = Stop.TELL_FAR
+            self.in_pending = bytearray()
+            self.in_done = True  # our peer reads no more
+            return
+        self._tell_reset(code)
+        self._finish(Over.RESET)
 
     # -- from the far end ----------------------------------------------------------------
     def on_message(self, message: StreamMessage) -> None:
@@ -211,8 +237,16 @@ class Stream:
         if self.far is None and message.reply_to:
             self.far = message.reply_to
         if message.reset is not None:
-            self.reset(message.reset, tell=False)
-            return
+            if message.reset == h2.errors.ErrorCodes.NO_ERROR and (
+                self.in_end is not None or message.ended
+            ):
+                # The far end's side is whole; its peer reads no more of ours (§8.1).
+                self.stop = Stop.STOP_PEER
+                self.out_pending = bytearray()
+                self.out_done = True
+            else:
+                self.reset(message.reset, tell=False)
+                return
         if message.ack:
             if message.ack > self.out_unacked:
                 self.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
@@ -254,7 +288,13 @@ class Stream:
             return
         while self.out_messages < MAX_MESSAGES and self._due():
             self._send_next()
-        if self.in_done and self.out_done:
+        if self.stop is Stop.TELL_FAR and self.out_done:
+            self.side.send(self, self._message(reset=h2.errors.ErrorCodes.NO_ERROR))
+            self._finish(Over.COMPLETED)
+        elif self.in_done and self.out_done:
+            if self.stop is Stop.STOP_PEER and self.stream_id is not None:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.side.h2.reset_stream(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
             self._finish(Over.COMPLETED)
 
     def reset(self, code: int, *, tell: bool = True) -> None:
