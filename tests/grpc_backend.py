@@ -10,6 +10,7 @@ Methods of service ``test.Echo`` (requests and responses are bytes):
 - ``Bidi``: each request echoed as it comes;
 - ``FirstOnly``: answers with the first request and reads no more: the server
   ends the call while the client is still sending (RST_STREAM NO_ERROR);
+- ``Fail``: fails with NOT_FOUND and a message naming the request;
 - ``Hang``: never answers; records that the call was cancelled.
 """
 
@@ -64,6 +65,9 @@ class Backend:
             "FirstOnly": grpc.stream_unary_rpc_method_handler(
                 self.first_only, request_deserializer=_raw, response_serializer=_raw
             ),
+            "Fail": grpc.unary_unary_rpc_method_handler(
+                self.fail, request_deserializer=_raw, response_serializer=_raw
+            ),
             "Hang": grpc.unary_unary_rpc_method_handler(
                 self.hang, request_deserializer=_raw, response_serializer=_raw
             ),
@@ -100,6 +104,10 @@ class Backend:
             count += 1
             size += len(request)
         return b"%d %d " % (count, size) + digest.hexdigest().encode()
+
+    def fail(self, request: bytes, context: Any) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no {request.decode()} here")
+        return b""
 
     def first_only(self, requests: Iterator[bytes], context: Any) -> bytes:
         return next(requests)

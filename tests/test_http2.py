@@ -398,3 +398,15 @@ async def test_a_server_that_ends_before_the_client_is_answered(pair: Pair) -> N
             return answer
 
     assert await asyncio.to_thread(call) == b"request 0"
+
+
+async def test_a_failed_call_keeps_its_status_and_message(pair: Pair) -> None:
+    """Trailers-only answers: the server's status, and one for a method it does not have."""
+    with channel(pair.port) as chan:
+        with pytest.raises(grpc.RpcError) as failed:
+            await asyncio.to_thread(method(chan, "Fail"), b"unicorn", timeout=TIMEOUT)
+        assert failed.value.code() is grpc.StatusCode.NOT_FOUND
+        assert failed.value.details() == "no unicorn here"
+        with pytest.raises(grpc.RpcError) as missing:
+            await asyncio.to_thread(method(chan, "Nope"), b"", timeout=TIMEOUT)
+        assert missing.value.code() is grpc.StatusCode.UNIMPLEMENTED
