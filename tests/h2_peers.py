@@ -228,6 +228,7 @@ class H2Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.answers: dict[int, Answer] = defaultdict(Answer)
         self.goaway = False
+        self.goaway_code: int | None = None
         self.hold = window == 0
         self.unacked: dict[int, int] = defaultdict(int)
         self.to_send: dict[int, bytes] = {}
@@ -275,6 +276,7 @@ class H2Client(asyncio.Protocol):
                 answer.reset = int(event.error_code or 0)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.goaway = True
+                self.goaway_code = int(event.error_code or 0)
         self.pump()
         self.flush()
 

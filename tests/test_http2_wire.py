@@ -15,6 +15,7 @@ from helpers import eventually
 from message_router import MessageRouter
 from test_http2 import Pair, http2_pair
 
+from tunnel.http2_ingress import MAX_RESETS
 from tunnel.http2_stream import STREAM_WINDOW
 
 
@@ -194,4 +195,20 @@ async def test_a_client_that_breaks_http2_loses_its_connection_only(raw_pair: Pa
     client = await H2Client.connect(raw_pair.port)
     answer = client.answers[client.request("/trailers")]
     await eventually(lambda: answer.ended, "another client is served")
+    client.close()
+
+
+async def test_a_client_that_resets_stream_after_stream_is_cut_off(raw_pair: Pair) -> None:
+    """Rapid reset: each stream opened, let go to the egress, then reset, over and over."""
+    client = await H2Client.connect(raw_pair.port)
+    for _ in range(MAX_RESETS + 1):
+        sid = client.request("/hang")
+        await asyncio.sleep(0)  # its own batch: the first message leaves
+        client.reset(sid)
+        await asyncio.sleep(0)
+        if client.goaway:
+            break
+    await eventually(lambda: client.goaway, "the ingress sends GOAWAY")
+    assert client.goaway_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert f"reset {MAX_RESETS + 1} streams within 10 s" in raw_pair.ingress.log()
     client.close()

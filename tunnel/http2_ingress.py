@@ -32,7 +32,9 @@ have been served), and streams still opening wait for the next connection
 within their timeout.
 
 Bounds: :data:`MAX_STREAMS` open streams per bridge (a stream past it is
-refused with REFUSED_STREAM, which gRPC retries), and
+refused with REFUSED_STREAM, which gRPC retries); :data:`MAX_RESETS` streams a
+client may reset per :data:`RESET_PERIOD` (more ends its connection with
+ENHANCE_YOUR_CALM: each stream costs a message and a backend stream); and
 :data:`~tunnel.http2_stream` windows per stream and connection; headers of at
 most :data:`MAX_HEADER_LIST` bytes.
 """
@@ -74,6 +76,9 @@ logger = logging.getLogger(__name__)
 
 #: Open streams per ingress bridge, all its clients together.
 MAX_STREAMS = 256
+#: Streams one client may reset per RESET_PERIOD seconds before its connection ends.
+MAX_RESETS = 1000
+RESET_PERIOD = 10.0
 #: Messages from egresses in flight towards us at once.
 REPLY_WINDOW = 256
 #: The largest message taken: a chunk and a head.
@@ -484,6 +489,9 @@ class ClientConnection(H2Glue):
         self.peer = "?"
         #: We sent GOAWAY: no new streams, and closed once the last is over.
         self.going_away = False
+        #: Streams the client reset since ``resets_since`` (loop time).
+        self.resets = 0
+        self.resets_since = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -559,6 +567,7 @@ class ClientConnection(H2Glue):
         elif isinstance(event, h2.events.StreamReset) and stream is not None:
             self.bridge.stats.resets += 1
             stream.on_h2_reset(int(event.error_code or 0))
+            self._count_reset()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_client_goaway()
 
@@ -612,6 +621,33 @@ class ClientConnection(H2Glue):
         transport.write(goaway.serialize())
         if not self.streams:
             transport.close()
+
+    def _count_reset(self) -> None:
+        """A client that resets the streams it opens faster than :data:`MAX_RESETS` per
+        :data:`RESET_PERIOD` makes us work for nothing (each stream costs a message and
+        a backend stream): it is told ENHANCE_YOUR_CALM and its connection ends."""
+        now = asyncio.get_running_loop().time()
+        if now - self.resets_since > RESET_PERIOD:
+            self.resets_since, self.resets = now, 0
+        self.resets += 1
+        if self.resets <= MAX_RESETS or self.transport is None:
+            return
+        PEER_LOG.log(
+            logging.WARNING,
+            self.peer,
+            "http2-rapid-reset",
+            "%s: client %s reset %d streams within %g s: connection closed",
+            self.bridge.spec,
+            self.peer,
+            self.resets,
+            RESET_PERIOD,
+        )
+        self._write()
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = self.h2.highest_inbound_stream_id
+        goaway.error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        self.transport.write(goaway.serialize())
+        self._on_client_goaway()
 
     def _on_client_goaway(self) -> None:
         """The client is leaving: h2 will take nothing more on this connection."""
