@@ -13,6 +13,8 @@ import pytest
 from h2_peers import BIG, HUGE, H2Backend, H2Client, huge, pattern
 from helpers import eventually
 from message_router import MessageRouter
+from proton import Message, ulong
+from proton.utils import BlockingConnection, SendException
 from test_http2 import Pair, http2_pair
 
 from tunnel.http2_ingress import MAX_RESETS
@@ -211,4 +213,39 @@ async def test_a_client_that_resets_stream_after_stream_is_cut_off(raw_pair: Pai
     await eventually(lambda: client.goaway, "the ingress sends GOAWAY")
     assert client.goaway_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert f"reset {MAX_RESETS + 1} streams within 10 s" in raw_pair.ingress.log()
+    client.close()
+
+
+def _send_head(amqp_port: int, message: Message) -> str:
+    """Send a stream's first message as any AMQP peer could; what the egress said."""
+    connection = BlockingConnection(f"amqp://127.0.0.1:{amqp_port}", timeout=10)
+    try:
+        sender = connection.create_sender("grpc")
+        try:
+            sender.send(message)
+        except SendException as refused:
+            return f"refused: {refused}"
+        return "accepted"
+    finally:
+        connection.close()
+
+
+async def test_a_malformed_stream_head_is_refused_and_the_egress_goes_on(
+    raw_pair: Pair, raw_backend: H2Backend
+) -> None:
+    """A head no HTTP/2 request can carry (no :path) is rejected, naming why; nothing
+    reaches the backend, and the next client is served."""
+    head = Message(
+        subject="GET",
+        correlation_id=ulong(1),
+        group_id="intruder",
+        reply_to="dynamic/nowhere",
+        properties={":method": "GET", ":scheme": "http", "ended": True},
+    )
+    said = await asyncio.to_thread(_send_head, raw_pair.amqp_port, head)
+    assert said.startswith("refused") and "cannot be sent as HTTP/2" in raw_pair.egress.log()
+    assert raw_backend.requests == []
+    client = await H2Client.connect(raw_pair.port)
+    answer = client.answers[client.request("/trailers")]
+    await eventually(lambda: answer.ended, "the next client is served")
     client.close()
