@@ -7,6 +7,8 @@ import pytest
 from tunnel.errors import ConfigError
 from tunnel.spec import (
     EgressSpec,
+    Http2EgressSpec,
+    Http2IngressSpec,
     HttpEgressSpec,
     HttpIngressSpec,
     IngressSpec,
@@ -26,6 +28,10 @@ GOOD = [
     ("http:[::1]:0=>amqp:web", HttpIngressSpec(host="::1", port=0, address="web")),
     ("amqp:web=>http:8000", HttpEgressSpec(address="web", host="localhost", port=8000)),
     ("amqp:web=>http:srv:80", HttpEgressSpec(address="web", host="srv", port=80)),
+    ("http2:8080=>amqp:grpc", Http2IngressSpec(host=None, port=8080, address="grpc")),
+    ("http2:[::1]:0=>amqp:grpc", Http2IngressSpec(host="::1", port=0, address="grpc")),
+    ("amqp:grpc=>http2:50051", Http2EgressSpec(address="grpc", host="localhost", port=50051)),
+    ("amqp:grpc=>http2:srv:50051", Http2EgressSpec(address="grpc", host="srv", port=50051)),
 ]
 
 
@@ -57,6 +63,9 @@ BAD = [
     ("tcp:[::1]2000=>amqp:echo", "expected [IPV6]:PORT"),
     ("tcp:2000=>tcp:3000", "bridges 'tcp' to 'tcp'"),
     ("amqp:a=>amqp:b", "bridges 'amqp' to 'amqp'"),
+    ("http2:8080=>http2:9090", "bridges 'http2' to 'http2'"),
+    ("amqp:grpc=>http2:0", "bad port '0'"),
+    ("h2:8080=>amqp:grpc", "expected 'tcp', 'http', 'http2' or 'amqp'"),
     ("tcp:2000=>amqp:my echo", "contains whitespace"),
 ]
 
