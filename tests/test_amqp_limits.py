@@ -50,8 +50,16 @@ class RawPeer:
             if not data:
                 self.transport.close_tail()
                 return
-            self.transport.push(data)
+            self._push(data)
         self._flush()
+
+    def _push(self, data: bytes) -> None:
+        # proton takes at most its capacity at a time; one read may bring more (a burst
+        # of answers), and a transport that has closed its input takes nothing.
+        view = memoryview(data)
+        while view and (room := self.transport.capacity()) > 0:
+            self.transport.push(bytes(view[:room]))
+            view = view[room:]
 
     def _flush(self) -> None:
         # Answer the links the far end opens (an egress opens its reply sender), as a peer must.
