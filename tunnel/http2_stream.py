@@ -120,7 +120,7 @@ class Stop(enum.Enum):
 
 
 class Over(enum.Enum):
-    """How a stream ended, for the metrics."""
+    """How a stream ended."""
 
     COMPLETED = "completed"
     RESET = "reset"
@@ -131,7 +131,6 @@ class Stream:
     """One HTTP/2 stream and its messages; see the module docstring."""
 
     __slots__ = (
-        "__weakref__",
         "ack_due",
         "announce",
         "correlation_id",
