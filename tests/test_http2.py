@@ -60,10 +60,12 @@ def connect_json(tmp: Path, port: int, name: str = "connect.json") -> Path:
     return write_connect_json(tmp / name, {"scheme": "amqp", "host": LOOPBACK, "port": port})
 
 
-def ingress_process(tmp: Path, amqp_port: int, *args: str) -> TunnelProcess:
+def ingress_process(
+    tmp: Path, amqp_port: int, *args: str, log: str = "ingress.log"
+) -> TunnelProcess:
     return TunnelProcess(
         ["--config", str(connect_json(tmp, amqp_port)), *args, f"http2:{LOOPBACK}:0=>amqp:grpc"],
-        tmp / "ingress.log",
+        tmp / log,
     )
 
 
@@ -81,7 +83,10 @@ async def http2_pair(
         port = await ingress.listen_port()
         await ingress.wait_for(r"router amqp://\S+ connected")
         await ingress.wait_for(r"reply address|router amqp://\S+ connected")
-        yield Pair(port, amqp_port, ingress, egress)
+        running = Pair(port, amqp_port, ingress, egress)
+        yield running
+        # A test may have put another ingress in the pair.
+        ingress = running.ingress
         assert await asyncio.to_thread(ingress.stop) == 0, ingress.log()
         assert await asyncio.to_thread(egress.stop) == 0, egress.log()
     finally:
@@ -410,3 +415,25 @@ async def test_a_failed_call_keeps_its_status_and_message(pair: Pair) -> None:
         with pytest.raises(grpc.RpcError) as missing:
             await asyncio.to_thread(method(chan, "Nope"), b"", timeout=TIMEOUT)
         assert missing.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_an_ingress_killed_mid_call_cancels_it_at_the_backend(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Direct mode: the egress's listener sees the ingress go, and its calls are cancelled
+    at the backend instead of left hanging there."""
+    async with http2_pair(tmp_path, backend.port) as running:
+        with channel(running.port) as chan:
+            call = method(chan, "Hang").future(b"", timeout=TIMEOUT)
+            assert await asyncio.to_thread(backend.hanging.wait, 10)
+            running.ingress.kill()
+            assert await asyncio.to_thread(backend.cancelled.wait, 10), running.egress.log()
+            call.cancel()
+        # The egress serves the next ingress as before.
+        running.ingress = ingress_process(tmp_path, running.amqp_port, log="again.log")
+        port = await running.ingress.listen_port()
+        await running.ingress.wait_for(r"router amqp://\S+ connected")
+        with channel(port) as chan:
+            assert await asyncio.to_thread(method(chan, "Unary"), b"again", timeout=TIMEOUT) == (
+                b"again"
+            )

@@ -143,6 +143,7 @@ class Forwarder:
         self.dynamic: dict[str, Peer] = {}
         #: Dynamic addresses of this process's own bridges, and what takes their messages.
         self.local: dict[str, Destination] = {}
+        self._gone_listeners: list[Callable[[str], None]] = []
         self._peers: dict[Peer, _PeerState] = {}
 
     def _state(self, peer: Peer) -> _PeerState:
@@ -241,7 +242,17 @@ class Forwarder:
         self.dynamic[address] = peer
 
     def remove_dynamic(self, address: str) -> None:
-        self.dynamic.pop(address, None)
+        if self.dynamic.pop(address, None) is not None:
+            self._tell_gone(address)
+
+    def on_dynamic_gone(self, listener: Callable[[str], None]) -> None:
+        """Have ``listener`` told each dynamic address of a peer that goes away: a bridge
+        of this process sending there hears that nobody will take it any more."""
+        self._gone_listeners.append(listener)
+
+    def _tell_gone(self, address: str) -> None:
+        for listener in self._gone_listeners:
+            listener(address)
 
     def destination(self, address: str | None) -> Destination | None:
         """Where a message for ``address`` goes now, or None."""
@@ -336,6 +347,7 @@ class Forwarder:
         for address, owner in list(self.dynamic.items()):
             if owner is peer:
                 del self.dynamic[address]
+                self._tell_gone(address)
         if state is None:
             return
         for address in state.routes:

@@ -32,6 +32,7 @@ stream with CANCEL.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
@@ -159,6 +160,8 @@ class Http2EgressBridge:
         self.links: _Links | _LocalLinks | None = None
         self.active = False
         self.streams: dict[Key, Stream] = {}
+        #: Open streams by the ingress address they answer to.
+        self.fars: collections.Counter[str] = collections.Counter()
         self.backends: list[BackendConnection] = []
         self.stats = Http2Stats(str(spec))
         self.unreachable = False
@@ -248,6 +251,16 @@ class Http2EgressBridge:
             asyncio.get_running_loop().call_soon(stream.on_outcome, 0, "no router connection")
             return
         links.send(message, stream.on_outcome)
+
+    def on_far_gone(self, address: str) -> None:
+        """Direct mode: the ingress at ``address`` left, so its streams here are
+        cancelled at the backend rather than left until it ends them."""
+        if not self.fars[address]:
+            return
+        for key, stream in list(self.streams.items()):
+            if key[1] == address:
+                stream.reset(h2.errors.ErrorCodes.CANCEL, tell=False)
+                cast(BackendConnection, stream.side).flush_soon()
 
     def serve_locally(self, forwarder: Forwarder) -> None:
         """Direct mode: be one of the consumers of ADDRESS at this process's own listener."""
@@ -369,6 +382,7 @@ class _LocalLinks:
         self.reply_to: str | None = forwarder.serve_locally(
             bridge.spec.address, _FirstMessages(bridge), _Continuations(bridge)
         )
+        forwarder.on_dynamic_gone(bridge.on_far_gone)
 
     def send(self, message: m.StreamMessage, on_outcome: OutcomeCallback) -> None:
         destination = self.forwarder.destination(message.to)
@@ -570,6 +584,7 @@ class BackendConnection(H2Glue):
             taken.settle(REJECTED, why)
             return
         bridge.streams[key] = stream
+        bridge.fars[key[1]] += 1
         self.streams[stream_id] = stream
         stream.announce = True
         bridge.stats.bytes_out += len(message.data)
@@ -670,6 +685,10 @@ class BackendConnection(H2Glue):
             del self.streams[stream.stream_id]
         if stream.key is not None and self.bridge.streams.get(stream.key) is stream:
             del self.bridge.streams[stream.key]
+            fars = self.bridge.fars
+            fars[stream.key[1]] -= 1
+            if not fars[stream.key[1]]:
+                del fars[stream.key[1]]
         if self.draining and not self.streams:
             self.close()
         self.flush_soon()
