@@ -252,18 +252,8 @@ class Http2IngressBridge:
 
     def first_message(self, conn: ClientConnection, stream: Stream) -> None:
         """The request's head, with the data that came with it, on its way to ADDRESS."""
-        head = stream.head_out
-        assert head is not None
-        stream.head_out = None
-        chunk = bytes(stream.out_pending[:CHUNK])
-        del stream.out_pending[:CHUNK]
-        ended = stream.out_end is not None and not stream.out_pending
-        head.data, head.ended = chunk, ended
+        head = stream.next_message()
         head.to = _field(head.headers, ":path")
-        if ended:
-            head.trailers = stream.out_end or []
-            stream.out_done = True
-        stream.out_unacked += len(chunk)
         grpc = _field(head.headers, "content-type").startswith("application/grpc")
         opening = Opening(stream, conn, head, grpc)
         self.openings[stream.correlation_id] = opening
@@ -386,7 +376,7 @@ class Http2IngressBridge:
                 stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
                 conn.flush_soon()
                 return f"the response head cannot be sent as HTTP/2: {exc}"
-        self.stats.bytes_in += len(message.data)
+        self.stats.response_bytes += len(message.data)
         if message.reset is not None:
             self.stats.resets += 1
         stream.on_message(message)
@@ -559,7 +549,7 @@ class ClientConnection(H2Glue):
                 )
                 return
             stream.on_h2_data(event.data or b"", event.flow_controlled_length or 0)
-            self.bridge.stats.bytes_out += len(event.data or b"")
+            self.bridge.stats.request_bytes += len(event.data or b"")
         elif isinstance(event, h2.events.TrailersReceived) and stream is not None:
             stream.on_h2_end(text_headers(event.headers or []))
         elif isinstance(event, h2.events.StreamEnded) and stream is not None:

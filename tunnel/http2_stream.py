@@ -288,7 +288,7 @@ class Stream:
         while self.out_messages < MAX_MESSAGES and self._due():
             self._send_next()
         if self.stop is Stop.TELL_FAR and self.out_done:
-            self.side.send(self, self._message(reset=h2.errors.ErrorCodes.NO_ERROR))
+            self._send(self._message(reset=h2.errors.ErrorCodes.NO_ERROR))
             self._finish(Over.COMPLETED)
         elif self.in_done and self.out_done:
             if self.stop is Stop.STOP_PEER and self.stream_id is not None:
@@ -311,7 +311,7 @@ class Stream:
 
     def _tell_reset(self, code: int) -> None:
         if self.far is not None:
-            self.side.send(self, self._message(reset=code))
+            self._send(self._message(reset=code))
         else:
             self.side.on_reset_before_far(self, code)
 
@@ -327,8 +327,15 @@ class Stream:
         )
 
     def _send_next(self) -> None:
-        chunk = bytes(self.out_pending[:CHUNK])
-        del self.out_pending[:CHUNK]
+        self._send(self.next_message())
+
+    def next_message(self) -> StreamMessage:
+        """Our direction's next message: the head if it is due, up to CHUNK bytes of
+        data, the end with the trailers once everything is in it, and the ack due."""
+        taken = min(len(self.out_pending), CHUNK)
+        with memoryview(self.out_pending) as view:
+            chunk = bytes(view[:taken])
+        del self.out_pending[:taken]
         ended = self.out_end is not None and not self.out_pending and not self.out_done
         message = self._message(data=chunk, ended=ended)
         if ended:
@@ -341,6 +348,10 @@ class Stream:
         message.ack, self.ack_due = self.ack_due, 0
         self.announce = False
         self.out_unacked += len(chunk)
+        return message
+
+    def _send(self, message: StreamMessage) -> None:
+        self.out_messages += 1
         self.side.send(self, message)
 
     def _message(self, **fields: object) -> StreamMessage:
@@ -352,7 +363,6 @@ class Stream:
         )
         for name, value in fields.items():
             setattr(message, name, value)
-        self.out_messages += 1
         return message
 
     def _give(self) -> None:
@@ -361,18 +371,21 @@ class Stream:
         if sid is None or self.in_done:
             return
         conn = self.side.h2
-        while self.in_pending:
-            room = min(
-                len(self.in_pending),
-                conn.local_flow_control_window(sid),
-                conn.max_outbound_frame_size,
-            )
-            if room <= 0:
-                return
-            conn.send_data(sid, bytes(self.in_pending[:room]))
-            del self.in_pending[:room]
-            self.ack_due += room
-        if self.in_end is not None:
+        given = 0
+        with memoryview(self.in_pending) as view:
+            while given < len(view):
+                room = min(
+                    len(view) - given,
+                    conn.local_flow_control_window(sid),
+                    conn.max_outbound_frame_size,
+                )
+                if room <= 0:
+                    break
+                conn.send_data(sid, bytes(view[given : given + room]))
+                given += room
+        del self.in_pending[:given]  # once: not a shift of the rest per frame
+        self.ack_due += given
+        if self.in_end is not None and not self.in_pending:
             if self.in_end:
                 conn.send_headers(sid, self.in_end, end_stream=True)
             else:
