@@ -93,8 +93,9 @@ class Taken(Protocol):
         """Who sent it, printable, for the log."""
         ...
 
-    def settle(self, outcome: int, why: str = "") -> None:
-        """ACCEPTED, RELEASED, MODIFIED (``why``: delivery failed) or REJECTED (``why``)."""
+    def settle(self, outcome: int, why: str = "", error: str = "amqp:invalid-field") -> None:
+        """ACCEPTED, RELEASED, MODIFIED (``why``: delivery failed) or REJECTED with
+        ``error`` and ``why``."""
         ...
 
 
@@ -117,11 +118,11 @@ class _Delivered:
             return "(gone)"
         return printable(host.engine.connection.remote_container or "(unnamed)")
 
-    def settle(self, outcome: int, why: str = "") -> None:
+    def settle(self, outcome: int, why: str = "", error: str = "amqp:invalid-field") -> None:
         if outcome == MODIFIED:
             self.receiver.settle(self.delivery, MODIFIED, failed=True, why=why)
         elif outcome == REJECTED:
-            condition = Condition("amqp:invalid-field", printable(why))
+            condition = Condition(error, printable(why))
             self.receiver.settle(self.delivery, REJECTED, condition=condition)
         else:
             self.receiver.settle(self.delivery, outcome)
@@ -138,9 +139,9 @@ class _Forwarded:
     gone = False
     peer = "a direct-mode peer"
 
-    def settle(self, outcome: int, why: str = "") -> None:
+    def settle(self, outcome: int, why: str = "", error: str = "amqp:invalid-field") -> None:
         if self.on_outcome is not None:
-            self.on_outcome(outcome, f"amqp:invalid-field: {why}" if outcome == REJECTED else why)
+            self.on_outcome(outcome, f"{error}: {why}" if outcome == REJECTED else why)
 
 
 class Http2EgressBridge:
@@ -193,6 +194,16 @@ class Http2EgressBridge:
 
     # -- first messages ---------------------------------------------------------------
     def on_request(self, taken: Taken, data: bytes | bytearray) -> None:
+        """A stream's first message, through a router or the forwarder."""
+        try:
+            self._take_request(taken, data)
+        except Exception as exc:  # a bug of ours: contained to this stream
+            logger.error("%s: a stream's first message failed", self.spec, exc_info=exc)
+            if not taken.gone:
+                why = f"the tunnel failed taking it: {type(exc).__name__}"
+                taken.settle(REJECTED, why, error="amqp:internal-error")
+
+    def _take_request(self, taken: Taken, data: bytes | bytearray) -> None:
         try:
             message = m.decode(data)
             if message.subject is None or not message.reply_to:
@@ -234,14 +245,25 @@ class Http2EgressBridge:
         self.unreachable = False
 
     # -- the rest of each stream ------------------------------------------------------
-    def on_continuation(self, message: m.StreamMessage) -> None:
+    def on_continuation(self, taken: Taken, data: bytes | bytearray) -> None:
+        """A later message of a stream, at the bridge's own address."""
+        try:
+            message = m.decode(data)
+        except WireError as exc:
+            self.peer_failure(taken.peer, "bad stream message", str(exc))
+            taken.settle(REJECTED, str(exc), error="amqp:decode-error")
+            return
+        self._continue(message)
+        taken.settle(ACCEPTED)
+
+    def _continue(self, message: m.StreamMessage) -> None:
         key = (message.group_id, message.reply_to or "", message.correlation_id)
         stream = self.streams.get(key)
         if stream is None:
             return  # a stream over already: late acks and data are dropped
         if message.reset is not None:
             self.stats.resets += 1
-        self.stats.bytes_out += len(message.data)
+        self.stats.request_bytes += len(message.data)
         stream.on_message(message)
         cast(BackendConnection, stream.side).flush_soon()
 
@@ -344,29 +366,10 @@ class _Links:
 
     def on_request(self, delivery: Any, data: bytearray) -> None:
         assert self.consumer is not None
-        try:
-            self.bridge.on_request(_Delivered(self.consumer, delivery), data)
-        except Exception as exc:  # a bug of ours: contained to this stream
-            logger.error("%s: a stream's first message failed", self.bridge.spec, exc_info=exc)
-            if not self.consumer.closed:
-                self.consumer.settle(
-                    delivery,
-                    REJECTED,
-                    condition=Condition("amqp:internal-error", f"{type(exc).__name__}"),
-                )
+        self.bridge.on_request(_Delivered(self.consumer, delivery), data)
 
     def on_continuation(self, delivery: Any, data: bytearray) -> None:
-        try:
-            self.bridge.on_continuation(m.decode(data))
-        except WireError as exc:
-            self.bridge.peer_failure(
-                _Delivered(self.continuations, delivery).peer, "bad stream message", str(exc)
-            )
-            self.continuations.settle(
-                delivery, REJECTED, condition=Condition("amqp:decode-error", printable(exc))
-            )
-            return
-        self.continuations.settle(delivery, ACCEPTED)
+        self.bridge.on_continuation(_Delivered(self.continuations, delivery), data)
 
 
 class _LocalLinks:
@@ -404,12 +407,7 @@ class _FirstMessages:
         return max(0, MAX_STREAMS - self.bridge.busy)
 
     def send(self, data: bytes | bytearray, on_outcome: OutcomeCallback | None = None) -> None:
-        taken = _Forwarded(on_outcome)
-        try:
-            self.bridge.on_request(taken, data)
-        except Exception as exc:  # a bug of ours: contained to this stream
-            logger.error("%s: a stream's first message failed", self.bridge.spec, exc_info=exc)
-            taken.settle(REJECTED, f"the tunnel failed taking it: {type(exc).__name__}")
+        self.bridge.on_request(_Forwarded(on_outcome), data)
 
     def finish(self) -> None:
         pass
@@ -425,15 +423,7 @@ class _Continuations:
         self.bridge = bridge
 
     def send(self, data: bytes | bytearray, on_outcome: OutcomeCallback | None = None) -> None:
-        try:
-            self.bridge.on_continuation(m.decode(data))
-        except WireError as exc:
-            self.bridge.peer_failure("a direct-mode peer", "bad stream message", str(exc))
-            if on_outcome is not None:
-                on_outcome(REJECTED, f"amqp:decode-error: {exc}")
-            return
-        if on_outcome is not None:
-            on_outcome(ACCEPTED, "")
+        self.bridge.on_continuation(_Forwarded(on_outcome), data)
 
     def finish(self) -> None:
         pass
@@ -587,7 +577,7 @@ class BackendConnection(H2Glue):
         bridge.fars[key[1]] += 1
         self.streams[stream_id] = stream
         stream.announce = True
-        bridge.stats.bytes_out += len(message.data)
+        bridge.stats.request_bytes += len(message.data)
         message.subject = None
         stream.on_message(message)
         taken.settle(ACCEPTED)
@@ -632,7 +622,7 @@ class BackendConnection(H2Glue):
                     event.flow_controlled_length or 0, event.stream_id or 0
                 )
                 return
-            stats.bytes_in += len(event.data or b"")
+            stats.response_bytes += len(event.data or b"")
             stream.on_h2_data(event.data or b"", event.flow_controlled_length or 0)
         elif isinstance(event, h2.events.TrailersReceived) and stream is not None:
             stream.on_h2_end(text_headers(event.headers or []))

@@ -17,8 +17,8 @@ class Http2Stats:
     requests: int = 0
     resets: int = 0
     #: Data bytes of requests carried (client to backend) and of responses.
-    bytes_out: int = 0
-    bytes_in: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def count_status(self, status: int) -> None:

@@ -110,8 +110,8 @@ class TunnelCollector(Collector):
         for stats, open_streams in bridges:
             requests.add_metric([stats.name], stats.requests)
             active.add_metric([stats.name], open_streams)
-            carried.add_metric([stats.name, "request"], stats.bytes_out)
-            carried.add_metric([stats.name, "response"], stats.bytes_in)
+            carried.add_metric([stats.name, "request"], stats.request_bytes)
+            carried.add_metric([stats.name, "response"], stats.response_bytes)
             resets.add_metric([stats.name], stats.resets)
             for status_class in STATUS_CLASSES:
                 responses.add_metric([stats.name, status_class], stats.statuses[status_class])
