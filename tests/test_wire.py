@@ -8,6 +8,7 @@ import pytest
 from proton import Data, Message
 
 from tunnel import wire
+from tunnel.codec import WireError, message_to
 
 
 def _proton(message: bytes) -> Message:
@@ -101,3 +102,26 @@ def test_truncated_messages_are_errors(cut: int) -> None:
     message = wire.properties_section("r") + wire.body_header(4) + b"data"
     with pytest.raises(wire.WireError):
         wire.decode(message[:-cut])
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Message(address="dynamic/abc", body=b"x" * 70_000),
+        Message(address="a" * 300, subject="GET", properties={"k": "v"}, body=None),
+        Message(subject="no to", body="text"),
+        Message(body=b"no properties section at all"),
+    ],
+)
+def test_message_to_reads_what_proton_wrote(message: Message) -> None:
+    """The router's view of an anonymous delivery: the same ``to`` proton decodes."""
+    data = message.encode()
+    decoded = Message()
+    decoded.decode(data)
+    assert message_to(data) == decoded.address
+
+
+def test_message_to_names_a_malformed_message() -> None:
+    data = Message(address="dynamic/abc", body=b"x").encode()
+    with pytest.raises(WireError, match="truncated or malformed"):
+        message_to(data[:12])

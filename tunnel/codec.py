@@ -92,3 +92,57 @@ def section_code(buf: memoryview, pos: int) -> tuple[int, int]:
         return 0, pos + 2
     # Symbolic descriptors are legal but never used for the standard sections.
     raise WireError(f"unsupported section descriptor 0x{kind:02x} at offset {pos}")
+
+
+#: Sections that come after the properties section (AMQP 1.0 §3.2): past one, there is none.
+_AFTER_PROPERTIES = frozenset((APP_PROPERTIES, DATA, AMQP_SEQUENCE, AMQP_VALUE, 0x78))
+
+
+def message_to(message: bytes | bytearray) -> str | None:
+    """A message's ``to``, read from its properties section without decoding the rest:
+    what a router needs of a message on an anonymous link, whatever its body holds."""
+    buf = memoryview(message)
+    try:
+        pos = 0
+        while pos < len(buf):
+            code, value_at = section_code(buf, pos)
+            if code == PROPERTIES:
+                return _list_item_text(buf, value_at, 2, "to")
+            if code in _AFTER_PROPERTIES:
+                return None
+            pos = skip(buf, value_at)
+    except (IndexError, struct.error) as exc:
+        raise WireError(f"truncated or malformed message ({len(buf)} bytes)") from exc
+    return None
+
+
+def _list_item_text(buf: memoryview, pos: int, index: int, name: str) -> str | None:
+    """Item ``index`` of the list at ``pos``, a string or symbol, or None when absent."""
+    code = buf[pos]
+    if code == 0x45:  # list0
+        return None
+    if code == 0xC0:
+        count, pos = buf[pos + 2], pos + 3
+    elif code == 0xD0:
+        count, pos = U32.unpack_from(buf, pos + 5)[0], pos + 9
+    else:
+        raise WireError(f"the properties section is format code 0x{code:02x}, not a list")
+    if index >= count:
+        return None
+    for _ in range(index):
+        pos = skip(buf, pos)
+    code = buf[pos]
+    if code == 0x40:
+        return None
+    if code in (0xA1, 0xA3):
+        start, size = pos + 2, buf[pos + 1]
+    elif code in (0xB1, 0xB3):
+        start, size = pos + 5, U32.unpack_from(buf, pos + 1)[0]
+    else:
+        raise WireError(f"{name} is format code 0x{code:02x}, not a string")
+    if start + size > len(buf):
+        raise WireError(f"{name} overruns the message")
+    try:
+        return bytes(buf[start : start + size]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError(f"{name} is not UTF-8") from None

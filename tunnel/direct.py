@@ -504,7 +504,7 @@ class DirectPeer(HostedTunnels):
                 "of this connection",
             )
             return
-        self.listener.forwarder.remove_dynamic(reply_to)
+        self.listener.forwarder.claim_dynamic(reply_to)
         bridge.on_attach(link, reply, self)
         self.socket.flush_soon()
 

@@ -67,7 +67,7 @@ from .amqp.engine import (
 from .amqp.handles import ACCEPTED, MODIFIED, REJECTED, RELEASED, Delivery, handle
 from .amqp.handles import Link as LinkHandle
 from .amqp_link import AmqpSocket
-from .codec import WireError
+from .codec import WireError, message_to
 from .http_message import decode, encode
 from .messaging import MessageReceiver, MessageSender, OutcomeCallback
 from .peer_text import PEER_LOG, printable
@@ -242,8 +242,13 @@ class Forwarder:
         self.dynamic[address] = peer
 
     def remove_dynamic(self, address: str) -> None:
+        """``address``'s receiver is gone: nothing sent there is taken any more."""
         if self.dynamic.pop(address, None) is not None:
             self._tell_gone(address)
+
+    def claim_dynamic(self, address: str) -> None:
+        """A tunnel took ``address``'s receiver for its own: no message goes there."""
+        self.dynamic.pop(address, None)
 
     def on_dynamic_gone(self, listener: Callable[[str], None]) -> None:
         """Have ``listener`` told each dynamic address of a peer that goes away: a bridge
@@ -482,7 +487,8 @@ class _Inbound:
         address = self.fixed
         if address is None:
             try:
-                address = decode(data).address
+                # Only the properties are read: the body goes on as it came.
+                address = message_to(data)
             except WireError as exc:
                 self.receiver.settle(
                     delivery, REJECTED, condition=Condition("amqp:decode-error", str(exc))
