@@ -7,20 +7,23 @@ past it where proton itself would never break the rules.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import LOOPBACK, TunnelProcess
 from memory_pump import begin_frame, transfer_frame
-from proton import Connection, Endpoint, Link, Transport
+from proton import Connection, Data, Described, Endpoint, Link, Transport
 from test_hostile import _echo_backend, _still_serves, _wait_log
 
 from tunnel.direct import MAX_SESSIONS
 
 MiB = 1024 * 1024
+_CLOSE = 0x18  # the Close performative's descriptor (AMQP 1.0 §2.7.9)
 
 
 class RawPeer:
@@ -209,15 +212,59 @@ def test_session_flood_is_closed_with_resource_limit_exceeded(
     peer.pump(lambda: bool(peer.connection.state & Endpoint.REMOTE_ACTIVE))
     assert peer.transport.remote_channel_max == MAX_SESSIONS - 1  # announced in our Open
     baseline = process.rss_kib()
-    # proton keeps within channel-max: the begins past it are written by hand.
+    # proton keeps within channel-max: the begins past it are written by hand. The
+    # egress answers the ones within it, which proton, never having sent them, would
+    # take for a broken peer: from here on the frames are read by hand too.
     peer.sock.sendall(b"".join(begin_frame(channel) for channel in range(30_000)))
-    peer.pump(lambda: bool(peer.connection.state & Endpoint.REMOTE_CLOSED))
+    name, description = close_condition(peer.sock)
     # proton refuses a channel past the channel-max we announced before we count it.
-    assert remote_error_name(peer) == "amqp:connection:framing-error"
-    assert "channel" in str(getattr(peer.connection.remote_condition, "description", ""))
+    assert name == "amqp:connection:framing-error"
+    assert "channel" in description
     assert process.rss_kib() - baseline < 16 * 1024
     peer.close()
     _still_serves(port, tmp_path)
+
+
+def test_the_close_naming_an_error_reaches_a_peer_that_is_still_sending(
+    egress: tuple[TunnelProcess, int], tmp_path: Path
+) -> None:
+    """The egress stops reading at a broken frame, but the peer's 32 MiB after it are
+    read and dropped until it has sent them and read the Close: closing with unread
+    input would send a reset, which fails the peer's send and drops the Close."""
+    _, port = egress
+    peer = RawPeer(port)
+    peer.pump(lambda: bool(peer.connection.state & Endpoint.REMOTE_ACTIVE))
+    broken = struct.pack(">IBBH", 8, 1, 0, 0)  # a frame offset of 1 word: shorter than its header
+    peer.sock.sendall(broken + bytes(32 * MiB))
+    name, _ = close_condition(peer.sock)
+    assert name == "amqp:connection:framing-error"
+    peer.close()
+    _still_serves(port, tmp_path)
+
+
+def close_condition(sock: socket.socket) -> tuple[str, str]:
+    """Read AMQP frames to the end of the stream: the error name and description of the Close."""
+    sock.settimeout(10)
+    stream = bytearray()
+    while data := sock.recv(65536):
+        stream += data
+    offset = 0
+    while offset + 8 <= len(stream):
+        size, doff = struct.unpack_from(">IB", stream, offset)
+        if size > 4 * doff:  # not an empty (heartbeat) frame
+            body = Data()
+            body.decode(bytes(stream[offset + 4 * doff : offset + size]))
+            body.rewind()
+            body.next()
+            performative = body.get_object()
+            if isinstance(performative, Described) and performative.descriptor == _CLOSE:
+                fields: Any = (
+                    performative.value
+                )  # [error], an error being [condition, description, info]
+                condition, description = fields[0].value[:2]
+                return str(condition), str(description)
+        offset += size
+    raise AssertionError(f"no Close in the {len(stream)} bytes before the end of the stream")
 
 
 def remote_error_name(peer: RawPeer) -> str | None:

@@ -22,6 +22,14 @@ Output framed in one loop turn, before the flush at its end, counts too:
 ``write_paused`` turns on once :data:`WRITE_HIGH_WATER` of it waits in the
 engine, so what all tunnels together frame in a turn is that plus the one
 send that crossed it (at most one tunnel's room).
+
+Closing: once the engine is done, its last frame (a Close, often naming an
+error) is written and the socket half-closed, but it is not closed at once.
+Closing a socket with unread input makes the kernel send a reset, which
+fails a peer still sending and can drop what it had not read yet: the
+Close that said why. So the socket lingers, reading and dropping what
+comes, until the peer closes its side or :data:`LINGER` seconds pass; then
+it is aborted. Nothing is held while it lingers.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
+LINGER = 2.0  # seconds a closed connection's socket reads and drops
 
 
 class SocketHandler(ConnectionHandler, Protocol):
@@ -67,6 +76,7 @@ class AmqpSocket(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._backlog = b""
+        self._peer_done = False
         self.closed = False
 
     # -- what tunnels see -----------------------------------------------------
@@ -100,6 +110,8 @@ class AmqpSocket(asyncio.BufferedProtocol):
         self._take(_READ_VIEW[:nbytes])
 
     def _take(self, data: memoryview | bytes) -> None:
+        if self.closed:
+            return  # lingering: dropped unread
         if self._backlog:
             data = self._backlog + data
         view = memoryview(data)
@@ -126,8 +138,12 @@ class AmqpSocket(asyncio.BufferedProtocol):
         self.flush_soon()
 
     def eof_received(self) -> bool:
-        self.engine.eof_in()
-        self.process()
+        self._peer_done = True
+        if not self.closed:
+            self.engine.eof_in()
+            self.process()
+        if self.closed:
+            return False  # nothing more will come and our last frame is written
         # Keep the socket open for what is still to be written; a TLS transport
         # cannot half-close, and asyncio warns when asked to.
         return self.transport is None or self.transport.get_extra_info("sslcontext") is None
@@ -185,8 +201,7 @@ class AmqpSocket(asyncio.BufferedProtocol):
         if self._backlog and engine.transport.capacity() > 0:
             self._loop.call_soon(self._take, b"")
         if engine.finished:
-            self.closed = True
-            transport.close()
+            self._linger(transport)
             return
         if deadline != self._timer_at:
             if self._timer is not None:
@@ -195,6 +210,21 @@ class AmqpSocket(asyncio.BufferedProtocol):
             self._timer = (
                 self._loop.call_at(deadline, self._on_timer) if deadline is not None else None
             )
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        self.closed = True
+        self._backlog = b""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._peer_done:
+            transport.close()
+            return
+        self._timer = self._loop.call_later(LINGER, transport.abort)
+        if transport.can_write_eof():
+            transport.write_eof()  # after what is buffered; a TLS socket cannot half-close
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
 
     def _on_timer(self) -> None:
         self._timer = None
