@@ -185,19 +185,33 @@ async def test_a_backend_that_breaks_http2_resets_its_streams_and_the_next_is_se
 
 
 async def test_a_client_that_breaks_http2_loses_its_connection_only(raw_pair: Pair) -> None:
+    """The GOAWAY naming the error reaches the client although 16 MiB more follow the
+    broken frame: the ingress reads and drops them rather than close with them unread,
+    which would send a reset and could drop the GOAWAY at the client."""
     reader, writer = await asyncio.open_connection("127.0.0.1", raw_pair.port)
-    writer.write(
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x08\x07\x00\x00\x00\x00\x01" + bytes(8)
-    )
-    # The ingress answers with its own GOAWAY and closes: the read ends.
+    ping_on_a_stream = b"\x00\x00\x08\x06\x00\x00\x00\x00\x01" + bytes(8)
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + ping_on_a_stream + bytes(16 * 1024 * 1024))
+    received = bytearray()
     async with asyncio.timeout(10):
-        while await reader.read(65536):
-            pass
+        while data := await reader.read(65536):
+            received += data
     writer.close()
+    assert goaway_code(bytes(received)) == h2.errors.ErrorCodes.PROTOCOL_ERROR
     client = await H2Client.connect(raw_pair.port)
     answer = client.answers[client.request("/trailers")]
     await eventually(lambda: answer.ended, "another client is served")
     client.close()
+
+
+def goaway_code(received: bytes) -> int:
+    """The error code of the GOAWAY among HTTP/2 frames (RFC 9113 §6.8)."""
+    offset = 0
+    while offset + 9 <= len(received):
+        length = int.from_bytes(received[offset : offset + 3], "big")
+        if received[offset + 3] == 0x7:
+            return int.from_bytes(received[offset + 13 : offset + 17], "big")
+        offset += 9 + length
+    raise AssertionError(f"no GOAWAY in the {len(received)} bytes before the end of the stream")
 
 
 async def test_a_client_that_resets_stream_after_stream_is_cut_off(raw_pair: Pair) -> None:

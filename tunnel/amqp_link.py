@@ -23,13 +23,9 @@ Output framed in one loop turn, before the flush at its end, counts too:
 engine, so what all tunnels together frame in a turn is that plus the one
 send that crossed it (at most one tunnel's room).
 
-Closing: once the engine is done, its last frame (a Close, often naming an
-error) is written and the socket half-closed, but it is not closed at once.
-Closing a socket with unread input makes the kernel send a reset, which
-fails a peer still sending and can drop what it had not read yet: the
-Close that said why. So the socket lingers, reading and dropping what
-comes, until the peer closes its side or :data:`LINGER` seconds pass; then
-it is aborted. Nothing is held while it lingers.
+Closing: once the engine is done, the socket is closed after the peer has
+read its last frame (see :mod:`tunnel.linger`), and the connection is lost
+to its handler at once.
 """
 
 from __future__ import annotations
@@ -39,13 +35,13 @@ import logging
 from typing import Protocol, cast
 
 from .amqp.engine import AmqpEngine, ConnectionHandler
+from .linger import close_after_written
 from .tcp_side import READ_SIZE
 
 logger = logging.getLogger(__name__)
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
-LINGER = 2.0  # seconds a closed connection's socket reads and drops
 
 
 class SocketHandler(ConnectionHandler, Protocol):
@@ -77,6 +73,7 @@ class AmqpSocket(asyncio.BufferedProtocol):
         self._timer_at: float | None = None
         self._backlog = b""
         self._peer_done = False
+        self._released = False
         self.closed = False
 
     # -- what tunnels see -----------------------------------------------------
@@ -111,7 +108,7 @@ class AmqpSocket(asyncio.BufferedProtocol):
 
     def _take(self, data: memoryview | bytes) -> None:
         if self.closed:
-            return  # lingering: dropped unread
+            return  # a read scheduled before the engine finished
         if self._backlog:
             data = self._backlog + data
         view = memoryview(data)
@@ -139,16 +136,16 @@ class AmqpSocket(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._peer_done = True
-        if not self.closed:
-            self.engine.eof_in()
-            self.process()
-        if self.closed:
-            return False  # nothing more will come and our last frame is written
+        self.engine.eof_in()
+        self.process()
         # Keep the socket open for what is still to be written; a TLS transport
         # cannot half-close, and asyncio warns when asked to.
         return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._released:
+            return
+        self._released = True
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -201,7 +198,10 @@ class AmqpSocket(asyncio.BufferedProtocol):
         if self._backlog and engine.transport.capacity() > 0:
             self._loop.call_soon(self._take, b"")
         if engine.finished:
-            self._linger(transport)
+            self.closed = True
+            close_after_written(transport, peer_done=self._peer_done)
+            # Later, as asyncio would: the caller may be a handler still at work.
+            self._loop.call_soon(self.connection_lost, None)
             return
         if deadline != self._timer_at:
             if self._timer is not None:
@@ -210,21 +210,6 @@ class AmqpSocket(asyncio.BufferedProtocol):
             self._timer = (
                 self._loop.call_at(deadline, self._on_timer) if deadline is not None else None
             )
-
-    def _linger(self, transport: asyncio.Transport) -> None:
-        self.closed = True
-        self._backlog = b""
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._peer_done:
-            transport.close()
-            return
-        self._timer = self._loop.call_later(LINGER, transport.abort)
-        if transport.can_write_eof():
-            transport.write_eof()  # after what is buffered; a TLS socket cannot half-close
-        if self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
 
     def _on_timer(self) -> None:
         self._timer = None

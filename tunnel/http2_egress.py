@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -595,16 +594,10 @@ class BackendConnection(H2Glue):
             self.flush()
         except h2.exceptions.ProtocolError as exc:
             logger.warning("%s: the backend broke HTTP/2: %s", self.bridge.spec, exc)
-            self._abandon()
+            self.end()
         except Exception as exc:
             logger.error("%s: the backend connection failed", self.bridge.spec, exc_info=exc)
-            self._abandon()
-
-    def _abandon(self) -> None:
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self._write()
-        if self.transport is not None:
-            self.transport.abort()  # connection_lost resets the streams
+            self.end()
 
     def _on_event(self, event: h2.events.Event) -> None:
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)

@@ -12,6 +12,7 @@ and the messages' text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -23,6 +24,7 @@ import h2.settings
 
 from . import http2_message as m
 from .http2_stream import CONNECTION_WINDOW, STREAM_WINDOW, Stream
+from .linger import close_after_written
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +89,16 @@ class H2Glue(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def end(self) -> None:
+        """We end the connection: what h2 has to send (a GOAWAY naming why) is
+        written and read by the peer before the socket closes (see
+        :mod:`tunnel.linger`); the streams are lost at once."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._write()
+        close_after_written(transport)
+        self.transport = None  # the socket is the linger's now
+        self.connection_lost(None)

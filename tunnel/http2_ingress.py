@@ -504,8 +504,7 @@ class ClientConnection(H2Glue):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             logger.debug("%s: client %s: %s", self.bridge.spec, self.peer, exc)
-            self._write()
-            self.abort()
+            self.end()
             return
         try:
             for event in events:
@@ -641,10 +640,7 @@ class ClientConnection(H2Glue):
 
     def _on_client_goaway(self) -> None:
         """The client is leaving: h2 will take nothing more on this connection."""
-        for stream in list(self.streams.values()):
-            stream.reset(h2.errors.ErrorCodes.CANCEL)
-        if self.transport is not None:
-            self.transport.close()
+        self.end()
 
     def abort(self) -> None:
         if self.transport is not None:
